@@ -1,0 +1,1 @@
+"""survey-qa models components."""

@@ -1,0 +1,24 @@
+"""The two kinds of errors.
+
+Wrong arguments or configuration raise ``ValueError`` at the boundary. Bad data is an
+outcome: a :class:`QualityError` carries a one-line reason and metadata; the nightly
+flow catches it and writes a ``failed`` row. One bad frame never stops a night.
+"""
+from __future__ import annotations
+
+
+class QualityError(Exception):
+    """A frame (or one detector of it) cannot be measured.
+
+    Parameters
+    ----------
+    reason
+        One line a person can act on, e.g. ``"truncated FITS: ..."``.
+    **metadata
+        Extra facts for the row or the log (``hdu=3``, ``n_sources=0``...).
+    """
+
+    def __init__(self, reason: str, **metadata):
+        super().__init__(reason)
+        self.reason = " ".join(str(reason).split())  # one line
+        self.metadata = metadata

@@ -1,0 +1,75 @@
+"""One registry of every flag bit survey-qa writes.
+
+Exposure rows carry ``qa_flags`` (:data:`EXPOSURE_FLAGS`); source rows carry ``flags``
+(:data:`SOURCE_FLAGS`). sep's own object flags are translated here, at the wrapper
+boundary, so that nothing downstream depends on sep's bit values.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import numpy as np
+
+
+@dataclass(frozen=True)
+class Flag:
+    bit: int
+    name: str
+    doc: str
+
+    @property
+    def value(self) -> int:
+        return 1 << self.bit
+
+
+EXPOSURE_FLAGS = {f.name: f for f in [
+    Flag(0, "NO_PIXSCALE", "pixel scale unknown: sizes are in pixels, arcsec columns are NaN"),
+    Flag(1, "HEADER_FALLBACK", "a header keyword was missing and the configuration value used"),
+    Flag(2, "NO_SOURCES", "no source above the detection threshold"),
+    Flag(3, "FEW_STARS", "fewer PSF stars than psf.min_stars: PSF quantities are NaN"),
+    Flag(4, "PSF_FIT_FAILED", "PSF fits did not converge for enough stars"),
+    Flag(5, "SATURATED_LARGE", "more than 5% of pixels saturated"),
+    Flag(6, "SATURATION_INFERRED", "saturation level taken from the data, not the header"),
+    Flag(7, "BAYER_BINNED", "colour-filter-array frame binned 2x2 before measuring"),
+    Flag(8, "OVERSCAN_TRIMMED", "overscan trimmed with DATASEC/TRIMSEC"),
+    Flag(9, "UNDERSAMPLED", "PSF FWHM under 2 pixels"),
+    Flag(10, "AE_UNAVAILABLE", "no autoencoder weights: ae_score and mask_fraction are NaN"),
+    Flag(11, "NONFINITE_PIXELS", "NaN or infinite pixels were masked"),
+]}
+
+SOURCE_FLAGS = {f.name: f for f in [
+    Flag(0, "BLENDED", "deblended from a larger detection (sep OBJ_MERGED)"),
+    Flag(1, "TRUNCATED", "touches the image edge or a masked region (sep OBJ_TRUNC)"),
+    Flag(2, "SATURATED", "contains saturated pixels"),
+    Flag(3, "NEAR_EDGE", "closer to the edge than psf.edge_px"),
+    Flag(4, "NOT_ISOLATED", "a neighbour within psf.isolation_fwhm"),
+    Flag(5, "EXTENDED", "larger than the stellar locus (galaxy, blend, trail)"),
+    Flag(6, "FIT_FAILED", "the PSF fit did not converge"),
+    Flag(7, "PSF_STAR", "used for the PSF measurement"),
+]}
+
+# sep's object flag values (sep.OBJ_MERGED, sep.OBJ_TRUNC), fixed by its C API.
+_SEP_MERGED = 0x0001
+_SEP_TRUNC = 0x0002
+
+
+def from_sep(sep_flags: np.ndarray) -> np.ndarray:
+    """Translate sep object flags to :data:`SOURCE_FLAGS` bits."""
+    sep_flags = np.asarray(sep_flags, dtype=np.int64)
+    out = np.zeros_like(sep_flags)
+    out |= np.where(sep_flags & _SEP_MERGED, SOURCE_FLAGS["BLENDED"].value, 0)
+    out |= np.where(sep_flags & _SEP_TRUNC, SOURCE_FLAGS["TRUNCATED"].value, 0)
+    return out
+
+
+def bits(*names: str, registry: dict = EXPOSURE_FLAGS) -> int:
+    """The integer with the named bits set."""
+    value = 0
+    for name in names:
+        value |= registry[name].value
+    return value
+
+
+def decode_flags(value: int, registry: dict = EXPOSURE_FLAGS) -> list[str]:
+    """Names of the bits set in ``value``, in bit order."""
+    return [f.name for f in sorted(registry.values(), key=lambda f: f.bit) if int(value) & f.value]

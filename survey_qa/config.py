@@ -1,0 +1,344 @@
+"""Typed, documented configuration: one block per stage.
+
+Every field has a type, a default, a doc and (where it makes sense) a range or a set
+of choices. Precedence, highest first: command line, the user's YAML file (``--config``
+or ``$SURVEY_QA_CONFIG``), the defaults written here. A stage receives its own block,
+never the whole tree.
+
+Example YAML::
+
+    run:
+      raw_root: /data/raw
+      out_root: /data/qa
+    classify:
+      seeing_limit_arcsec: 1.1
+    cluster:
+      kind: slurm
+      slurm:
+        queue: normal
+        max_jobs: 20
+"""
+from __future__ import annotations
+
+import dataclasses
+import os
+import types
+import typing
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+
+def F(default: Any, doc: str, *, range: tuple | None = None, choices: tuple | None = None):
+    """A configuration field: default, documentation and the allowed values."""
+    meta = {"doc": doc, "range": range, "choices": choices}
+    if isinstance(default, (list, dict)):
+        return field(default_factory=lambda: type(default)(default), metadata=meta)
+    return field(default=default, metadata=meta)
+
+
+@dataclass
+class IOConfig:
+    """Reading frames: header keywords are used first, these are the fallbacks."""
+
+    pixscale_arcsec: float | None = F(
+        None, "Pixel scale (arcsec/px) when neither the WCS nor PIXSCALE/SECPIX give it. "
+        "None: the frame is measured in pixels and its row says so.", range=(0.01, 100.0))
+    gain_e_per_adu: float = F(1.0, "Gain when the header has no GAIN.", range=(1e-3, 1e3))
+    read_noise_e: float = F(5.0, "Read noise when the header has no RDNOISE.", range=(0.0, 1e3))
+    saturate_adu: float | None = F(
+        None, "Saturation level when the header has no SATURATE. None: the highest pixel "
+        "value is taken as saturation where at least `saturate_min_pixels` pixels reach it.",
+        range=(0.0, None))
+    saturate_min_pixels: int = F(
+        5, "Pixels at the maximum value needed to infer a saturation level.", range=(1, None))
+    bayer: str = F(
+        "auto", "Colour-filter-array handling: 'auto' bins 2x2 when BAYERPAT/COLORTYP says "
+        "the frame is a Bayer mosaic, 'bin2x2' always, 'none' never.",
+        choices=("auto", "bin2x2", "none"))
+    overscan: str = F(
+        "auto", "'auto' trims the overscan named by DATASEC/TRIMSEC when present; 'none' keeps "
+        "the whole array.", choices=("auto", "none"))
+    min_image_pixels: int = F(
+        64 * 64, "Smaller image HDUs (thumbnails, tables) are not treated as detectors.",
+        range=(1, None))
+
+
+@dataclass
+class BackgroundConfig:
+    """sep background mesh and the non-uniformity measurement."""
+
+    box_px: int = F(128, "Background mesh size (pixels).", range=(8, 4096))
+    filter_size: int = F(3, "Median filter over background meshes.", range=(1, 15))
+    mask_sources: bool = F(True, "Re-estimate the background with detected sources masked.")
+
+
+@dataclass
+class SourcesConfig:
+    """Source extraction with sep."""
+
+    thresh_sigma: float = F(5.0, "Detection threshold in units of the background RMS.",
+                            range=(1.0, 100.0))
+    min_area_px: int = F(5, "Minimum connected pixels of a detection.", range=(1, 1000))
+    deblend_cont: float = F(0.005, "sep deblending contrast.", range=(0.0, 1.0))
+    max_sources: int = F(50_000, "Keep at most this many detections (brightest first).",
+                         range=(10, None))
+    pixstack: int = F(5_000_000, "sep pixel stack (set once per worker process).",
+                      range=(300_000, None))
+
+
+@dataclass
+class PSFConfig:
+    """Star selection and the PSF fit."""
+
+    max_stars: int = F(400, "Stars fitted per detector (best first).", range=(5, 100_000))
+    min_stars: int = F(5, "Fewer usable stars and PSF quantities are NaN with a flag.",
+                       range=(1, 1000))
+    min_snr: float = F(30.0, "Minimum S/N of a PSF star.", range=(1.0, None))
+    isolation_fwhm: float = F(4.0, "Neighbour-free radius around a PSF star, in FWHM.",
+                              range=(0.0, 50.0))
+    edge_px: int = F(16, "Stars closer than this to an edge are not used.", range=(0, 1024))
+    stamp_half_px: int = F(0, "Half size of the fit stamp; 0: 2.5 x the first-guess FWHM.",
+                           range=(0, 64))
+    grid: int = F(3, "The field is split in grid x grid regions for per-region PSF.",
+                  range=(1, 16))
+
+
+@dataclass
+class StampsConfig:
+    """Normalised star stamps stored for the SOM."""
+
+    size_px: int = F(32, "Stamp side (pixels).", range=(8, 128))
+    per_detector: int = F(64, "Stamps kept per detector (brightest usable stars).",
+                          range=(1, 4096))
+
+
+@dataclass
+class ClassifyConfig:
+    """Rule classifier thresholds (quality-classes.md); a survey overrides these."""
+
+    seeing_limit_arcsec: float = F(1.4, "FWHM above which a frame is bad_seeing.",
+                                   range=(0.1, 20.0))
+    seeing_limit_px: float | None = F(
+        None, "Seeing limit used when the pixel scale is unknown. None: no seeing flag then.",
+        range=(0.5, 100.0))
+    trail_ratio_bad: float = F(0.75, "Trail ratio T/s from which tracking is bad.",
+                               range=(0.1, 10.0))
+    trail_ratio_very_bad: float = F(3.0, "Trail ratio from which tracking is very bad.",
+                                    range=(0.5, 50.0))
+    min_coherence: float = F(
+        0.6, "Elongation must point the same way over the field (0: random, 1: all the "
+        "same) to count as a tracking error; optics give low coherence.", range=(0.0, 1.0))
+    nonuniformity_limit: float = F(0.06, "Sky (P99-P1)/median above which the background "
+                                         "is flagged.", range=(0.0, None))
+    softness: float = F(0.15, "Relative width of the soft threshold that turns margins into "
+                              "probabilities.", range=(0.01, 1.0))
+
+
+@dataclass
+class AutoencoderConfig:
+    """Autoencoder scoring of image patches (Jia et al. 2024)."""
+
+    enabled: bool = F(True, "Score every detector with the autoencoder when weights exist.")
+    weights: str | None = F(None, "Weights file (.safetensors); None: the packaged weights.")
+    bin_factor: int = F(4, "Bin the frame by this factor before scoring (CPU speed).",
+                        range=(1, 16))
+    patch_px: int = F(32, "Patch side on the binned frame (pixels).", range=(8, 512))
+    threshold_quantile: float = F(
+        0.995, "Mask threshold: this quantile of the reference (good-frame) patch scores, "
+        "stored with the weights.", range=(0.5, 1.0))
+    close_px: int = F(1, "Morphological opening/closing radius on the patch grid that "
+                         "removes isolated masked patches and fills holes.", range=(0, 16))
+    write_fits_masks: bool = F(False, "Also write masks as FITS under <out-root>/masks/.")
+
+
+@dataclass
+class TrainConfig:
+    """Lightning Trainer options shared by the training commands."""
+
+    accelerator: str = F("cpu", "Lightning accelerator: cpu, gpu, auto.",
+                         choices=("cpu", "gpu", "cuda", "auto"))
+    devices: int = F(1, "Devices (processes) per node.", range=(1, 64))
+    num_nodes: int = F(1, "Nodes.", range=(1, 1024))
+    strategy: str = F("auto", "Lightning strategy: auto, ddp, ddp_spawn...")
+    precision: str = F("32-true", "Lightning precision: 32-true, bf16-mixed, 16-mixed.")
+    max_epochs: int = F(20, "Training epochs.", range=(1, 100_000))
+    batch_size: int = F(64, "Batch size per device.", range=(1, 1_000_000))
+    learning_rate: float = F(1e-3, "Adam learning rate.", range=(1e-7, 1.0))
+    num_workers: int = F(0, "DataLoader worker processes.", range=(0, 256))
+    seed: int = F(0, "Seed for weights, data order and splits.", range=(0, None))
+    checkpoint_dir: str = F("checkpoints", "Where checkpoints are written; a run resumes "
+                                           "from last.ckpt there.")
+    val_fraction: float = F(0.2, "Share of exposures (whole nights where there are "
+                                 "several) held out for validation.", range=(0.0, 0.9))
+
+
+@dataclass
+class SlurmConfig:
+    """dask-jobqueue SLURMCluster settings (one worker job per SLURM job)."""
+
+    queue: str | None = F(None, "Partition (#SBATCH -p).")
+    account: str | None = F(None, "Account (#SBATCH -A).")
+    cores: int = F(2, "Cores per worker job.", range=(1, 512))
+    processes: int = F(1, "Dask worker processes per job.", range=(1, 512))
+    memory: str = F("4GiB", "Memory per worker job.")
+    walltime: str = F("01:00:00", "Walltime per worker job.")
+    job_extra_directives: list = F([], "Extra #SBATCH lines, e.g. ['--qos=low'].")
+    interface: str | None = F(None, "Network interface for scheduler and workers "
+                                    "(e.g. 'ib0'; 'lo' for a single machine).")
+    local_directory: str | None = F(None, "Worker scratch directory (node-local disk).")
+    min_jobs: int = F(0, "Adaptive scaling: fewest worker jobs.", range=(0, 10_000))
+    max_jobs: int = F(4, "Adaptive scaling: most worker jobs.", range=(1, 10_000))
+    log_directory: str | None = F(None, "Where SLURM writes worker job logs.")
+
+
+@dataclass
+class ClusterConfig:
+    """Where the nightly job runs."""
+
+    kind: str = F("local", "'local' (a Dask LocalCluster) or 'slurm' (dask-jobqueue).",
+                  choices=("local", "slurm"))
+    workers: int = F(0, "Local worker processes; 0: one per core.", range=(0, 4096))
+    threads_per_worker: int = F(1, "Threads per local worker.", range=(1, 256))
+    memory_limit: str = F("auto", "Memory limit per local worker.")
+    dashboard_address: str | None = F(":8787", "Dask dashboard; None disables it.")
+    slurm: SlurmConfig = field(default_factory=SlurmConfig)
+
+
+@dataclass
+class RunConfig:
+    """The nightly run: where frames are read and outputs written."""
+
+    raw_root: str = F("data/raw", "Folder holding one sub-folder of FITS frames per night.")
+    out_root: str = F("data/qa", "Folder receiving catalogs/ and arrays/.")
+    force: bool = F(False, "Redo exposures already done.")
+    classifier: str = F("rules", "'rules': the transparent threshold classifier.",
+                        choices=("rules",))
+    progress: bool = F(True, "Show a progress bar.")
+
+
+@dataclass
+class Config:
+    """The whole configuration tree."""
+
+    run: RunConfig = field(default_factory=RunConfig)
+    io: IOConfig = field(default_factory=IOConfig)
+    background: BackgroundConfig = field(default_factory=BackgroundConfig)
+    sources: SourcesConfig = field(default_factory=SourcesConfig)
+    psf: PSFConfig = field(default_factory=PSFConfig)
+    stamps: StampsConfig = field(default_factory=StampsConfig)
+    classify: ClassifyConfig = field(default_factory=ClassifyConfig)
+    autoencoder: AutoencoderConfig = field(default_factory=AutoencoderConfig)
+    train: TrainConfig = field(default_factory=TrainConfig)
+    cluster: ClusterConfig = field(default_factory=ClusterConfig)
+
+    def validate(self) -> "Config":
+        """Check every field and the cross-field rules; raise ValueError on the first fault."""
+        _validate_block(self, "")
+        c = self.classify
+        if c.trail_ratio_very_bad <= c.trail_ratio_bad:
+            raise ValueError("classify.trail_ratio_very_bad must exceed classify.trail_ratio_bad")
+        s = self.cluster.slurm
+        if s.min_jobs > s.max_jobs:
+            raise ValueError("cluster.slurm.min_jobs must not exceed cluster.slurm.max_jobs")
+        if s.processes > s.cores:
+            raise ValueError("cluster.slurm.processes must not exceed cluster.slurm.cores")
+        if self.stamps.size_px % 2:
+            raise ValueError("stamps.size_px must be even")
+        return self
+
+    def to_dict(self) -> dict:
+        return dataclasses.asdict(self)
+
+
+def _validate_block(block: Any, prefix: str) -> None:
+    hints = typing.get_type_hints(type(block))
+    for f in dataclasses.fields(block):
+        name = f"{prefix}{f.name}"
+        value = getattr(block, f.name)
+        if dataclasses.is_dataclass(value):
+            _validate_block(value, name + ".")
+            continue
+        if not _type_ok(value, hints[f.name]):
+            raise ValueError(f"{name}: {value!r} is not a {hints[f.name]}")
+        lo, hi = f.metadata.get("range") or (None, None)
+        if value is not None and not isinstance(value, (str, list, bool)):
+            if (lo is not None and value < lo) or (hi is not None and value > hi):
+                raise ValueError(f"{name}: {value!r} outside [{lo}, {hi}]")
+        choices = f.metadata.get("choices")
+        if choices and value not in choices:
+            raise ValueError(f"{name}: {value!r} not one of {choices}")
+
+
+def _type_ok(value: Any, hint: Any) -> bool:
+    if isinstance(hint, types.UnionType) or typing.get_origin(hint) is typing.Union:
+        return any(_type_ok(value, h) for h in typing.get_args(hint))
+    if hint is type(None):
+        return value is None
+    if hint is float:
+        return isinstance(value, (int, float)) and not isinstance(value, bool)
+    if hint is int:
+        return isinstance(value, int) and not isinstance(value, bool)
+    return isinstance(value, hint)
+
+
+def _merge(block: Any, updates: dict, prefix: str = "") -> Any:
+    """Return a copy of a dataclass block with nested ``updates`` applied."""
+    names = {f.name for f in dataclasses.fields(block)}
+    changes = {}
+    for key, value in updates.items():
+        if key not in names:
+            raise ValueError(f"unknown configuration key {prefix}{key!r}")
+        current = getattr(block, key)
+        if dataclasses.is_dataclass(current):
+            if not isinstance(value, dict):
+                raise ValueError(f"{prefix}{key} must be a mapping")
+            value = _merge(current, value, f"{prefix}{key}.")
+        elif isinstance(current, float) and isinstance(value, int) and not isinstance(value, bool):
+            value = float(value)
+        changes[key] = value
+    return dataclasses.replace(block, **changes)
+
+
+def load_config(path: str | os.PathLike | None = None,
+                overrides: dict | None = None) -> Config:
+    """Build the configuration: defaults, then the YAML file, then ``overrides``.
+
+    Parameters
+    ----------
+    path
+        A YAML file; when None, ``$SURVEY_QA_CONFIG`` is used if set.
+    overrides
+        Nested mapping applied last (the command line), e.g. ``{"run": {"force": True}}``.
+
+    Raises
+    ------
+    ValueError
+        On an unknown key, a wrong type, a value out of range or a cross-field conflict.
+    """
+    cfg = Config()
+    path = path or os.environ.get("SURVEY_QA_CONFIG")
+    if path:
+        text = Path(path).read_text()
+        data = yaml.safe_load(text) or {}
+        if not isinstance(data, dict):
+            raise ValueError(f"{path}: the configuration must be a mapping")
+        cfg = _merge(cfg, data)
+    if overrides:
+        cfg = _merge(cfg, overrides)
+    return cfg.validate()
+
+
+def describe(block: Any = None, prefix: str = "") -> list[tuple[str, Any, str]]:
+    """(name, default, doc) for every field: the reference table of the README."""
+    block = Config() if block is None else block
+    rows = []
+    for f in dataclasses.fields(block):
+        value = getattr(block, f.name)
+        if dataclasses.is_dataclass(value):
+            rows += describe(value, f"{prefix}{f.name}.")
+        else:
+            rows.append((f"{prefix}{f.name}", value, f.metadata.get("doc", "")))
+    return rows
