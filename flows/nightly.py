@@ -1,0 +1,303 @@
+"""The nightly flow: every exposure of a night through the stages, on a Dask cluster.
+
+It reads like a recipe. The client discovers the night's frames, skips those already
+done, lays out the array store, and maps :func:`process_exposure` over the rest. Each task
+reads one file, calls the stages in order, and writes that exposure's results under
+``<out>/_work/night=<night>/`` (sources, then arrays, then the exposure rows, which mark it
+done). When every task has finished, the night's catalogs are written as one file each,
+atomically. A crash leaves only whole per-exposure files; a re-run finishes what is
+missing.
+"""
+from __future__ import annotations
+
+import collections
+import shutil
+import time
+from dataclasses import dataclass, field
+from datetime import datetime, timezone
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+import pyarrow as pa
+
+import survey_qa
+from survey_qa.config import Config
+from survey_qa.pipeline import background, classify, features, io, psf, sources, stamps
+from survey_qa.pipeline.errors import QualityError
+from survey_qa.pipeline.records import DetectorImage
+from survey_qa.pipeline.schema import (CLASSES, EXPOSURE_SCHEMA, PRIORITY, SOURCE_SCHEMA,
+                                       empty_exposure_row, rows_to_table)
+
+RULES_VERSION = "rules-1"
+
+
+@dataclass
+class NightSummary:
+    """What a nightly run did, for the command line and the tests."""
+
+    night: str
+    n_files: int
+    n_processed: int
+    n_skipped: int
+    class_counts: dict[str, int]
+    n_failed: int
+    failures: list[tuple[str, str, str]]  # (exposure, detector, reason)
+    exposures_catalog: Path
+    sources_catalog: Path
+    arrays: Path
+    wall_s: float
+    stage_median_s: dict[str, float] = field(default_factory=dict)
+
+    def report(self) -> str:
+        """A short human summary: counts per class and where the outputs are."""
+        lines = [f"night {self.night}: {self.n_files} exposures "
+                 f"({self.n_processed} processed now, {self.n_skipped} already done) "
+                 f"in {self.wall_s:.1f} s"]
+        width = max(len(c) for c in (*CLASSES, "failed"))
+        for c in PRIORITY[::-1]:
+            lines.append(f"  {c:<{width}}  {self.class_counts.get(c, 0):5d}")
+        lines.append(f"  {'failed':<{width}}  {self.n_failed:5d}")
+        for exp, det, reason in self.failures[:20]:
+            lines.append(f"    {exp} [{det}]: {reason}")
+        if self.stage_median_s:
+            lines.append("  median time per detector: " + ", ".join(
+                f"{k} {v:.2f} s" for k, v in self.stage_median_s.items()))
+        lines += [f"exposures catalog: {self.exposures_catalog}",
+                  f"sources catalog:   {self.sources_catalog}",
+                  f"arrays:            {self.arrays}"]
+        return "\n".join(lines)
+
+
+# ---------------------------------------------------------------------------- paths
+
+
+def work_dir(out_root: str | Path, night: str) -> Path:
+    """Per-exposure results of a night before they are gathered into the catalogs."""
+    return Path(out_root) / "_work" / f"night={night}"
+
+
+def done_exposures(out_root: str | Path, night: str) -> set[str]:
+    """Exposures whose rows are written (their sources and arrays are written first)."""
+    folder = work_dir(out_root, night) / "exposures"
+    return {p.stem for p in folder.glob("*.parquet")}
+
+
+# ---------------------------------------------------------------------------- per task
+
+
+def array_variables(cfg: Config) -> dict:
+    """Arrays written per detector into ``arrays/<night>.zarr``."""
+    n, s = cfg.stamps.per_detector, cfg.stamps.size_px
+    return {
+        "stamps": ((n, s, s), ("star", "y", "x"), "float32", np.nan),
+        "stamp_x": ((n,), ("star",), "float32", np.nan),
+        "stamp_y": ((n,), ("star",), "float32", np.nan),
+        "n_stamps": ((), (), "int32", 0),
+    }
+
+
+def plan_frames(path: str, cfg: Config) -> list[tuple[str, str]]:
+    """(exposure, detector) of every detector in a file, from its headers only."""
+    try:
+        with io._open(Path(path)) as hdul:
+            return [(io.exposure_id(path), io._detector_name(h, i))
+                    for i, h in enumerate(hdul) if io._is_image(h, cfg.io)]
+    except QualityError:
+        return []
+
+
+def measure_detector(det: DetectorImage, cfg: Config):
+    """The stages for one detector.
+
+    Returns the exposure row, the source table, the PSF result and the star stamps.
+    """
+    timings = {}
+    t = time.perf_counter()
+    bkg = background.measure_background(det.data, det.mask, cfg.background)
+    timings["t_background_s"] = time.perf_counter() - t
+    t = time.perf_counter()
+    src = sources.extract_sources(det.data, bkg, det.mask, cfg.sources, det.meta.saturate_adu)
+    timings["t_sources_s"] = time.perf_counter() - t
+    t = time.perf_counter()
+    star = psf.select_psf_stars(src, det.data.shape, cfg.psf)
+    psf_result = psf.measure_psf(det.data, bkg, src, star, cfg.psf)
+    timings["t_psf_s"] = time.perf_counter() - t
+    t = time.perf_counter()
+    cut = stamps.cut_stamps(det.data, bkg, src, psf_result.psf_star, cfg.stamps)
+    timings["t_stamps_s"] = time.perf_counter() - t
+    t = time.perf_counter()
+    row = features.summarize(det, bkg, src, psf_result)
+    row = classify.apply_classification(row, classify.classify_rules(row, cfg.classify))
+    timings["t_classify_s"] = time.perf_counter() - t
+    row.update(timings)
+    return row, src, psf_result, cut
+
+
+def failed_row(path: str, exposure: str, detector: str, error: QualityError) -> dict:
+    """The row of a detector (or a whole file: detector 'ALL') that could not be measured."""
+    row = empty_exposure_row()
+    row.update(exposure=exposure, detector=detector, path=str(path), status="failed",
+               error=error.reason, hdu=int(error.metadata.get("hdu", -1)))
+    return row
+
+
+def _stamp_positions(src, psf_star: np.ndarray, n: int) -> np.ndarray:
+    chosen = src[psf_star].sort_values("flux", ascending=False).head(n)
+    return chosen[["x", "y"]].to_numpy(dtype=np.float32)
+
+
+def process_exposure(path: str, cfg: Config, night: str, store: str,
+                     frame_index: dict[tuple[str, str], int]) -> list[dict]:
+    """Measure one exposure file and write its results; returns its exposure rows.
+
+    Never raises for bad data: an unreadable file or detector becomes a ``failed`` row.
+    """
+    t_start = time.perf_counter()
+    exposure = io.exposure_id(path)
+    sources.configure_sep(cfg.sources)
+    t = time.perf_counter()
+    try:
+        dets = io.read_detectors(path, cfg.io)
+    except QualityError as e:
+        dets = [QualityError(e.reason, detector="ALL", **e.metadata)]
+    t_read = time.perf_counter() - t
+
+    rows, source_tables = [], []
+    for det in dets:
+        if isinstance(det, QualityError):
+            rows.append(failed_row(path, exposure, det.metadata.get("detector", "ALL"), det))
+            continue
+        try:
+            row, src, psf_result, cut = measure_detector(det, cfg)
+        except QualityError as e:
+            rows.append(failed_row(path, exposure, det.detector, e))
+            continue
+        row["t_read_s"] = t_read / len(dets)
+        rows.append(row)
+        src = src.assign(exposure=exposure, detector=det.detector)
+        source_tables.append(src)
+        key = (exposure, det.detector)
+        if key in frame_index:
+            xy = _stamp_positions(src, psf_result.psf_star, len(cut))
+            io.write_frame(store, frame_index[key], {
+                "stamps": cut, "stamp_x": xy[:, 0], "stamp_y": xy[:, 1],
+                "n_stamps": np.int32(len(cut))})
+
+    ok = [r for r in rows if r["status"] == "ok"]
+    if len(dets) > 1 and ok:
+        rows.append(classify.combine_detectors(ok))
+    now = datetime.now(timezone.utc).replace(microsecond=0)
+    for r in rows:
+        r.update(pipeline_version=survey_qa.__version__, model_version=RULES_VERSION,
+                 processed_at=now, n_detectors=len(dets))
+        if r["status"] == "ok":
+            r["t_total_s"] = time.perf_counter() - t_start
+
+    work = work_dir(cfg.run.out_root, night)
+    src_all = (pd.concat(source_tables, ignore_index=True) if source_tables
+               else SOURCE_SCHEMA.empty_table().to_pandas())
+    io.write_parquet_atomic(_sources_table(src_all), work / "sources" / f"{exposure}.parquet")
+    io.write_parquet_atomic(rows_to_table(rows), work / "exposures" / f"{exposure}.parquet")
+    return rows
+
+
+def _sources_table(df: pd.DataFrame) -> pa.Table:
+    return pa.Table.from_pandas(df[SOURCE_SCHEMA.names], schema=SOURCE_SCHEMA,
+                                preserve_index=False)
+
+
+# ---------------------------------------------------------------------------- the night
+
+
+def run_night(cfg: Config, night: str, *, echo=print) -> NightSummary:
+    """Run the nightly job for one night and write its catalogs and arrays.
+
+    Parameters
+    ----------
+    cfg
+        The validated configuration (``cfg.run`` gives the folders, ``cfg.cluster`` where
+        the work runs).
+    night
+        ``YYYY-MM-DD``: the folder ``<raw_root>/<night>/``.
+    echo
+        Where live warnings and progress go.
+    """
+    from distributed import Client, as_completed
+
+    from survey_qa.hpc.cluster import make_cluster, scale_for_night
+
+    t0 = time.perf_counter()
+    out_root = Path(cfg.run.out_root)
+    paths = io.discover_night(cfg.run.raw_root, night)
+    if cfg.run.force:
+        shutil.rmtree(work_dir(out_root, night), ignore_errors=True)
+    done = done_exposures(out_root, night)
+    todo = [str(p) for p in paths if io.exposure_id(p) not in done]
+    store = io.zarr_path(out_root, night)
+
+    if todo:
+        with make_cluster(cfg.cluster) as cluster, Client(cluster) as client:
+            scale_for_night(cluster, cfg.cluster, len(todo))
+            plans = client.gather(client.map(plan_frames, todo, cfg=cfg, pure=False))
+            frames = [f for plan in plans for f in plan]
+            index = io.setup_zarr(store, frames, array_variables(cfg))
+            futures = client.map(process_exposure, todo, cfg=cfg, night=night,
+                                 store=str(store), frame_index=index, pure=False)
+            _follow(futures, as_completed, cfg, echo)
+    elif not store.exists():
+        io.setup_zarr(store, [], array_variables(cfg))
+
+    work = work_dir(out_root, night)
+    exposures = io.read_parquet_folder(work / "exposures", EXPOSURE_SCHEMA)
+    exp_path = io.consolidate(exposures, out_root, "exposures", night)
+    src_path = io.consolidate(io.read_parquet_folder(work / "sources", SOURCE_SCHEMA),
+                              out_root, "sources", night)
+    return _summarize(night, exposures.to_pylist(), len(paths), len(todo), exp_path,
+                      src_path, store, time.perf_counter() - t0)
+
+
+def _follow(futures, as_completed, cfg: Config, echo) -> None:
+    """Wait for every task, with a progress bar and a live line per bad frame."""
+    from tqdm.auto import tqdm
+
+    bar = tqdm(total=len(futures), unit="exp", disable=not cfg.run.progress, leave=False)
+    for fut in as_completed(futures):
+        rows = fut.result()  # a task only fails on a bug or a lost disk: let it raise
+        bar.update()
+        for r in _exposure_level(rows):
+            if r["status"] == "failed":
+                bar.write(f"FAILED {r['exposure']} [{r['detector']}]: {r['error']}")
+            elif r["quality_class"] != "good":
+                bar.write(f"warning: {r['exposure']} is {r['quality_class']}")
+    bar.close()
+
+
+def _exposure_level(rows: list[dict]) -> list[dict]:
+    """The row that speaks for each exposure: 'ALL' for a mosaic, else the detector row."""
+    by_exp = collections.defaultdict(list)
+    for r in rows:
+        by_exp[r["exposure"]].append(r)
+    chosen = []
+    for group in by_exp.values():
+        summary = [r for r in group if r["detector"] == "ALL"]
+        chosen.append(summary[0] if summary else group[0])
+    return chosen
+
+
+def _summarize(night, rows, n_files, n_todo, exp_path, src_path, store, wall_s) -> NightSummary:
+    level = _exposure_level(rows)
+    counts = collections.Counter(r["quality_class"] for r in level if r["status"] == "ok")
+    failures = [(r["exposure"], r["detector"], r["error"]) for r in rows
+                if r["status"] == "failed"]
+    stage_cols = ("t_read_s", "t_background_s", "t_sources_s", "t_psf_s", "t_stamps_s",
+                  "t_classify_s")
+    det_rows = [r for r in rows if r["status"] == "ok" and r["detector"] != "ALL"]
+    medians = {c[2:-2]: float(np.nanmedian([r[c] for r in det_rows]))
+               for c in stage_cols if det_rows}
+    return NightSummary(night=night, n_files=n_files, n_processed=n_todo,
+                        n_skipped=n_files - n_todo, class_counts=dict(counts),
+                        n_failed=sum(1 for r in level if r["status"] == "failed"),
+                        failures=failures, exposures_catalog=exp_path,
+                        sources_catalog=src_path, arrays=store, wall_s=wall_s,
+                        stage_median_s=medians)

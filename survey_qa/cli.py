@@ -1,0 +1,142 @@
+"""The ``survey-qa`` command: a thin layer; each command's body is one function call.
+
+    survey-qa --night 2024-03-01 [--raw-root DIR] [--out-root DIR] [--config FILE]
+              [--cluster local|slurm] [--workers N] [--force]
+    survey-qa simulate --night 2024-03-01 --frames 100 [--seed S] [--size 4096]
+    survey-qa train autoencoder --out-root DIR [--night N ...] [Trainer options]
+    survey-qa config            # print the configuration in force, as YAML
+"""
+from __future__ import annotations
+
+import argparse
+import sys
+from pathlib import Path
+
+import yaml
+
+from survey_qa.config import Config, RunConfig, load_config
+
+DEFAULT_RAW_ROOT = RunConfig().raw_root
+
+
+def _common(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--config", help="YAML configuration file (else $SURVEY_QA_CONFIG)")
+    p.add_argument("--raw-root", help="folder of nights of FITS frames")
+    p.add_argument("--out-root", help="folder receiving catalogs/ and arrays/")
+
+
+def _night_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(
+        prog="survey-qa", description="Rate every frame of a night: usable or not, and why.",
+        epilog="Other commands: survey-qa simulate | train | config (each with --help).")
+    p.add_argument("--night", required=True, help="YYYY-MM-DD: the folder <raw-root>/<night>")
+    _common(p)
+    p.add_argument("--cluster", choices=("local", "slurm"), help="where the work runs")
+    p.add_argument("--workers", type=int, help="local worker processes, or SLURM worker jobs")
+    p.add_argument("--force", action="store_true", default=None,
+                   help="redo exposures already done")
+    p.add_argument("--no-progress", dest="progress", action="store_false", default=None)
+    return p
+
+
+def _overrides(a: argparse.Namespace) -> dict:
+    """Command-line values that were given, as a nested configuration mapping."""
+    run = {k: getattr(a, k, None) for k in ("raw_root", "out_root", "force", "progress")}
+    cluster = {"kind": getattr(a, "cluster", None), "workers": getattr(a, "workers", None)}
+    train = {k: getattr(a, k, None) for k in ("accelerator", "devices", "num_nodes",
+                                              "strategy", "precision", "max_epochs",
+                                              "checkpoint_dir")}
+    tree = {"run": run, "cluster": cluster, "train": train}
+    return {block: {k: v for k, v in values.items() if v is not None}
+            for block, values in tree.items()}
+
+
+def night_main(argv: list[str]) -> int:
+    a = _night_parser().parse_args(argv)
+    cfg = load_config(a.config, _overrides(a))
+    raw = Path(cfg.run.raw_root)
+    if not (raw / a.night).is_dir() and cfg.run.raw_root == DEFAULT_RAW_ROOT:
+        from survey_qa.flows.simulate import demo_night
+
+        print(f"no frames in {raw / a.night}: simulating the demo night there "
+              "(once, deterministic)")
+        demo_night(raw, a.night)
+    from survey_qa.flows.nightly import run_night
+
+    summary = run_night(cfg, a.night)
+    print(summary.report())
+    return 0
+
+
+def simulate_main(argv: list[str]) -> int:
+    p = argparse.ArgumentParser(prog="survey-qa simulate",
+                                description="Write a simulated night of FITS frames with "
+                                            "its truth table.")
+    p.add_argument("--night", required=True)
+    p.add_argument("--frames", type=int, default=100)
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--size", type=int, default=4096, help="detector side in pixels")
+    p.add_argument("--ambiguous-fraction", type=float, default=0.0,
+                   help="share of frames drawn from the ambiguous zones of the spec")
+    _common(p)
+    a = p.parse_args(argv)
+    cfg = load_config(a.config, _overrides(a))
+    from survey_qa.flows.simulate import simulate_night
+
+    truth = simulate_night(Path(cfg.run.raw_root), a.night, a.frames, seed=a.seed,
+                           size_px=a.size, ambiguous_fraction=a.ambiguous_fraction)
+    print(f"wrote {truth['exposure'].nunique()} exposures to {Path(cfg.run.raw_root) / a.night}")
+    print(truth.drop_duplicates("exposure")["quality_class"].value_counts().to_string())
+    return 0
+
+
+def train_main(argv: list[str]) -> int:
+    p = argparse.ArgumentParser(prog="survey-qa train", description="Train a model.")
+    p.add_argument("model", choices=("autoencoder",))
+    p.add_argument("--night", action="append", dest="nights",
+                   help="night to train on (repeat); default: every night in the catalog")
+    _common(p)
+    p.add_argument("--accelerator")
+    p.add_argument("--devices", type=int)
+    p.add_argument("--num-nodes", type=int)
+    p.add_argument("--strategy")
+    p.add_argument("--precision")
+    p.add_argument("--max-epochs", type=int)
+    p.add_argument("--checkpoint-dir")
+    p.add_argument("--output", help="where the weights go (default: the packaged location)")
+    a = p.parse_args(argv)
+    cfg = load_config(a.config, _overrides(a))
+    from survey_qa.flows.train import train_autoencoder
+
+    path = train_autoencoder(cfg, cfg.run.out_root, a.nights, output=a.output)
+    if path is not None:
+        print(f"weights written to {path}")
+    return 0
+
+
+def config_main(argv: list[str]) -> int:
+    p = argparse.ArgumentParser(prog="survey-qa config",
+                                description="Print the configuration in force as YAML.")
+    p.add_argument("--config")
+    a = p.parse_args(argv)
+    cfg: Config = load_config(a.config)
+    print(yaml.safe_dump(cfg.to_dict(), sort_keys=False))
+    return 0
+
+
+COMMANDS = {"simulate": simulate_main, "train": train_main, "config": config_main}
+
+
+def main(argv: list[str] | None = None) -> int:
+    argv = sys.argv[1:] if argv is None else list(argv)
+    try:
+        if argv and argv[0] in COMMANDS:
+            return COMMANDS[argv[0]](argv[1:])
+        return night_main(argv)
+    except ValueError as e:  # a wrong argument or configuration: say it, exit non-zero
+        print(f"survey-qa: error: {e}", file=sys.stderr)
+        return 2
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,224 @@
+"""FITS ingest: formats, header fallbacks, and every kind of bad input."""
+import gzip
+import math
+import shutil
+
+import numpy as np
+import pytest
+from astropy.io import fits
+
+from survey_qa.config import IOConfig
+from survey_qa.pipeline import io
+from survey_qa.pipeline.errors import QualityError
+from survey_qa.pipeline.flags import decode_flags
+
+
+def _image(ny=128, nx=96, seed=1):
+    rng = np.random.default_rng(seed)
+    return (100 + rng.normal(0, 5, (ny, nx))).astype(">f4")  # big-endian, as FITS gives it
+
+
+def _header(**extra):
+    h = fits.Header()
+    h.update({"EXPTIME": 30.0, "GAIN": 1.5, "RDNOISE": 4.0, "SATURATE": 60000.0,
+              "DATE-OBS": "2024-03-02T01:02:03", "FILTER": "r", "PIXSCALE": 0.3})
+    h.update(extra)
+    return h
+
+
+def test_single_frame(tmp_path):
+    p = tmp_path / "exp001.fits"
+    fits.PrimaryHDU(_image(), _header()).writeto(p)
+    (det,) = io.read_exposure(p, IOConfig())
+    assert det.exposure == "exp001" and det.detector == "0" and det.hdu == 0
+    assert det.data.dtype == np.float32 and det.data.dtype.isnative
+    assert det.data.flags.c_contiguous
+    assert det.meta.pixscale_arcsec == 0.3 and det.meta.pixscale_source == "keyword"
+    assert det.meta.gain_e_per_adu == 1.5 and det.meta.exptime_s == 30.0
+    assert math.isclose(det.meta.mjd_obs, 60371.04309, abs_tol=1e-4)
+    assert det.qa_flags == 0
+
+
+def test_mosaic_fz_and_gz(tmp_path):
+    hdus = [fits.PrimaryHDU(header=_header())]
+    for k in range(3):
+        hdus.append(fits.CompImageHDU(_image(seed=k).astype(np.float32),
+                                      fits.Header({"EXTNAME": f"ccd{k:02d}"}),
+                                      compression_type="RICE_1"))
+    p = tmp_path / "mosaic.fits.fz"
+    fits.HDUList(hdus).writeto(p)
+    dets = io.read_exposure(p, IOConfig())
+    assert [d.detector for d in dets] == ["ccd00", "ccd01", "ccd02"]
+    assert all(d.n_detectors == 3 and d.exposure == "mosaic" for d in dets)
+    assert dets[1].meta.exptime_s == 30.0  # primary header keywords reach every detector
+
+    plain = tmp_path / "plain.fits"
+    fits.PrimaryHDU(_image(), _header()).writeto(plain)
+    gz = tmp_path / "exp002.fits.gz"
+    with open(plain, "rb") as src, gzip.open(gz, "wb") as dst:
+        shutil.copyfileobj(src, dst)
+    (det,) = io.read_exposure(gz, IOConfig())
+    assert det.exposure == "exp002"
+    np.testing.assert_allclose(det.data, _image().astype(np.float32))
+
+
+def test_pixel_scale_sources(tmp_path):
+    wcs = {"CTYPE1": "RA---TAN", "CTYPE2": "DEC--TAN", "CRVAL1": 150.0, "CRVAL2": 2.0,
+           "CRPIX1": 48.0, "CRPIX2": 64.0, "CD1_1": -0.2 / 3600, "CD1_2": 0.0,
+           "CD2_1": 0.0, "CD2_2": 0.2 / 3600}
+    h = _header(**wcs)
+    del h["PIXSCALE"]
+    assert io.pixel_scale(h, IOConfig()) == pytest.approx((0.2, "wcs"))
+    h = fits.Header({"SECPIX": 1.7})
+    assert io.pixel_scale(h, IOConfig()) == (1.7, "keyword")
+    assert io.pixel_scale(fits.Header(), IOConfig(pixscale_arcsec=0.5)) == (0.5, "config")
+    scale, source = io.pixel_scale(fits.Header(), IOConfig())
+    assert math.isnan(scale) and source == "none"  # never silently 1"/px
+
+
+def test_missing_keywords_use_fallbacks_and_flag(tmp_path):
+    p = tmp_path / "bare.fits"
+    fits.PrimaryHDU(_image()).writeto(p)
+    (det,) = io.read_exposure(p, IOConfig(gain_e_per_adu=2.0))
+    assert det.meta.gain_e_per_adu == 2.0
+    assert "GAIN" in det.meta.fallbacks and "EXPTIME" in det.meta.fallbacks
+    assert {"HEADER_FALLBACK", "NO_PIXSCALE"} <= set(decode_flags(det.qa_flags))
+    assert math.isnan(det.meta.pixscale_arcsec)
+
+
+@pytest.mark.parametrize("text, iso", [
+    ("29/11/51", "1951-11-29"), ("26/07/102", "2002-07-26"),
+    ("2013-07-13", "2013-07-13"), ("2021-01-18T11:26:32.228", "2021-01-18T11:26:32.228")])
+def test_date_formats(text, iso):
+    got, mjd = io.parse_date(fits.Header({"DATE-OBS": text}))
+    assert got.startswith(iso) and math.isfinite(mjd)
+
+
+def test_overscan_trimmed_and_bias_removed(tmp_path):
+    data = np.full((64, 80), 1000.0, dtype=np.float32)
+    data[:, :64] += 50 + np.random.default_rng(0).normal(0, 1, (64, 64))
+    h = _header(DATASEC="[1:64,1:64]", BIASSEC="[65:80,1:64]")
+    p = tmp_path / "raw.fits"
+    fits.PrimaryHDU(data, h).writeto(p)
+    (det,) = io.read_exposure(p, IOConfig(min_image_pixels=100))
+    assert det.data.shape == (64, 64)
+    assert abs(np.median(det.data) - 50) < 1
+    assert "OVERSCAN_TRIMMED" in decode_flags(det.qa_flags)
+
+
+def test_bayer_frames_are_binned(tmp_path):
+    p = tmp_path / "dslr.fits"
+    fits.PrimaryHDU(_image(), _header(BAYERPAT="RGGB")).writeto(p)
+    (det,) = io.read_exposure(p, IOConfig())
+    assert det.data.shape == (64, 48) and det.meta.pixscale_arcsec == 0.6
+    assert "BAYER_BINNED" in decode_flags(det.qa_flags)
+
+
+def test_saturation_inferred_and_masked(tmp_path):
+    data = _image().astype(np.float32)
+    data[10:14, 10:14] = 65535.0
+    p = tmp_path / "sat.fits"
+    h = _header()
+    del h["SATURATE"]
+    fits.PrimaryHDU(data, h).writeto(p)
+    (det,) = io.read_exposure(p, IOConfig())
+    assert det.meta.saturate_adu == 65535.0
+    assert det.mask[10:14, 10:14].all() and det.mask.sum() == 16
+    assert "SATURATION_INFERRED" in decode_flags(det.qa_flags)
+
+
+# -------------------------------------------------------------------- bad input
+
+
+def test_truncated_file(tmp_path):
+    good = tmp_path / "good.fits"
+    fits.PrimaryHDU(_image(512, 512), _header()).writeto(good)
+    bad = tmp_path / "truncated.fits"
+    bad.write_bytes(good.read_bytes()[: 2880 * 20])
+    with pytest.raises(QualityError, match="unreadable|truncated|corrupt"):
+        io.read_exposure(bad, IOConfig())
+
+
+def test_not_a_fits_file(tmp_path):
+    p = tmp_path / "notes.fits"
+    p.write_text("this is a text file, not a FITS image\n" * 50)
+    with pytest.raises(QualityError, match="unreadable FITS file"):
+        io.read_detectors(p, IOConfig())
+
+
+@pytest.mark.parametrize("fill, message", [(np.nan, "no finite pixel"),
+                                           (42.0, "constant frame")])
+def test_all_nan_or_constant(tmp_path, fill, message):
+    p = tmp_path / "flat.fits"
+    fits.PrimaryHDU(np.full((100, 100), fill, dtype=np.float32), _header()).writeto(p)
+    with pytest.raises(QualityError, match=message):
+        io.read_exposure(p, IOConfig())
+
+
+def test_mostly_saturated(tmp_path):
+    data = _image().astype(np.float32)
+    data[:100] = 60000.0
+    p = tmp_path / "sat.fits"
+    fits.PrimaryHDU(data, _header()).writeto(p)
+    with pytest.raises(QualityError, match="mostly saturated"):
+        io.read_exposure(p, IOConfig())
+
+
+def test_unreadable_mosaic_extension_keeps_the_others(tmp_path):
+    hdus = [fits.PrimaryHDU(header=_header())]
+    hdus += [fits.ImageHDU(_image(seed=k), name=f"CCD{k}") for k in range(3)]
+    hdus[2] = fits.ImageHDU(np.full((128, 96), np.nan, dtype=np.float32), name="CCD1")
+    p = tmp_path / "mosaic.fits"
+    fits.HDUList(hdus).writeto(p)
+    dets = io.read_detectors(p, IOConfig())
+    assert isinstance(dets[1], QualityError) and dets[1].metadata["detector"] == "CCD1"
+    assert [d.detector for d in dets if not isinstance(d, QualityError)] == ["CCD0", "CCD2"]
+    with pytest.raises(QualityError):
+        io.read_exposure(p, IOConfig())
+
+
+def test_discovery(tmp_path):
+    night = tmp_path / "2024-03-01"
+    (night / "sub").mkdir(parents=True)
+    (night / "_truth").mkdir()
+    for name in ("a.fits", "b.fits.fz", "sub/c.fit", "d.fts", "e.fits.gz", "_truth/t.fits",
+                 ".hidden.fits", "notes.txt"):
+        (night / name).write_bytes(b"")
+    found = [p.relative_to(night).as_posix() for p in io.discover_night(tmp_path, "2024-03-01")]
+    assert found == ["a.fits", "b.fits.fz", "d.fts", "e.fits.gz", "sub/c.fit"]
+    assert [io.exposure_id(p) for p in found] == ["a", "b", "d", "e", "c"]
+    with pytest.raises(ValueError, match="no night folder"):
+        io.discover_night(tmp_path, "2024-03-02")
+
+
+def test_atomic_parquet_write_leaves_no_partial_file(tmp_path, monkeypatch):
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    table = pa.table({"a": [1, 2, 3]})
+    target = tmp_path / "cat" / "part-0.parquet"
+    io.write_parquet_atomic(table, target)
+    assert pq.read_table(target).equals(table)
+
+    def crash(*args, **kwargs):
+        raise OSError("disk full")
+
+    monkeypatch.setattr(pq, "write_table", crash)
+    with pytest.raises(OSError):
+        io.write_parquet_atomic(pa.table({"a": [9]}), target)
+    assert pq.read_table(target).equals(table)  # the old whole file is still there
+    assert sorted(p.name for p in target.parent.iterdir()) == ["part-0.parquet"]
+
+
+def test_zarr_layout_is_stable_across_reruns(tmp_path):
+    import xarray as xr
+
+    store = tmp_path / "n.zarr"
+    variables = {"stamps": ((4, 8, 8), ("star", "y", "x"), "float32", np.nan)}
+    first = io.setup_zarr(store, [("e1", "0"), ("e2", "ccd1")], variables)
+    io.write_frame(store, first[("e2", "ccd1")], {"stamps": np.ones((2, 8, 8))})
+    again = io.setup_zarr(store, [("e3", "0"), ("e2", "ccd1")], variables)
+    assert again[("e2", "ccd1")] == first[("e2", "ccd1")] and again[("e3", "0")] == 2
+    ds = xr.open_zarr(store, consolidated=False).set_index(frame=["exposure", "detector"])
+    one = ds.stamps.sel(exposure="e2", detector="ccd1").values
+    assert np.nansum(one) == 128 and np.isnan(one[2:]).all()

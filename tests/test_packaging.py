@@ -1,0 +1,64 @@
+"""The package installs as one namespace, and pixi.toml matches pyproject.toml."""
+import subprocess
+import sys
+import tomllib
+import zipfile
+from pathlib import Path
+
+import pytest
+from packaging.requirements import Requirement
+
+ROOT = Path(__file__).resolve().parents[1]
+CONDA_NAMES = {"torch": "pytorch", "dask[distributed]": "dask"}
+
+
+def _pyproject():
+    return tomllib.loads((ROOT / "pyproject.toml").read_text())
+
+
+def _pixi():
+    return tomllib.loads((ROOT / "pixi.toml").read_text())
+
+
+def test_pixi_dependencies_match_pyproject():
+    py = _pyproject()["project"]
+    pixi = _pixi()
+    conda = {**pixi["dependencies"], **pixi["feature"]["test"]["dependencies"]}
+    wanted = py["dependencies"] + py["optional-dependencies"]["test"]
+    for text in wanted:
+        req = Requirement(text)
+        key = req.name + (f"[{','.join(sorted(req.extras))}]" if req.extras else "")
+        name = CONDA_NAMES.get(key, req.name)
+        assert name in conda, f"{req.name} is in pyproject.toml but not in pixi.toml"
+        assert conda[name].replace(" ", "") == str(req.specifier).replace(" ", ""), (
+            f"{req.name}: pyproject says {req.specifier}, pixi says {conda[name]}")
+    assert "distributed" in conda  # dask[distributed] is two packages on conda-forge
+
+
+def test_pixi_tasks_are_the_readme_commands():
+    tasks = _pixi()["tasks"]
+    assert tasks["survey-qa"] == "survey-qa"
+    assert tasks["test"].startswith("pytest")
+    readme = (ROOT / "README.md").read_text()
+    assert "pixi run survey-qa --night 2024-03-01" in readme
+    assert "pixi run test" in readme
+
+
+def test_torch_is_pinned_in_constraints():
+    lines = (ROOT / "constraints.txt").read_text().split()
+    assert "torch==2.13.0" in lines
+    assert "torch==2.13.0" in _pyproject()["project"]["dependencies"]
+
+
+@pytest.mark.slow
+def test_wheel_holds_one_package(tmp_path):
+    subprocess.run([sys.executable, "-m", "pip", "wheel", "--no-deps", "--no-build-isolation",
+                    "-q", "-w", str(tmp_path), str(ROOT)], check=True)
+    (wheel,) = tmp_path.glob("survey_qa-*.whl")
+    names = zipfile.ZipFile(wheel).namelist()
+    for module in ("survey_qa/cli.py", "survey_qa/pipeline/io.py", "survey_qa/flows/nightly.py",
+                   "survey_qa/hpc/cluster.py", "survey_qa/models/__init__.py"):
+        assert module in names
+    tops = {n.split("/")[0] for n in names}
+    assert tops <= {"survey_qa", wheel.name.rsplit("-", 3)[0] + ".dist-info"} | {
+        n.split("/")[0] for n in names if n.endswith(".dist-info/METADATA")}
