@@ -122,6 +122,7 @@ def measure_detector(det: DetectorImage, cfg: Config):
     t = time.perf_counter()
     star = psf.select_psf_stars(src, det.data.shape, cfg.psf)
     psf_result = psf.measure_psf(det.data, bkg, src, star, cfg.psf)
+    src = psf.annotate_sources(src, star, psf_result, det.data.shape, cfg.psf)
     timings["t_psf_s"] = time.perf_counter() - t
     t = time.perf_counter()
     cut = stamps.cut_stamps(det.data, bkg, src, psf_result.psf_star, cfg.stamps)
@@ -140,11 +141,6 @@ def failed_row(path: str, exposure: str, detector: str, error: QualityError) -> 
     row.update(exposure=exposure, detector=detector, path=str(path), status="failed",
                error=error.reason, hdu=int(error.metadata.get("hdu", -1)))
     return row
-
-
-def _stamp_positions(src, psf_star: np.ndarray, n: int) -> np.ndarray:
-    chosen = src[psf_star].sort_values("flux", ascending=False).head(n)
-    return chosen[["x", "y"]].to_numpy(dtype=np.float32)
 
 
 def process_exposure(path: str, cfg: Config, night: str, store: str,
@@ -179,7 +175,8 @@ def process_exposure(path: str, cfg: Config, night: str, store: str,
         source_tables.append(src)
         key = (exposure, det.detector)
         if key in frame_index:
-            xy = _stamp_positions(src, psf_result.psf_star, len(cut))
+            order = stamps.stamp_order(src, psf_result.psf_star, len(cut))
+            xy = src[["x", "y"]].to_numpy(np.float32)[order]
             io.write_frame(store, frame_index[key], {
                 "stamps": cut, "stamp_x": xy[:, 0], "stamp_y": xy[:, 1],
                 "n_stamps": np.int32(len(cut))})

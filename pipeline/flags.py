@@ -46,6 +46,7 @@ SOURCE_FLAGS = {f.name: f for f in [
     Flag(5, "EXTENDED", "larger than the stellar locus (galaxy, blend, trail)"),
     Flag(6, "FIT_FAILED", "the PSF fit did not converge"),
     Flag(7, "PSF_STAR", "used for the PSF measurement"),
+    Flag(8, "COMPACT", "smaller than the stellar locus (cosmic ray, hot pixel)"),
 ]}
 
 # sep's object flag values (sep.OBJ_MERGED, sep.OBJ_TRUNC), fixed by its C API.

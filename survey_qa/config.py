@@ -143,15 +143,30 @@ class AutoencoderConfig:
 
     enabled: bool = F(True, "Score every detector with the autoencoder when weights exist.")
     weights: str | None = F(None, "Weights file (.safetensors); None: the packaged weights.")
-    bin_factor: int = F(4, "Bin the frame by this factor before scoring (CPU speed).",
+    bin_factor: int = F(4, "Bin the frame by this factor before scoring (CPU speed). Used "
+                           "in training; scoring uses the value stored with the weights.",
                         range=(1, 16))
-    patch_px: int = F(32, "Patch side on the binned frame (pixels).", range=(8, 512))
+    patch_px: int = F(32, "Patch side on the binned frame (pixels). Used in training; "
+                          "scoring uses the value stored with the weights.", range=(8, 512))
     threshold_quantile: float = F(
         0.995, "Mask threshold: this quantile of the reference (good-frame) patch scores, "
         "stored with the weights.", range=(0.5, 1.0))
     close_px: int = F(1, "Morphological opening/closing radius on the patch grid that "
                          "removes isolated masked patches and fills holes.", range=(0, 16))
     write_fits_masks: bool = F(False, "Also write masks as FITS under <out-root>/masks/.")
+    base_channels: int = F(32, "Training: feature channels of the network after its "
+                               "space-to-depth fold (scoring time grows with it).",
+                           range=(4, 256))
+    latent_channels: int = F(8, "Training: channels of the latent map (one cell per 8x8 "
+                                "binned pixels).", range=(1, 256))
+    reference_min_p_good: float = F(
+        0.8, "Training: a catalog row is a reference frame when its class is good, its "
+        "status ok and p_good at least this.", range=(0.0, 1.0))
+    patches_per_frame: int = F(64, "Training: random patches drawn from each reference "
+                                   "frame per epoch.", range=(1, 100_000))
+    max_reference_frames: int = F(200, "Training: at most this many reference frames "
+                                       "(detectors) are read, drawn at random.",
+                                  range=(2, 1_000_000))
 
 
 @dataclass
@@ -192,6 +207,15 @@ class SlurmConfig:
     min_jobs: int = F(0, "Adaptive scaling: fewest worker jobs.", range=(0, 10_000))
     max_jobs: int = F(4, "Adaptive scaling: most worker jobs.", range=(1, 10_000))
     log_directory: str | None = F(None, "Where SLURM writes worker job logs.")
+    job_name: str = F("survey-qa-worker", "SLURM job name of the worker jobs (#SBATCH -J).")
+    python: str | None = F(None, "Python that runs the workers on the compute nodes; None: "
+                                 "the Python running survey-qa.")
+    job_script_prologue: list = F(
+        ["export OMP_NUM_THREADS=1"], "Shell lines run before the worker starts, e.g. "
+        "'module load ...'; OMP_NUM_THREADS=1 keeps each task on its own core.")
+    death_timeout_s: float = F(120.0, "Seconds a worker waits for an unreachable scheduler "
+                                      "before it exits (and its job ends).",
+                               range=(1.0, 86_400.0))
 
 
 @dataclass
@@ -200,7 +224,9 @@ class ClusterConfig:
 
     kind: str = F("local", "'local' (a Dask LocalCluster) or 'slurm' (dask-jobqueue).",
                   choices=("local", "slurm"))
-    workers: int = F(0, "Local worker processes; 0: one per core.", range=(0, 4096))
+    workers: int = F(0, "Local worker processes (0: one per core); with kind 'slurm', a "
+                        "fixed number of worker jobs (0: adaptive between slurm.min_jobs and "
+                        "slurm.max_jobs).", range=(0, 4096))
     threads_per_worker: int = F(1, "Threads per local worker.", range=(1, 256))
     memory_limit: str = F("auto", "Memory limit per local worker.")
     dashboard_address: str | None = F(":8787", "Dask dashboard; None disables it.")
@@ -247,6 +273,9 @@ class Config:
             raise ValueError("cluster.slurm.processes must not exceed cluster.slurm.cores")
         if self.stamps.size_px % 2:
             raise ValueError("stamps.size_px must be even")
+        from survey_qa.hpc.cluster import check_cluster_config  # hpc imports this module
+
+        check_cluster_config(self.cluster)
         return self
 
     def to_dict(self) -> dict:

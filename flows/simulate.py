@@ -1,0 +1,152 @@
+"""Write simulated nights to disk: FITS frames, truth table, true stars and defect masks.
+
+Layout of a night (the nightly reader skips names starting with ``_`` or ``.``)::
+
+    <raw_root>/<night>/<exposure>.fits[.fz|.gz]     one file per exposure
+    <raw_root>/<night>/_truth/truth.parquet          one row per exposure and detector
+    <raw_root>/<night>/_truth/stars.parquet          true stars (x, y in px, flux in ADU)
+    <raw_root>/<night>/_truth/masks/<exposure>.fits  defect masks, one uint8 HDU per detector
+
+Every file is written under a hidden temporary name and renamed into place.
+"""
+from __future__ import annotations
+
+import gzip
+import io
+import os
+import uuid
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+
+from survey_qa.pipeline import simulate as sim
+
+TRUTH_DIR = "_truth"
+
+
+def _atomic_write(path: Path, data: bytes) -> None:
+    tmp = path.with_name(f".{path.name}.{uuid.uuid4().hex}.tmp")
+    tmp.write_bytes(data)
+    os.replace(tmp, path)
+
+
+def _fits_bytes(hdul, gzipped: bool) -> bytes:
+    buf = io.BytesIO()
+    hdul.writeto(buf)
+    raw = buf.getvalue()
+    return gzip.compress(raw, compresslevel=6, mtime=0) if gzipped else raw
+
+
+def write_exposure(night_dir: str, night: str, seed: int, plan: sim.FramePlan
+                   ) -> tuple[list[dict], pd.DataFrame]:
+    """Simulate one planned exposure and write its frame and truth mask.
+
+    Returns the truth rows (one per detector) and the true stars, for the night's tables.
+    """
+    folder = Path(night_dir)
+    spec, detectors = sim.simulate_exposure(plan, night, seed)
+    frame = sim.build_hdulist(spec, detectors)
+    _atomic_write(folder / plan.filename, _fits_bytes(frame, plan.file_format == "fits.gz"))
+    _atomic_write(folder / TRUTH_DIR / "masks" / f"{plan.exposure}.fits",
+                  _fits_bytes(sim.mask_hdulist(spec, detectors), False))
+    rows = sim.truth_records(spec, detectors)
+    for row in rows:
+        row.update(night=night, path=plan.filename)
+    stars = pd.concat([d.stars.assign(exposure=plan.exposure, detector=d.name)
+                       for d in detectors], ignore_index=True)
+    return rows, stars
+
+
+def write_night(raw_root: str | os.PathLike, night: str, plans: list[sim.FramePlan], *,
+                seed: int = 0, client=None) -> pd.DataFrame:
+    """Simulate and write the planned exposures of a night; return the truth table.
+
+    Parameters
+    ----------
+    raw_root, night
+        Frames go to ``<raw_root>/<night>/``, truth to its ``_truth/`` folder.
+    plans
+        What to simulate (:func:`survey_qa.pipeline.simulate.plan_night`).
+    seed
+        Night seed; each exposure's generators derive from it, the night and its index.
+    client
+        Optional ``dask.distributed.Client``: exposures are rendered in parallel, each
+        task writing its own files; else sequentially.
+    """
+    folder = Path(raw_root) / night
+    (folder / TRUTH_DIR / "masks").mkdir(parents=True, exist_ok=True)
+    args = [(str(folder), night, seed, plan) for plan in plans]
+    if client is None:
+        results = [write_exposure(*a) for a in args]
+    else:
+        futures = client.map(write_exposure, *zip(*args), pure=False)
+        results = client.gather(futures)
+    truth = pd.DataFrame([row for rows, _ in results for row in rows])
+    stars = pd.concat([s for _, s in results], ignore_index=True)
+    stars.insert(0, "night", night)
+    for table, name in ((truth, "truth.parquet"), (stars, "stars.parquet")):
+        buf = io.BytesIO()
+        table.to_parquet(buf, index=False)
+        _atomic_write(folder / TRUTH_DIR / name, buf.getvalue())
+    return truth
+
+
+def simulate_night(raw_root: str | os.PathLike, night: str, n_frames: int, *, seed: int = 0,
+                   size_px: int = 4096, mix: str = "balanced", client=None,
+                   ambiguous_fraction: float = 0.0) -> pd.DataFrame:
+    """Write a simulated night of ``n_frames`` exposures and return its truth table.
+
+    ``mix="balanced"``: the five classes in equal shares; ``"realistic"``: mostly good.
+    File formats are mixed (mostly single ``.fits``, some ``.fits.fz``, ``.fits.gz`` and
+    mosaics of ``size_px // 2`` detectors). Deterministic for a given seed and night.
+    """
+    plans = sim.plan_night(night, n_frames, seed=seed, mix=mix,
+                           ambiguous_fraction=ambiguous_fraction, size_px=size_px)
+    return write_night(raw_root, night, plans, seed=seed, client=client)
+
+
+DEMO_SEED = 20240301
+
+
+def demo_plans(night: str = "2024-03-01", size_px: int = 4096) -> list[sim.FramePlan]:
+    """The fixed composition of the demo night: 12 exposures, all five classes, every
+    file format (one mosaic of four ``size_px // 2`` detectors)."""
+    half = size_px // 2
+    layout = [  # class, format, overrides of draw_spec
+        ("good", "fits", {"confounders": ("cosmic_rays", "galaxies", "hot_pixels")}),
+        ("good", "fits.fz", {"confounders": ("crowded", "optics", "saturated_stars")}),
+        ("good", "fits", {"confounders": ("bright_galaxy", "galaxies", "satellite")}),
+        ("bad_seeing", "fits", {}),
+        ("bad_seeing", "fits.gz", {"confounders": ("bright_sky", "cosmic_rays")}),
+        ("bad_tracking", "fits", {"trail_kind": "linear"}),
+        ("bad_tracking", "fits", {"trail_kind": "periodic", "confounders": ("optics",)}),
+        ("very_bad_tracking", "fits", {"trail_kind": "linear"}),
+        ("very_bad_tracking", "fits.fz", {"trail_kind": "jump"}),
+        ("background_issues", "fits", {"background_kind": "gradient"}),
+        ("background_issues", "mosaic", {"background_kind": "cloud"}),
+        ("background_issues", "fits", {"background_kind": "scattered",
+                                       "confounders": ("nebula",)}),
+    ]
+    times = sim.night_times(night, len(layout), np.random.default_rng(DEMO_SEED))
+    stem = night.replace("-", "")
+    plans = []
+    for i, (cls, fmt, over) in enumerate(layout):
+        mosaic = fmt.startswith("mosaic")
+        plans.append(sim.FramePlan(i, f"{stem}_{i + 1:04d}", cls, False, fmt, times[i], i + 1,
+                                   half if mosaic else size_px, 4 if mosaic else None,
+                                   dict(over)))
+    return plans
+
+
+def demo_night(raw_root: str | os.PathLike, night: str = "2024-03-01", *, size_px: int = 4096,
+               client=None) -> pd.DataFrame:
+    """Write the embedded demo night (fixed seed and composition); return its truth."""
+    return write_night(raw_root, night, demo_plans(night, size_px), seed=DEMO_SEED,
+                       client=client)
+
+
+def load_truth(raw_root: str | os.PathLike, night: str) -> tuple[pd.DataFrame, pd.DataFrame]:
+    """The truth table and the true stars of a simulated night."""
+    folder = Path(raw_root) / night / TRUTH_DIR
+    return pd.read_parquet(folder / "truth.parquet"), pd.read_parquet(folder / "stars.parquet")

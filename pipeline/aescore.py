@@ -1,0 +1,411 @@
+"""Autoencoder quality maps and masks (after Jia et al. 2024): pure stages.
+
+An autoencoder trained only on good frames reconstructs what good sky looks like. A
+detector is binned, normalised so that the network sees sky structure in units of the
+noise (not absolute levels), cut into patches and reconstructed; each patch's
+reconstruction error is its score. Patches scoring above a threshold taken from the
+scores of good reference frames (a quantile, stored with the weights: no hand tuning)
+form the mask of regions hurt by clouds, gradients or scattered light, cleaned by
+morphology so that isolated bright stars do not punch holes in it.
+
+Geometry: patch ``(i, j)`` of the score map covers full-resolution rows
+``[i * B, (i + 1) * B)`` and columns ``[j * B, (j + 1) * B)`` with
+``B = bin_factor * patch_px``; the last row and column of patches may reach past the
+detector edge (the frame is padded by reflection).
+"""
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, field
+
+import numpy as np
+import torch
+from scipy import ndimage
+
+from survey_qa.config import AutoencoderConfig
+from survey_qa.pipeline.errors import QualityError
+
+ASINH_SOFT_SIGMA = 3.0
+"""Default softening of the asinh compression, in noise units: linear below, log above."""
+
+RESIDUAL_CLIP = 3.0
+"""Default per-pixel cap on the absolute residual (compressed units) in a patch score,
+so that a few badly reconstructed star pixels cannot dominate a patch."""
+
+MIN_GOOD_FRACTION = 0.05
+"""Fewer unmasked binned pixels than this share and the detector cannot be scored."""
+
+
+@dataclass
+class Scorer:
+    """A trained autoencoder with everything needed to score a detector.
+
+    Attributes
+    ----------
+    model
+        The network (``torch.nn.Module``) in eval mode; input and output (N, 1, p, p).
+    threshold
+        Mask threshold on patch scores: the ``quantile`` of the reference patch scores.
+    quantile
+        The reference quantile that gave ``threshold``.
+    bin_factor
+        Binning of the detector before scoring (pixels per binned pixel, per axis).
+    patch_px
+        Patch side on the binned frame.
+    asinh_soft_sigma, residual_clip
+        Normalisation and score constants used in training; scoring must use the same.
+    score_ref
+        Median reference patch score; ``ae_score`` is the mean patch score in these units.
+    ref_quantiles, ref_scores
+        Quantile table of the reference patch scores, so that another quantile can be
+        asked for at scoring time without retraining.
+    version
+        Model version string for the ``model_version`` column.
+    """
+
+    model: torch.nn.Module
+    threshold: float
+    quantile: float
+    bin_factor: int
+    patch_px: int
+    asinh_soft_sigma: float = ASINH_SOFT_SIGMA
+    residual_clip: float = RESIDUAL_CLIP
+    score_ref: float = 1.0
+    ref_quantiles: np.ndarray = field(default_factory=lambda: np.empty(0), repr=False)
+    ref_scores: np.ndarray = field(default_factory=lambda: np.empty(0), repr=False)
+    version: str = ""
+
+    def threshold_at(self, quantile: float) -> float:
+        """Threshold for another reference quantile (the stored one when it is the same).
+
+        Raises ``ValueError`` when the quantile lies outside the stored table.
+        """
+        if math.isclose(quantile, self.quantile):
+            return self.threshold
+        q = self.ref_quantiles
+        if len(q) == 0:
+            raise ValueError(f"these weights only know the {self.quantile} quantile")
+        if not q[0] <= quantile <= q[-1]:
+            raise ValueError(f"quantile {quantile} outside the stored table "
+                             f"[{q[0]}, {q[-1]}]")
+        return float(np.interp(quantile, q, self.ref_scores))
+
+
+@dataclass
+class AEResult:
+    """Autoencoder outcome for one detector.
+
+    Attributes
+    ----------
+    score_map
+        Per-patch reconstruction error, shape (ceil(ny / B), ceil(nx / B)), float32.
+    mask
+        Cleaned patch mask (True: the region is damaged), same shape.
+    ae_score
+        Mean patch score over the detector in units of the median good-frame patch
+        score: about 1 for good sky, larger for worse.
+    mask_fraction
+        Share of the detector's pixels under the mask.
+    threshold
+        The patch-score threshold that made the mask.
+    block_px
+        Full-resolution side of one patch, ``bin_factor * patch_px``.
+    """
+
+    score_map: np.ndarray
+    mask: np.ndarray
+    ae_score: float
+    mask_fraction: float
+    threshold: float
+    block_px: int
+
+
+# ---------------------------------------------------------------------------- preparation
+
+
+def bin_frame(data: np.ndarray, mask: np.ndarray | None, factor: int
+              ) -> tuple[np.ndarray, np.ndarray]:
+    """Average ``factor`` x ``factor`` blocks of unmasked pixels.
+
+    The frame is padded (with masked pixels) to a multiple of ``factor``, so the binned
+    shape is ``ceil(ny / factor), ceil(nx / factor)``.
+
+    Parameters
+    ----------
+    data
+        2-D image (ADU).
+    mask
+        True where a pixel must not be used; None: every pixel is good.
+    factor
+        Block side (pixels).
+
+    Returns
+    -------
+    binned, binned_mask
+        Block means (float32, ADU; 0 where every pixel of a block is masked) and a mask
+        that is True for such blocks.
+    """
+    if factor < 1:
+        raise ValueError("factor must be at least 1")
+    data = np.asarray(data, dtype=np.float32)
+    if data.ndim != 2:
+        raise ValueError(f"expected a 2-D frame, got shape {data.shape}")
+    good = np.isfinite(data)
+    if mask is not None:
+        good &= ~np.asarray(mask, dtype=bool)
+    ny, nx = data.shape
+    py, px = -ny % factor, -nx % factor
+    values = np.where(good, data, np.float32(0))
+    if py or px:
+        values = np.pad(values, ((0, py), (0, px)))
+        good = np.pad(good, ((0, py), (0, px)))
+    shape = (values.shape[0] // factor, factor, values.shape[1] // factor, factor)
+    total = values.reshape(shape).sum(axis=(1, 3), dtype=np.float64)
+    count = good.reshape(shape).sum(axis=(1, 3))
+    binned = np.divide(total, count, out=np.zeros_like(total), where=count > 0)
+    return binned.astype(np.float32), count == 0
+
+
+def robust_noise(image: np.ndarray, mask: np.ndarray | None = None) -> float:
+    """Pixel-to-pixel noise (same units as ``image``) that smooth structure cannot inflate.
+
+    From the median absolute difference of horizontally adjacent unmasked pixels:
+    ``sigma = 1.4826 * MAD(diff) / sqrt(2)``. Gradients and clouds barely change it; stars
+    are few enough for the median to ignore.
+    """
+    d = np.diff(image, axis=1)
+    if mask is not None:
+        ok = ~(mask[:, 1:] | mask[:, :-1])
+        d = d[ok]
+    d = d[np.isfinite(d)]
+    if d.size == 0:
+        return math.nan
+    mad = np.median(np.abs(d - np.median(d)))
+    return float(1.4826 * mad / math.sqrt(2.0))
+
+
+def normalize_frame(binned: np.ndarray, mask: np.ndarray, asinh_soft_sigma: float
+                    ) -> tuple[np.ndarray, float, float]:
+    """Subtract the median sky, divide by the noise, compress with asinh.
+
+    ``out = s * asinh((x - sky) / (noise * s))`` with ``s = asinh_soft_sigma``: linear
+    (in noise units) for sky and faint structure, logarithmic for stars, so the network
+    sees the structure of the sky and not its absolute level. Masked pixels read as sky
+    (0).
+
+    Returns
+    -------
+    image, sky_adu, noise_adu
+        The normalised frame (float32) and the two constants used.
+
+    Raises
+    ------
+    QualityError
+        When too few pixels are unmasked or the noise is zero or undefined.
+    """
+    good = ~mask
+    if good.mean() < MIN_GOOD_FRACTION:
+        raise QualityError("autoencoder: too few unmasked pixels to score",
+                           good_fraction=float(good.mean()))
+    sky = float(np.median(binned[good]))
+    noise = robust_noise(binned, mask)
+    if not (math.isfinite(noise) and noise > 0):
+        raise QualityError("autoencoder: sky noise is zero or undefined", noise=noise)
+    s = float(asinh_soft_sigma)
+    x = (binned - np.float32(sky)) / np.float32(noise * s)
+    out = np.float32(s) * np.arcsinh(x, dtype=np.float32)
+    out[mask] = 0.0
+    return out.astype(np.float32, copy=False), sky, noise
+
+
+def patchify(image: np.ndarray, patch_px: int) -> tuple[np.ndarray, tuple[int, int]]:
+    """Cut a 2-D frame into non-overlapping patches on a regular grid.
+
+    The frame is padded by reflection to a multiple of ``patch_px``.
+
+    Returns
+    -------
+    patches, grid
+        Array (N, 1, patch_px, patch_px) in row-major grid order, and the grid shape
+        ``(ceil(ny / patch_px), ceil(nx / patch_px))``.
+    """
+    ny, nx = image.shape
+    py, px = -ny % patch_px, -nx % patch_px
+    if py or px:
+        image = np.pad(image, ((0, py), (0, px)), mode="reflect" if min(ny, nx) > 1
+                       else "edge")
+    gy, gx = image.shape[0] // patch_px, image.shape[1] // patch_px
+    patches = (image.reshape(gy, patch_px, gx, patch_px).transpose(0, 2, 1, 3)
+               .reshape(gy * gx, 1, patch_px, patch_px))
+    return np.ascontiguousarray(patches, dtype=np.float32), (gy, gx)
+
+
+# ---------------------------------------------------------------------------- scoring
+
+
+def patch_errors(x: torch.Tensor, recon: torch.Tensor, residual_clip: float
+                 ) -> torch.Tensor:
+    """Per-patch reconstruction error: the mean of ``min(|x - recon|, residual_clip)``.
+
+    Parameters
+    ----------
+    x, recon
+        Tensors (N, 1, p, p).
+    residual_clip
+        Cap on each pixel's absolute residual (same units as ``x``).
+
+    Returns
+    -------
+    torch.Tensor
+        Shape (N,).
+    """
+    return (x - recon).abs().clamp_max(residual_clip).mean(dim=(1, 2, 3))
+
+
+def score_patches(model: torch.nn.Module, patches: np.ndarray, *,
+                  residual_clip: float = RESIDUAL_CLIP, batch_size: int = 1024
+                  ) -> np.ndarray:
+    """Reconstruction error of every patch (N, 1, p, p) -> (N,) float32."""
+    out = np.empty(len(patches), dtype=np.float32)
+    was_training = model.training
+    model.eval()
+    try:
+        with torch.inference_mode():
+            for start in range(0, len(patches), batch_size):
+                x = torch.from_numpy(patches[start:start + batch_size])
+                out[start:start + len(x)] = patch_errors(x, model(x), residual_clip).numpy()
+    finally:
+        model.train(was_training)
+    return out
+
+
+def score_map(model: torch.nn.Module, binned: np.ndarray, patch_px: int, *,
+              residual_clip: float = RESIDUAL_CLIP, batch_size: int = 1024) -> np.ndarray:
+    """Per-patch reconstruction error of a normalised binned frame.
+
+    Parameters
+    ----------
+    model
+        The autoencoder.
+    binned
+        Normalised binned frame (:func:`normalize_frame`).
+    patch_px
+        Patch side (binned pixels).
+
+    Returns
+    -------
+    numpy.ndarray
+        float32 map of shape ``(ceil(ny / patch_px), ceil(nx / patch_px))``.
+    """
+    patches, grid = patchify(binned, patch_px)
+    return score_patches(model, patches, residual_clip=residual_clip,
+                         batch_size=batch_size).reshape(grid)
+
+
+def _structure(radius: int) -> np.ndarray:
+    return ndimage.iterate_structure(ndimage.generate_binary_structure(2, 1), radius)
+
+
+def make_mask(score_map: np.ndarray, threshold: float, close_px: int) -> np.ndarray:
+    """Threshold a score map and clean it by binary opening then closing.
+
+    Opening removes masked regions narrower than ``2 * close_px + 1`` patches (an
+    isolated bright star or galaxy); closing then fills holes of that size inside a
+    masked region. The map is padded by edge replication first, so that regions touching
+    the detector edge are neither eroded nor grown there.
+
+    Parameters
+    ----------
+    score_map
+        Per-patch scores (NaN: not scored, never masked).
+    threshold
+        Patches scoring above it are candidates.
+    close_px
+        Radius (patches) of the diamond-shaped structuring element; 0: no cleaning.
+
+    Returns
+    -------
+    numpy.ndarray
+        bool, same shape as ``score_map``.
+    """
+    raw = np.nan_to_num(np.asarray(score_map, dtype=np.float64), nan=-np.inf) > threshold
+    if close_px <= 0 or not raw.any():
+        return raw
+    r = int(close_px)
+    s = _structure(r)
+    padded = np.pad(raw, r, mode="edge")
+    padded = ndimage.binary_opening(padded, structure=s)
+    padded = ndimage.binary_closing(np.pad(padded[r:-r, r:-r], 2 * r, mode="edge"),
+                                    structure=s)
+    return padded[2 * r:-2 * r, 2 * r:-2 * r].copy()
+
+
+def upsample_mask(patch_mask: np.ndarray, block_px: int, shape: tuple[int, int]
+                  ) -> np.ndarray:
+    """A patch mask at full resolution (for FITS masks and IoU).
+
+    Parameters
+    ----------
+    patch_mask
+        bool (gy, gx) patch mask.
+    block_px
+        Full-resolution side of one patch, ``bin_factor * patch_px``.
+    shape
+        Detector shape (ny, nx); it must lie within the grid's coverage.
+    """
+    ny, nx = shape
+    gy, gx = patch_mask.shape
+    if gy * block_px < ny or gx * block_px < nx:
+        raise ValueError(f"a {gy}x{gx} grid of {block_px}-pixel patches does not cover "
+                         f"a {ny}x{nx} detector")
+    rows = np.arange(ny) // block_px
+    cols = np.arange(nx) // block_px
+    return np.asarray(patch_mask, dtype=bool)[np.ix_(rows, cols)]
+
+
+def masked_fraction(patch_mask: np.ndarray, block_px: int, shape: tuple[int, int]
+                    ) -> float:
+    """Share of a detector's pixels under a patch mask (partial edge patches weighted)."""
+    ny, nx = shape
+    gy, gx = patch_mask.shape
+    h = np.minimum(block_px, ny - np.arange(gy) * block_px).clip(0)
+    w = np.minimum(block_px, nx - np.arange(gx) * block_px).clip(0)
+    area = np.outer(h, w)
+    return float((area * patch_mask).sum() / (ny * nx))
+
+
+def score_detector(data: np.ndarray, mask: np.ndarray | None, scorer: Scorer,
+                   cfg: AutoencoderConfig) -> AEResult:
+    """Score one detector: bin, normalise, reconstruct, threshold and clean.
+
+    The binning, patch size and normalisation constants are the ones the weights were
+    trained with (``scorer``); ``cfg`` gives the mask quantile and the cleaning radius.
+
+    Parameters
+    ----------
+    data
+        Full-resolution detector pixels (ADU).
+    mask
+        True for pixels not to use (saturated, non-finite, bad), or None.
+    scorer
+        Model and calibration (:func:`survey_qa.models.weights.load_scorer`).
+    cfg
+        The autoencoder configuration block.
+
+    Raises
+    ------
+    QualityError
+        When the detector cannot be normalised (almost all masked, zero noise).
+    """
+    threshold = scorer.threshold_at(cfg.threshold_quantile)
+    binned, bmask = bin_frame(data, mask, scorer.bin_factor)
+    image, _, _ = normalize_frame(binned, bmask, scorer.asinh_soft_sigma)
+    smap = score_map(scorer.model, image, scorer.patch_px,
+                     residual_clip=scorer.residual_clip)
+    patch_mask = make_mask(smap, threshold, cfg.close_px)
+    block = scorer.bin_factor * scorer.patch_px
+    shape = np.shape(data)
+    return AEResult(score_map=smap, mask=patch_mask,
+                    ae_score=float(np.mean(smap) / scorer.score_ref),
+                    mask_fraction=masked_fraction(patch_mask, block, shape),
+                    threshold=threshold, block_px=block)

@@ -1,0 +1,102 @@
+"""The exposure row of one detector, filled stage by stage.
+
+:func:`summarize` starts from :func:`~survey_qa.pipeline.schema.empty_exposure_row` and
+applies one small ``update_*`` helper per stage, so that every column is always there and
+a quantity that cannot be measured stays NaN with a flag in ``qa_flags``. The class
+columns are left to :mod:`.classify`.
+"""
+from __future__ import annotations
+
+import math
+
+import numpy as np
+import pandas as pd
+
+from survey_qa.pipeline.flags import bits
+from survey_qa.pipeline.records import BackgroundResult, DetectorImage, FrameMeta, PSFResult
+from survey_qa.pipeline.schema import empty_exposure_row
+
+
+def update_identity(row: dict, det: DetectorImage) -> dict:
+    """Exposure, detector, file, HDU and image size."""
+    ny, nx = det.data.shape
+    row.update(exposure=det.exposure, detector=det.detector, path=str(det.path),
+               hdu=int(det.hdu), n_detectors=int(det.n_detectors), nx=int(nx), ny=int(ny),
+               status="ok", error="")
+    return row
+
+
+def update_meta(row: dict, meta: FrameMeta) -> dict:
+    """Header facts (after configuration fallbacks)."""
+    row.update(date_obs=meta.date_obs, mjd_obs=float(meta.mjd_obs),
+               exptime_s=float(meta.exptime_s), filter=meta.filter,
+               airmass=float(meta.airmass), object=meta.object, expnum=str(meta.expnum),
+               gain_e_per_adu=float(meta.gain_e_per_adu),
+               read_noise_e=float(meta.read_noise_e), saturate_adu=float(meta.saturate_adu),
+               pixscale_arcsec=float(meta.pixscale_arcsec),
+               pixscale_source=meta.pixscale_source)
+    if meta.pixscale_source == "none" or not math.isfinite(meta.pixscale_arcsec):
+        row["qa_flags"] |= bits("NO_PIXSCALE")
+    return row
+
+
+def update_background(row: dict, background: BackgroundResult) -> dict:
+    """Sky level and noise (ADU) and non-uniformity ((P99 - P1) / median)."""
+    row.update(sky_level=float(background.level), sky_noise=float(background.noise),
+               sky_nonuniformity=float(background.nonuniformity))
+    return row
+
+
+def update_psf(row: dict, psf: PSFResult, pixscale_arcsec: float) -> dict:
+    """PSF size and shape; ``fwhm_arcsec`` is NaN (with ``NO_PIXSCALE``) without a scale."""
+    scale_known = math.isfinite(pixscale_arcsec) and pixscale_arcsec > 0
+    row.update(
+        fwhm_px=float(psf.fwhm_px),
+        fwhm_arcsec=float(psf.fwhm_px * pixscale_arcsec) if scale_known else math.nan,
+        moffat_beta=float(psf.moffat_beta), ellipticity=float(psf.ellipticity),
+        ellipticity_pa_deg=float(psf.pa_deg), elongation_coherence=float(psf.coherence),
+        trail_ratio=float(psf.trail_ratio), n_stars_used=int(psf.n_used),
+        fwhm_grid_px=[float(v) for v in psf.fwhm_grid_px],
+        ellipticity_grid=[float(v) for v in psf.ellipticity_grid])
+    row["qa_flags"] |= int(psf.qa_flags)
+    if not scale_known:
+        row["qa_flags"] |= bits("NO_PIXSCALE")
+    return row
+
+
+def update_sources(row: dict, sources: pd.DataFrame, det: DetectorImage) -> dict:
+    """Detection count and the share of saturated pixels (NaN when saturation is unknown)."""
+    row["n_sources"] = int(len(sources))
+    if len(sources) == 0:
+        row["qa_flags"] |= bits("NO_SOURCES")
+    level = det.meta.saturate_adu
+    if math.isfinite(level):
+        row["saturated_fraction"] = float(np.count_nonzero(det.data >= level) / det.data.size)
+    return row
+
+
+def summarize(det: DetectorImage, background: BackgroundResult, sources: pd.DataFrame,
+              psf: PSFResult) -> dict:
+    """The exposure row of one detector (every schema column; class columns untouched).
+
+    Parameters
+    ----------
+    det
+        The detector as read (identity, header facts, reader flags).
+    background, sources, psf
+        The results of the measurement stages.
+
+    Returns
+    -------
+    dict
+        A row of :data:`~survey_qa.pipeline.schema.EXPOSURE_SCHEMA` with ``status="ok"``;
+        ``qa_flags`` is the OR of the reader's and the stages' flags.
+    """
+    row = empty_exposure_row()
+    row["qa_flags"] = int(det.qa_flags)
+    update_identity(row, det)
+    update_meta(row, det.meta)
+    update_background(row, background)
+    update_sources(row, sources, det)
+    update_psf(row, psf, det.meta.pixscale_arcsec)
+    return row

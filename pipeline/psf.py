@@ -1,0 +1,518 @@
+"""PSF stars, their fitted size and shape, and the detector's PSF summary.
+
+Star selection
+--------------
+A PSF star is unflagged by sep (not blended, not truncated), unsaturated, at least
+``edge_px`` from the edges, at S/N >= ``min_snr``, has no neighbour brighter than
+``NEIGHBOUR_FLUX_FRACTION`` of its flux within ``isolation_fwhm`` FWHM, and lies on the
+stellar locus: point sources share one half-light radius whatever their flux, galaxies
+and blends are larger (``EXTENDED``), cosmic rays and hot pixels smaller (``COMPACT``).
+The locus is the densest 10% wide interval of ln(half-light radius) among the bright,
+clean candidates.
+
+The fits (models in :mod:`.psf_models`)
+---------------------------------------
+1. Every star (up to ``max_stars``, best S/N first) is fitted on a small stamp by a
+   pixel-integrated elliptical Moffat with free centre, flux, local background, shape
+   and ``beta``. All stars go through one ``scipy.optimize.least_squares`` call with an
+   analytic, block-diagonal sparse Jacobian: 400 stars take well under a second. The
+   fitted sizes are intrinsic (pre-pixel) FWHM. Per star: FWHM along the major and minor
+   axes, ``e = 1 - b/a`` and the major-axis angle ``theta`` ([0, 180) from +x toward +y).
+2. When the stars are coherently elongated (trail ratio of step 1 at least
+   ``TRAILED_MODEL_MIN_RATIO``, coherence at least ``TRAILED_MODEL_MIN_COHERENCE``), the
+   best ``TRAILED_MODEL_STARS`` stars are fitted again with a round Moffat convolved
+   with one image-motion kernel shared by all of them (a segment with extra weight at
+   its ends: linear drift, periodic error, or a jump that doubles the stars). An
+   elongated Moffat fits a trail badly (a flat-topped, long star), so this second model
+   gives both the seeing before image motion and the extent of the motion directly.
+
+Summary quantities
+------------------
+- ``fwhm_px``, the seeing FWHM before image motion:
+
+  * without a trail model: the median over stars of the geometric-mean FWHM
+    ``sqrt(FWHM_major FWHM_minor)`` divided by ``(1 + (r FWHM-to-sigma)^2 / 12)^(1/4)``,
+    the widening that the coherent trail ``r`` (below) gives the geometric mean.
+    Field-dependent optics shear stars without changing their area, so the geometric
+    mean keeps the seeing there, where the minor axis would shrink with the shear; a
+    linear trail widens only the major axis, which the factor removes. For round stars
+    this is the plain FWHM.
+  * with the trail model: the median FWHM of the fitted round Moffats.
+
+- ``trail_ratio`` ``r = T / FWHM``:
+
+  * without the trail model, from second moments: a line of length ``T`` convolved with
+    a PSF of variance ``s2`` has variance ``s2 + T^2 / 12`` along the line and ``s2``
+    across. With Gaussian-equivalent sizes ``sigma = FWHM / (2 sqrt(2 ln 2))`` and axis
+    ratio ``q = b/a``, ``T^2 = 12 sigma_minor^2 (1/q^2 - 1)``, so
+
+        r = sqrt(12) / (2 sqrt(2 ln 2)) * sqrt(1/q^2 - 1).
+
+    ``q = 1 - e_c`` comes from the coherent ellipticity ``e_c = |mean_i e_i exp(2i
+    theta_i)|``: a tracking trail is the same for every star, while per-star noise and
+    field-dependent optics average away instead of adding up.
+  * with the trail model: the fitted extent of the motion over the fitted FWHM.
+
+- ``ellipticity``: median of ``e``; ``moffat_beta``: median of ``beta`` (step 1).
+- ``coherence = |sum e_i exp(2i theta_i)| / sum e_i``: 1 when every star is stretched
+  the same way (tracking), near 0 for field-dependent optics or noise.
+- ``pa_deg``: half the argument of ``sum e_i exp(2i theta_i)``.
+- Per region: median FWHM and median ellipticity of the stars in each of ``grid x grid``
+  regions (row-major from pixel (0, 0)); NaN where a region has none.
+"""
+from __future__ import annotations
+
+import math
+
+import numpy as np
+import pandas as pd
+from scipy.spatial import cKDTree
+
+from survey_qa.config import PSFConfig
+from survey_qa.pipeline import psf_models as pm
+from survey_qa.pipeline.flags import SOURCE_FLAGS, bits
+from survey_qa.pipeline.records import BackgroundResult, PSFResult
+
+FWHM_PER_HALF_LIGHT_RADIUS = 2.0 / 1.13
+"""First-guess FWHM from the half-light radius (between a Gaussian's 2 and a beta=3
+Moffat's 1.59)."""
+
+NEIGHBOUR_FLUX_FRACTION = 0.01
+"""Neighbours fainter than this fraction of a star's flux do not spoil its isolation."""
+
+LOCUS_WINDOW = 0.10
+"""Width in ln(half-light radius) of the window that finds the stellar locus."""
+
+LOCUS_TOL = (0.05, 0.20)
+"""Bounds on the accepted distance from the locus, in ln(half-light radius)."""
+
+MAX_STAMP_HALF_PX = 48
+MIN_STAMP_HALF_PX = 4
+BETA_START = 3.0
+BETA_RANGE = (1.05, 1e4)
+TRAIL_FACTOR = math.sqrt(12.0) * pm.SIGMA_PER_FWHM
+
+TRAILED_MODEL_MIN_RATIO = 0.5
+TRAILED_MODEL_MIN_COHERENCE = 0.5
+TRAILED_MODEL_STARS = 100
+"""When and on how many stars the shared-motion model is fitted."""
+
+REJECT_FLAGS = bits("BLENDED", "TRUNCATED", "SATURATED", "NEAR_EDGE", "NOT_ISOLATED",
+                    "EXTENDED", "COMPACT", registry=SOURCE_FLAGS)
+"""Source flags that keep a detection out of the PSF."""
+
+
+# ---------------------------------------------------------------------------- selection
+
+
+def stellar_locus(half_light_px: np.ndarray) -> tuple[float, float]:
+    """Centre and half-width of the stellar locus in ln(half-light radius).
+
+    Parameters
+    ----------
+    half_light_px
+        Half-light radii (pixels) of bright, clean candidates.
+
+    Returns
+    -------
+    centre, tol
+        Point sources lie within ``tol`` of ``centre`` (both in ln pixels). NaN centre
+        when there are no candidates.
+    """
+    lr = np.sort(np.log(half_light_px[np.isfinite(half_light_px) & (half_light_px > 0)]))
+    if lr.size == 0:
+        return math.nan, math.nan
+    counts = np.searchsorted(lr, lr + LOCUS_WINDOW, side="right") - np.arange(lr.size)
+    start = int(np.argmax(counts))
+    centre = float(np.median(lr[start:start + counts[start]]))
+    near = lr[np.abs(lr - centre) < 3 * LOCUS_TOL[1]]
+    scatter = 1.4826 * float(np.median(np.abs(near - centre)))
+    return centre, float(np.clip(3 * scatter, *LOCUS_TOL))
+
+
+def _isolated(x: np.ndarray, y: np.ndarray, flux: np.ndarray, radius_px: float) -> np.ndarray:
+    """True where no neighbour brighter than a fraction of the source's flux is near."""
+    ok = np.ones(x.size, bool)
+    if x.size < 2 or not radius_px > 0:
+        return ok
+    pairs = cKDTree(np.column_stack([x, y])).query_pairs(radius_px, output_type="ndarray")
+    if pairs.size:
+        i, j = pairs[:, 0], pairs[:, 1]
+        f = np.nan_to_num(np.abs(flux), nan=np.inf)
+        ok[i[f[j] >= NEIGHBOUR_FLUX_FRACTION * f[i]]] = False
+        ok[j[f[i] >= NEIGHBOUR_FLUX_FRACTION * f[j]]] = False
+    return ok
+
+
+def selection_flags(sources: pd.DataFrame, shape: tuple[int, int],
+                    cfg: PSFConfig) -> tuple[np.ndarray, float]:
+    """Source flags of the PSF-star cuts, and the first-guess FWHM.
+
+    Parameters
+    ----------
+    sources
+        Source table from :func:`~survey_qa.pipeline.sources.extract_sources`.
+    shape
+        Detector shape (ny, nx).
+    cfg
+        PSF settings.
+
+    Returns
+    -------
+    flags, fwhm_guess_px
+        ``sources.flags`` with ``NEAR_EDGE``, ``NOT_ISOLATED``, ``EXTENDED`` and
+        ``COMPACT`` added; the first-guess FWHM (pixels) from the stellar locus (NaN when
+        there is no candidate).
+    """
+    flags = sources["flags"].to_numpy(np.int64).copy()
+    if len(sources) == 0:
+        return flags, math.nan
+    x, y = sources["x"].to_numpy(float), sources["y"].to_numpy(float)
+    rh = sources["flux_radius_px"].to_numpy(float)
+    snr = sources["snr"].to_numpy(float)
+    ny, nx = shape
+    e = cfg.edge_px
+    near_edge = ~((x >= e) & (x <= nx - 1 - e) & (y >= e) & (y <= ny - 1 - e))
+    flags |= np.where(near_edge, SOURCE_FLAGS["NEAR_EDGE"].value, 0)
+
+    clean = (flags & REJECT_FLAGS) == 0
+    candidates = clean & (snr >= cfg.min_snr) & np.isfinite(rh) & (rh > 0)
+    centre, tol = stellar_locus(rh[candidates])
+    if not math.isfinite(centre):
+        return flags, math.nan
+    lr = np.log(np.where(rh > 0, rh, np.nan))
+    flags |= np.where(lr > centre + tol, SOURCE_FLAGS["EXTENDED"].value, 0)
+    flags |= np.where(lr < centre - tol, SOURCE_FLAGS["COMPACT"].value, 0)
+    fwhm_guess = FWHM_PER_HALF_LIGHT_RADIUS * math.exp(centre)
+    iso = _isolated(x, y, sources["flux"].to_numpy(float), cfg.isolation_fwhm * fwhm_guess)
+    flags |= np.where(iso, 0, SOURCE_FLAGS["NOT_ISOLATED"].value)
+    return flags, fwhm_guess
+
+
+def select_psf_stars(sources: pd.DataFrame, shape: tuple[int, int],
+                     cfg: PSFConfig) -> np.ndarray:
+    """Which sources are usable PSF stars.
+
+    Parameters
+    ----------
+    sources
+        Source table from :func:`~survey_qa.pipeline.sources.extract_sources`.
+    shape
+        Detector shape (ny, nx).
+    cfg
+        PSF settings.
+
+    Returns
+    -------
+    numpy.ndarray
+        Boolean, aligned with ``sources``: isolated, unsaturated, unflagged, away from the
+        edges, S/N >= ``cfg.min_snr``, on the stellar locus.
+    """
+    flags, _ = selection_flags(sources, shape, cfg)
+    if len(sources) == 0:
+        return np.zeros(0, bool)
+    snr = sources["snr"].to_numpy(float)
+    return ((flags & REJECT_FLAGS) == 0) & (snr >= cfg.min_snr)
+
+
+def fit_order(sources: pd.DataFrame, psf_star: np.ndarray, max_stars: int) -> np.ndarray:
+    """Indices of the stars that are fitted: the ``max_stars`` of best S/N."""
+    idx = np.flatnonzero(np.asarray(psf_star, bool))
+    snr = sources["snr"].to_numpy(float)[idx]
+    return idx[np.argsort(-snr, kind="stable")][:max_stars]
+
+
+# ---------------------------------------------------------------------------- the fits
+
+
+def _sub_sampling(fwhm_px: float) -> int:
+    """Sub-pixel points per axis that integrate the model over a pixel."""
+    for limit, n in ((2.5, 5), (4.0, 3), (8.0, 2)):
+        if fwhm_px < limit:
+            return n
+    return 1
+
+
+def _gather(image: np.ndarray, ix: np.ndarray, iy: np.ndarray, half: int,
+            fill: float = 0.0) -> tuple[np.ndarray, np.ndarray]:
+    """(N, (2 half + 1)^2) pixels around integer centres, and which lie inside the image."""
+    off = np.arange(-half, half + 1)
+    yy = iy[:, None, None] + off[None, :, None]
+    xx = ix[:, None, None] + off[None, None, :]
+    inside = (yy >= 0) & (yy < image.shape[0]) & (xx >= 0) & (xx < image.shape[1])
+    vals = image[np.clip(yy, 0, image.shape[0] - 1), np.clip(xx, 0, image.shape[1] - 1)]
+    vals = np.where(inside, vals, fill)
+    n = len(ix)
+    return vals.reshape(n, -1), inside.reshape(n, -1)
+
+
+def _first_guess(rh, a, b, theta_deg, fwhm_guess, dx, dy) -> np.ndarray:
+    """(N, 8) starting parameters from sep's moments and the half-light radius."""
+    n = len(dx)
+    fwhm0 = np.where(np.isfinite(rh) & (rh > 0), FWHM_PER_HALF_LIGHT_RADIUS * rh, fwhm_guess)
+    q = np.clip(np.where((a > 0) & (b > 0), b / a, 1.0), 0.2, 1.0)
+    p0 = np.zeros((n, pm.N_PARAMS))
+    p0[:, 0], p0[:, 1] = dx, dy
+    p0[:, 2] = 1.0
+    p0[:, 4:7] = pm.shape_params(fwhm0 / np.sqrt(q), fwhm0 * np.sqrt(q), theta_deg, BETA_START)
+    p0[:, 7] = math.log(BETA_START - 1.0)
+    return p0
+
+
+def _good_fits(shape: dict, p: np.ndarray, half: int, fwhm_guess: float) -> np.ndarray:
+    """Fits that converged to a sensible star (centre, flux, beta and size in range)."""
+    finite = np.all(np.isfinite(p), axis=1) & np.isfinite(shape["fwhm_minor_px"])
+    with np.errstate(invalid="ignore"):
+        return (finite
+                & (np.hypot(p[:, 0], p[:, 1]) < 2.0)
+                & (p[:, 2] > 0.2) & (p[:, 2] < 5.0)
+                & (shape["beta"] > BETA_RANGE[0]) & (shape["beta"] < BETA_RANGE[1])
+                & (shape["fwhm_minor_px"] > max(0.3, 0.1 * fwhm_guess))
+                & (shape["fwhm_major_px"] < 2.0 * half))
+
+
+def _clipped(values: np.ndarray, nsigma: float = 3.0) -> np.ndarray:
+    """True for values within nsigma robust deviations of the median."""
+    med = np.median(values)
+    mad = 1.4826 * np.median(np.abs(values - med))
+    return np.abs(values - med) <= nsigma * max(mad, 1e-3 * abs(med))
+
+
+def _grid_medians(x, y, values, shape, grid) -> list[float]:
+    ny, nx = shape
+    ix = np.clip((x * grid / nx).astype(int), 0, grid - 1)
+    iy = np.clip((y * grid / ny).astype(int), 0, grid - 1)
+    region = iy * grid + ix
+    out = []
+    for r in range(grid * grid):
+        v = values[region == r]
+        out.append(float(np.median(v)) if v.size else math.nan)
+    return out
+
+
+def trail_ratio(coherent_ellipticity: float) -> float:
+    """Trail length over seeing FWHM from the coherent ellipticity ``1 - b/a``.
+
+    ``r = sqrt(12) / (2 sqrt(2 ln 2)) * sqrt(1 / (1 - e)^2 - 1)``; see the module notes.
+    """
+    q = 1.0 - coherent_ellipticity
+    if not (0.0 < q <= 1.0):
+        return math.nan
+    return TRAIL_FACTOR * math.sqrt(1.0 / q ** 2 - 1.0)
+
+
+def trail_widening(ratio: float) -> float:
+    """Factor by which a linear trail of ratio ``r`` widens the geometric-mean FWHM."""
+    if not math.isfinite(ratio):
+        return 1.0
+    # sigma_major^2 / sigma^2 = 1 + T^2 / (12 sigma^2) = 1 + (r / TRAIL_FACTOR)^2
+    return (1.0 + (ratio / TRAIL_FACTOR) ** 2) ** 0.25
+
+
+def _nan_result(n_sources: int, grid: int, flags: int, n_used: int = 0) -> PSFResult:
+    nan_grid = [math.nan] * (grid * grid)
+    return PSFResult(fwhm_px=math.nan, moffat_beta=math.nan, ellipticity=math.nan,
+                     pa_deg=math.nan, coherence=math.nan, trail_ratio=math.nan, n_used=n_used,
+                     fwhm_grid_px=list(nan_grid), ellipticity_grid=list(nan_grid),
+                     star_fwhm_px=np.full(n_sources, np.nan),
+                     star_ellipticity=np.full(n_sources, np.nan),
+                     psf_star=np.zeros(n_sources, bool), qa_flags=flags)
+
+
+class _Stamps:
+    """Background-subtracted stamps of the fitted stars, scaled by their flux guess."""
+
+    def __init__(self, data, background, mask, x, y, flux, half):
+        self.half = half
+        self.ix, self.iy = np.rint(x).astype(int), np.rint(y).astype(int)
+        raw, inside = _gather(data, self.ix, self.iy, half)
+        back, _ = _gather(background.back, self.ix, self.iy, half)
+        rms, _ = _gather(background.rms, self.ix, self.iy, half, fill=1.0)
+        usable = inside & (rms > 0)
+        if mask is not None:
+            masked, _ = _gather(mask, self.ix, self.iy, half, fill=True)
+            usable &= ~masked.astype(bool)
+        flux = np.where(np.isfinite(flux) & (flux > 0), flux, np.sum(raw - back, axis=1))
+        self.flux = np.maximum(flux, 1e-6)
+        self.values = (raw - back) / self.flux[:, None]
+        self.weights = np.where(usable, self.flux[:, None] / np.where(rms > 0, rms, 1.0), 0.0)
+
+
+def _fit_elliptical(data, background, mask, x, y, flux, rh, a, b, theta_deg, fwhm_guess,
+                    half):
+    """Step 1: elliptical Moffat per star. Returns (shape dict, params, good mask)."""
+    n_sub = _sub_sampling(fwhm_guess)
+    st = _Stamps(data, background, mask, x, y, flux, half)
+    p0 = _first_guess(rh, a, b, theta_deg, fwhm_guess, x - st.ix, y - st.iy)
+    gx, gy = pm.sample_grid(half, n_sub)
+
+    def evaluate(p, _shared):
+        model, jac = pm.moffat_model(p, gx, gy)
+        return model, jac, None
+
+    p, _, _ = pm.fit_joint(evaluate, st.values, st.weights, p0, max_nfev=40)
+    shape = pm.moffat_shape(p, n_sub)
+    return shape, p, _good_fits(shape, p, half, fwhm_guess)
+
+
+def _fit_trailed(data, background, mask, x, y, flux, p1, fwhm0, ratio0, pa0_deg, beta0):
+    """Step 2: round Moffats with one shared motion kernel.
+
+    Returns (per-star FWHM, motion extent in pixels, good mask) or None when the fit
+    does not give a sensible answer.
+    """
+    length0 = max(ratio0 * fwhm0, 0.5)
+    half = int(np.clip(math.ceil(2.5 * fwhm0 + 0.75 * length0), MIN_STAMP_HALF_PX,
+                       MAX_STAMP_HALF_PX))
+    n_sub = 2 if fwhm0 < 3.0 else 1
+    # Points along the segment at most ~FWHM / 2.5 (0.95 sigma) apart, with room to grow:
+    # the ripple such spacing leaves on a Gaussian core is below 1e-8.
+    n_line = int(np.clip(math.ceil(3.25 * length0 / fwhm0) + 1, 3, 40))
+    st = _Stamps(data, background, mask, x, y, flux, half)
+    beta0 = float(np.clip(beta0, 1.5, 10.0))
+    p0 = np.zeros((len(x), pm.N_ROUND))
+    p0[:, 0], p0[:, 1] = x - st.ix, y - st.iy
+    p0[:, 2] = np.clip(p1[:, 2], 0.5, 2.0)
+    p0[:, 4] = math.log(pm.fwhm_factor(beta0) / fwhm0)
+    p0[:, 5] = math.log(beta0 - 1.0)
+    t = math.radians(pa0_deg)
+    shared0 = np.array([length0 * math.cos(t), length0 * math.sin(t), -1.0, 0.0])
+    gx, gy = pm.sample_grid(half, n_sub)
+
+    def evaluate(p, shared):
+        return pm.trailed_model(p, shared, gx, gy, n_line)
+
+    p, shared, _ = pm.fit_joint(evaluate, st.values, st.weights, p0, shared0)
+    beta = 1.0 + np.exp(p[:, 5])
+    with np.errstate(over="ignore", invalid="ignore"):
+        fwhm = pm.remove_pixel_variance(pm.fwhm_factor(beta) * np.exp(-p[:, 4]), n_sub)
+        good = (np.all(np.isfinite(p), axis=1) & (np.hypot(p[:, 0], p[:, 1]) < 2.0 + length0)
+                & (p[:, 2] > 0.2) & (p[:, 2] < 5.0) & (beta > BETA_RANGE[0])
+                & (beta < BETA_RANGE[1]) & (fwhm > 0.3) & (fwhm < 2.0 * half))
+    length = float(np.hypot(shared[0], shared[1]))
+    if good.sum() < 3 or not np.all(np.isfinite(shared)) or length > 2.0 * half:
+        return None
+    return fwhm, length, good
+
+
+def measure_psf(data: np.ndarray, background: BackgroundResult, sources: pd.DataFrame,
+                psf_star: np.ndarray, cfg: PSFConfig,
+                mask: np.ndarray | None = None) -> PSFResult:
+    """Fit the PSF stars and summarise the detector's PSF size and shape.
+
+    Parameters
+    ----------
+    data
+        Bias-subtracted image (ADU).
+    background
+        Smooth sky and noise maps of ``data``.
+    sources
+        Source table from :func:`~survey_qa.pipeline.sources.extract_sources`.
+    psf_star
+        Boolean selection from :func:`select_psf_stars`.
+    cfg
+        PSF settings.
+    mask
+        Optional: True where a pixel must not enter the fits.
+
+    Returns
+    -------
+    PSFResult
+        See the module notes. ``fwhm_px`` is the seeing FWHM (pixels) before
+        pixelisation and image motion; NaN with ``FEW_STARS`` when fewer than
+        ``cfg.min_stars`` stars are selected, with ``PSF_FIT_FAILED`` when fewer than that
+        fit well; ``UNDERSAMPLED`` when ``fwhm_px < 2``. ``psf_star`` marks the stars
+        whose fits were kept; ``star_fwhm_px`` and ``star_ellipticity`` are theirs.
+    """
+    n_src = len(sources)
+    order = fit_order(sources, np.asarray(psf_star, bool), cfg.max_stars)
+    if order.size < max(cfg.min_stars, 1):
+        return _nan_result(n_src, cfg.grid, bits("FEW_STARS"))
+
+    col = {c: sources[c].to_numpy(float)[order]
+           for c in ("x", "y", "flux", "flux_radius_px", "a_px", "b_px", "theta_deg")}
+    fwhm_guess = float(np.median(FWHM_PER_HALF_LIGHT_RADIUS * col["flux_radius_px"]))
+    half = cfg.stamp_half_px or int(np.clip(math.ceil(2.5 * fwhm_guess), MIN_STAMP_HALF_PX,
+                                            MAX_STAMP_HALF_PX))
+    shape, p1, good = _fit_elliptical(data, background, mask, col["x"], col["y"], col["flux"],
+                                      col["flux_radius_px"], col["a_px"], col["b_px"],
+                                      col["theta_deg"], fwhm_guess, half)
+    size = np.sqrt(shape["fwhm_major_px"] * shape["fwhm_minor_px"])
+    if good.sum() >= cfg.min_stars:
+        good[good] &= _clipped(size[good])
+    n_used = int(good.sum())
+    if n_used < cfg.min_stars:
+        res = _nan_result(n_src, cfg.grid, bits("PSF_FIT_FAILED"), n_used)
+        res.psf_star[order[good]] = True
+        return res
+
+    e = shape["ellipticity"][good]
+    spin2 = e * np.exp(2j * np.radians(shape["theta_deg"][good]))
+    coherence = float(abs(spin2.sum()) / e.sum()) if e.sum() > 0 else math.nan
+    pa_deg = float(np.degrees(0.5 * np.angle(spin2.sum())) % 180.0)
+    ratio = trail_ratio(float(abs(spin2.mean())))
+    star_size = size[good] / trail_widening(ratio)
+    fwhm_px = float(np.median(star_size))
+    beta = float(np.median(shape["beta"][good]))
+
+    if ratio >= TRAILED_MODEL_MIN_RATIO and coherence >= TRAILED_MODEL_MIN_COHERENCE:
+        best = np.flatnonzero(good)[:TRAILED_MODEL_STARS]  # order is by S/N already
+        trailed = _fit_trailed(data, background, mask, col["x"][best], col["y"][best],
+                               col["flux"][best], p1[best], fwhm_px, ratio, pa_deg, beta)
+        if trailed is not None:
+            fwhm_t, length, ok = trailed
+            fwhm_px = float(np.median(fwhm_t[ok]))
+            ratio = length / fwhm_px
+            star_size = star_size * fwhm_px / float(np.median(star_size))
+
+    gx, gy = col["x"][good], col["y"][good]
+    star_fwhm = np.full(n_src, np.nan)
+    star_e = np.full(n_src, np.nan)
+    used = np.zeros(n_src, bool)
+    star_fwhm[order[good]] = star_size
+    star_e[order[good]] = e
+    used[order[good]] = True
+    return PSFResult(
+        fwhm_px=fwhm_px, moffat_beta=beta, ellipticity=float(np.median(e)), pa_deg=pa_deg,
+        coherence=coherence, trail_ratio=ratio, n_used=n_used,
+        fwhm_grid_px=_grid_medians(gx, gy, star_size, data.shape, cfg.grid),
+        ellipticity_grid=_grid_medians(gx, gy, e, data.shape, cfg.grid),
+        star_fwhm_px=star_fwhm, star_ellipticity=star_e, psf_star=used,
+        qa_flags=bits("UNDERSAMPLED") if fwhm_px < 2.0 else 0)
+
+
+def annotate_sources(sources: pd.DataFrame, psf_star: np.ndarray, psf: PSFResult,
+                     shape: tuple[int, int], cfg: PSFConfig) -> pd.DataFrame:
+    """The source table with the PSF stage's per-star results filled in.
+
+    Parameters
+    ----------
+    sources
+        Source table given to the PSF stage.
+    psf_star
+        The selection given to :func:`measure_psf`.
+    psf
+        Its result.
+    shape
+        Detector shape (ny, nx).
+    cfg
+        PSF settings.
+
+    Returns
+    -------
+    pandas.DataFrame
+        A copy with ``fwhm_px`` and ``ellipticity`` of the kept stars, and the selection
+        flags, ``PSF_STAR`` and ``FIT_FAILED`` (fitted but rejected) added to ``flags``.
+    """
+    out = sources.copy()
+    if len(out) == 0:
+        return out
+    flags, _ = selection_flags(sources, shape, cfg)
+    fitted = np.zeros(len(out), bool)
+    fitted[fit_order(sources, psf_star, cfg.max_stars)] = True
+    flags |= np.where(psf.psf_star, SOURCE_FLAGS["PSF_STAR"].value, 0)
+    flags |= np.where(fitted & ~psf.psf_star, SOURCE_FLAGS["FIT_FAILED"].value, 0)
+    out["flags"] = flags.astype(np.int64)
+    out["fwhm_px"] = psf.star_fwhm_px
+    out["ellipticity"] = psf.star_ellipticity
+    return out

@@ -1,0 +1,328 @@
+"""Star profile models and their joint least-squares fit (used by :mod:`.psf`).
+
+Two models, both integrated over pixels and evaluated for many stars at once:
+
+**Elliptical Moffat** (8 parameters per star)::
+
+    I(d) = F (beta - 1) sqrt(det C) / pi * (1 + d^T C d)^(-beta) + B
+
+with ``d`` the offset from the centre (x0, y0), ``C = L L^T`` the shape matrix through its
+Cholesky factor ``L = [[exp(l11), 0], [l21, exp(l22)]]`` (round stars are then no
+singular case) and ``beta = 1 + exp(eta)``. Parameters: x0, y0, F, B, l11, l22, l21, eta.
+
+**Trailed Moffat** (6 per star + 4 shared): a round Moffat (``l11 = l22 = ln(1/alpha)``,
+``l21 = 0``) convolved with an image-motion kernel that is the same for every star of
+the detector: along the segment ``t (Lx, Ly)``, ``t`` in [-1/2, 1/2], ``K`` points at the
+midpoints of equal sub-segments weighted ``(1 - m) / K`` each (a uniform drift; their
+spacing is kept below 0.95 sigma of the PSF core, where the ripple is negligible), and the
+two ends weighted ``m f`` and ``m (1 - f)``.
+``m = 0`` is a uniform linear drift, ``m = 1`` a jump between two positions (doubled
+stars), in between a periodic error (time piling up at the turning points). Shared
+parameters: Lx, Ly, logit m, logit f. The extent of the motion is ``hypot(Lx, Ly)``.
+
+Pixel integration: the model is averaged over ``n x n`` sub-pixel points; the variance
+``1 / (12 n^2)`` that this midpoint rule leaves out of the pixel box is removed from the
+fitted sizes afterwards (:func:`moffat_shape`).
+
+All stars are fitted together by one ``scipy.optimize.least_squares`` call whose sparse
+Jacobian is block diagonal (a star's parameters touch only its own pixels) plus a few
+dense columns for the shared parameters.
+"""
+from __future__ import annotations
+
+import math
+
+import numpy as np
+from scipy import optimize, sparse
+
+N_PARAMS = 8
+"""Parameters of the elliptical Moffat per star."""
+
+N_ROUND = 6
+"""Parameters of the round Moffat per star in the trailed model: x0, y0, F, B, ln(1/alpha), eta."""
+
+N_SHARED = 4
+"""Shared parameters of the trailed model: Lx, Ly, logit m, logit f."""
+
+SIGMA_PER_FWHM = 1.0 / (2.0 * math.sqrt(2.0 * math.log(2.0)))
+
+
+def sample_grid(half: int, n_sub: int) -> tuple[np.ndarray, np.ndarray]:
+    """Sub-pixel sample offsets from a stamp centre, each of shape (pixels, n_sub**2).
+
+    Pixels are ordered row-major over a ``(2 half + 1)`` square stamp; pixel centres are
+    at integer offsets.
+    """
+    u = np.arange(-half, half + 1, dtype=float)
+    s = (np.arange(n_sub) + 0.5) / n_sub - 0.5
+    gy, gx = np.meshgrid(u, u, indexing="ij")
+    sy, sx = np.meshgrid(s, s, indexing="ij")
+    return gx.reshape(-1, 1) + sx.reshape(1, -1), gy.reshape(-1, 1) + sy.reshape(1, -1)
+
+
+def moffat_model(p: np.ndarray, gx: np.ndarray, gy: np.ndarray,
+                 with_jacobian: bool = True) -> tuple[np.ndarray, np.ndarray | None]:
+    """Pixel-averaged elliptical Moffat profiles and their Jacobians, for many stars.
+
+    Parameters
+    ----------
+    p
+        (N, 8) parameters (module notes).
+    gx, gy
+        (pixels, samples) sub-pixel offsets from the stamp centre (:func:`sample_grid`).
+    with_jacobian
+        Also return d(model)/d(p).
+
+    Returns
+    -------
+    model, jacobian
+        (N, pixels) and (N, pixels, 8) (or None).
+    """
+    x0, y0, flux, bg = (p[:, k, None, None] for k in range(4))
+    a, b, c = np.exp(p[:, 4, None, None]), np.exp(p[:, 5, None, None]), p[:, 6, None, None]
+    bm1 = np.exp(p[:, 7, None, None])
+    beta = 1.0 + bm1
+    dx, dy = gx[None] - x0, gy[None] - y0
+    u = a * dx + c * dy
+    v = b * dy
+    lg = np.log1p(u * u + v * v)
+    core = np.exp(-beta * lg)  # (1 + q)^-beta
+    k_norm = bm1 * a * b / math.pi
+    f = (flux * k_norm) * core
+    model = f.mean(axis=2) + bg[:, :, 0]
+    if not with_jacobian:
+        return model, None
+    g = -beta * f * np.exp(-lg)  # d f / d q
+    jac = np.empty(model.shape + (N_PARAMS,))
+    jac[..., 0] = (g * (-2 * a * u)).mean(axis=2)
+    jac[..., 1] = (g * (-2 * (c * u + b * v))).mean(axis=2)
+    jac[..., 2] = (k_norm * core).mean(axis=2)
+    jac[..., 3] = 1.0
+    jac[..., 4] = (f + g * (2 * a * u * dx)).mean(axis=2)
+    jac[..., 5] = (f + g * (2 * b * v * dy)).mean(axis=2)
+    jac[..., 6] = (g * (2 * u * dy)).mean(axis=2)
+    jac[..., 7] = (f * (1.0 - bm1 * lg)).mean(axis=2)
+    return model, jac
+
+
+def _sigmoid(z: float) -> float:
+    return 1.0 / (1.0 + math.exp(-z))
+
+
+def line_points(n_line: int) -> np.ndarray:
+    """Positions along the motion segment, in units of its length: ``n_line`` midpoints
+    of equal sub-segments (the uniform part), then the two ends."""
+    mid = (np.arange(n_line) + 0.5) / n_line - 0.5
+    return np.concatenate([mid, [-0.5, 0.5]])
+
+
+def line_weights(shared: np.ndarray, n_line: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """Weights of the :func:`line_points` and their derivatives by logit m and logit f."""
+    m, f = _sigmoid(shared[2]), _sigmoid(shared[3])
+    uniform = np.concatenate([np.full(n_line, 1.0 / n_line), [0.0, 0.0]])
+    ends = np.zeros(n_line + 2)
+    ends[-2], ends[-1] = f, 1.0 - f
+    w = (1.0 - m) * uniform + m * ends
+    dw_dm = m * (1.0 - m) * (ends - uniform)
+    dw_df = np.zeros(n_line + 2)
+    dw_df[-2], dw_df[-1] = m * f * (1 - f), -m * f * (1 - f)
+    return w, dw_dm, dw_df
+
+
+def round_moffat(p: np.ndarray, dx: np.ndarray, dy: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """Round Moffat star parts (no background) and their Jacobians at sample points.
+
+    Parameters
+    ----------
+    p
+        (N, 6): x0, y0, F, B, ln(1/alpha), eta (B is not used here).
+    dx, dy
+        (N, pixels, samples) offsets of the sample points from each star's centre.
+
+    Returns
+    -------
+    f, jac
+        (N, pixels, samples) profile values and (N, pixels, samples, 6) derivatives by the
+        six parameters (the B column is zero).
+    """
+    w2 = np.exp(2.0 * p[:, 4, None, None])
+    bm1 = np.exp(p[:, 5, None, None])
+    beta = 1.0 + bm1
+    q = w2 * (dx * dx + dy * dy)
+    lg = np.log1p(q)
+    core = np.exp(-beta * lg)
+    k_norm = bm1 * w2 / math.pi
+    f = (p[:, 2, None, None] * k_norm) * core
+    g = -beta * f / (1.0 + q)  # d f / d q
+    jac = np.zeros(f.shape + (N_ROUND,))
+    jac[..., 0] = g * (-2.0 * w2 * dx)
+    jac[..., 1] = g * (-2.0 * w2 * dy)
+    jac[..., 2] = k_norm * core
+    jac[..., 4] = 2.0 * f + 2.0 * g * q
+    jac[..., 5] = f * (1.0 - bm1 * lg)
+    return f, jac
+
+
+def trailed_model(p: np.ndarray, shared: np.ndarray, gx: np.ndarray, gy: np.ndarray,
+                  n_line: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """Round Moffats convolved with a shared motion kernel, and their Jacobians.
+
+    Parameters
+    ----------
+    p
+        (N, 6): x0, y0, F, B, ln(1/alpha), eta.
+    shared
+        (4,): Lx, Ly (pixels), logit m, logit f.
+    gx, gy
+        Sub-pixel sample offsets (:func:`sample_grid`).
+    n_line
+        Points along the motion segment.
+
+    Returns
+    -------
+    model, jac_local, jac_shared
+        (N, pixels), (N, pixels, 6), (N, pixels, 4).
+    """
+    n = p.shape[0]
+    t = line_points(n_line)
+    w, dw_dm, dw_df = line_weights(shared, n_line)
+    star = np.zeros((n, gx.shape[0]))
+    jac_local = np.zeros((n, gx.shape[0], N_ROUND))
+    jac_shared = np.zeros((n, gx.shape[0], N_SHARED))
+    bx, by = gx[None] - p[:, 0, None, None], gy[None] - p[:, 1, None, None]
+    for k in range(len(t)):
+        if w[k] < 1e-9 and abs(dw_dm[k]) < 1e-9:
+            continue  # an end point while the kernel is uniform (m ~ 0)
+        fk, jk = round_moffat(p, bx - t[k] * shared[0], by - t[k] * shared[1])
+        fk, jk = fk.mean(axis=2), jk.mean(axis=2)
+        star += w[k] * fk
+        jac_local += w[k] * jk
+        jac_shared[..., 0] += (w[k] * t[k]) * jk[..., 0]
+        jac_shared[..., 1] += (w[k] * t[k]) * jk[..., 1]
+        jac_shared[..., 2] += dw_dm[k] * fk
+        jac_shared[..., 3] += dw_df[k] * fk
+    jac_local[..., 3] = 1.0
+    return star + p[:, 3, None], jac_local, jac_shared
+
+
+def fit_joint(evaluate, stamps: np.ndarray, weights: np.ndarray, p0: np.ndarray,
+              shared0: np.ndarray | None = None, max_nfev: int = 60
+              ) -> tuple[np.ndarray, np.ndarray | None, np.ndarray]:
+    """Least-squares fit of many stars at once, with optional shared parameters.
+
+    Parameters
+    ----------
+    evaluate
+        ``evaluate(p, shared) -> (model, jac_local, jac_shared)`` with shapes (N, pixels),
+        (N, pixels, P) and (N, pixels, S) (``jac_shared`` None when S = 0).
+    stamps
+        (N, pixels) data, on the scale of the model.
+    weights
+        (N, pixels) inverse noise; 0 for pixels that must not count.
+    p0
+        (N, P) first guess per star.
+    shared0
+        (S,) first guess of the shared parameters, or None.
+    max_nfev
+        Most function evaluations.
+
+    Returns
+    -------
+    p, shared, chi2
+        Fitted per-star (N, P) and shared (S,) parameters (None without), and each star's
+        chi-square per degree of freedom.
+    """
+    n, npar = p0.shape
+    npix = stamps.shape[1]
+    nsh = 0 if shared0 is None else len(shared0)
+    per_row = npar + nsh
+    cols = np.empty((n, npix, per_row), dtype=np.int64)
+    cols[..., :npar] = (np.arange(n) * npar)[:, None, None] + np.arange(npar)
+    cols[..., npar:] = n * npar + np.arange(nsh)
+    cols = cols.ravel()
+    indptr = np.arange(0, n * npix * per_row + 1, per_row)
+    cache: dict = {}
+
+    def split(x):
+        return x[:n * npar].reshape(n, npar), (x[n * npar:] if nsh else None)
+
+    def run(x):
+        if cache.get("x") is None or not np.array_equal(cache["x"], x):
+            cache["x"] = x.copy()
+            cache["out"] = evaluate(*split(x))
+        return cache["out"]
+
+    def residuals(x):
+        return ((run(x)[0] - stamps) * weights).ravel()
+
+    def jacobian(x):
+        _, jl, js = run(x)
+        vals = np.empty((n, npix, per_row))
+        vals[..., :npar] = jl * weights[:, :, None]
+        if nsh:
+            vals[..., npar:] = js * weights[:, :, None]
+        return sparse.csr_matrix((vals.ravel(), cols, indptr), shape=(n * npix, n * npar + nsh))
+
+    x0 = p0.ravel() if not nsh else np.concatenate([p0.ravel(), shared0])
+    res = optimize.least_squares(residuals, x0, jac=jacobian, method="trf", tr_solver="lsmr",
+                                 x_scale="jac", ftol=1e-6, xtol=1e-6, max_nfev=max_nfev)
+    p, shared = split(res.x)
+    r = res.fun.reshape(n, npix)
+    dof = np.maximum((weights > 0).sum(axis=1) - npar, 1)
+    return p, shared, (r ** 2).sum(axis=1) / dof
+
+
+def fwhm_factor(beta: np.ndarray | float) -> np.ndarray:
+    """FWHM over alpha of a Moffat: ``2 sqrt(2^(1/beta) - 1)``."""
+    return 2.0 * np.sqrt(2.0 ** (1.0 / np.asarray(beta, float)) - 1.0)
+
+
+def remove_pixel_variance(fwhm_px: np.ndarray, n_sub: int) -> np.ndarray:
+    """Remove in quadrature the pixel variance ``1 / (12 n_sub^2)`` a fit left in."""
+    missing = (1.0 / (12.0 * n_sub ** 2)) / SIGMA_PER_FWHM ** 2
+    return np.sqrt(np.clip(np.asarray(fwhm_px) ** 2 - missing, 1e-6, None))
+
+
+def moffat_shape(p: np.ndarray, n_sub: int = 1) -> dict[str, np.ndarray]:
+    """Intrinsic (pre-pixel) sizes and orientation of fitted elliptical Moffats.
+
+    Parameters
+    ----------
+    p
+        (N, 8) fitted parameters.
+    n_sub
+        Sub-pixel points per axis used in the fit.
+
+    Returns
+    -------
+    dict
+        ``fwhm_major_px``, ``fwhm_minor_px``, ``ellipticity`` (1 - b/a), ``theta_deg``
+        (major axis, [0, 180) from +x toward +y), ``beta``.
+    """
+    a, b, c = np.exp(p[:, 4]), np.exp(p[:, 5]), p[:, 6]
+    beta = 1.0 + np.exp(p[:, 7])
+    c11, c12, c22 = a * a, a * c, c * c + b * b
+    mean, diff = 0.5 * (c11 + c22), np.hypot(0.5 * (c11 - c22), c12)
+    k = fwhm_factor(beta)
+    with np.errstate(divide="ignore", invalid="ignore"):
+        fmaj = remove_pixel_variance(k / np.sqrt(mean - diff), n_sub)
+        fmin = remove_pixel_variance(k / np.sqrt(mean + diff), n_sub)
+    theta = np.degrees(0.5 * np.arctan2(-2.0 * c12, c22 - c11)) % 180.0
+    return {"fwhm_major_px": fmaj, "fwhm_minor_px": fmin, "ellipticity": 1.0 - fmin / fmaj,
+            "theta_deg": theta, "beta": beta}
+
+
+def shape_params(fwhm_major_px: np.ndarray, fwhm_minor_px: np.ndarray, theta_deg: np.ndarray,
+                 beta: np.ndarray | float) -> np.ndarray:
+    """(l11, l22, l21) of Moffats with the given axes FWHM and major-axis angle."""
+    k = fwhm_factor(beta)
+    amaj, amin = np.asarray(fwhm_major_px) / k, np.asarray(fwhm_minor_px) / k
+    t = np.radians(theta_deg)
+    cs, sn = np.cos(t), np.sin(t)
+    c11 = cs ** 2 / amaj ** 2 + sn ** 2 / amin ** 2
+    c22 = sn ** 2 / amaj ** 2 + cs ** 2 / amin ** 2
+    c12 = cs * sn * (1 / amaj ** 2 - 1 / amin ** 2)
+    l11 = np.sqrt(c11)
+    l21 = c12 / l11
+    l22 = np.sqrt(np.maximum(c22 - l21 ** 2, 1e-12))
+    return np.column_stack([np.log(l11), np.log(l22), l21])

@@ -1,0 +1,197 @@
+"""Source extraction with sep, translated to the source schema.
+
+Per detection: sep's isophotal shape (``a_px``, ``b_px``, ``theta_deg``), a Kron
+("AUTO") aperture flux with its background-noise error, the half-light radius, the
+S/N, and a windowed centroid (``sep.winpos``, SExtractor's XWIN/YWIN). Saturated pixels
+are masked for sep (sep has no saturation flag of its own); a detection touching a
+saturated pixel gets the ``SATURATED`` source flag.
+
+sep keeps its pixel stack and sub-object limit in process-global state:
+:func:`configure_sep` sets them once per process. When a frame overflows them anyway,
+the detection threshold is raised and the extraction retried.
+"""
+from __future__ import annotations
+
+import math
+
+import numpy as np
+import pandas as pd
+import sep
+
+from survey_qa.config import SourcesConfig
+from survey_qa.pipeline.background import grow_mask
+from survey_qa.pipeline.errors import QualityError
+from survey_qa.pipeline.flags import SOURCE_FLAGS, from_sep
+from survey_qa.pipeline.records import BackgroundResult
+from survey_qa.pipeline.schema import SOURCE_SCHEMA
+
+SUB_OBJECT_LIMIT = 4096
+"""sep's limit on sub-objects when deblending one detection (its default is 1024)."""
+
+OVERFLOW_MESSAGES = ("internal pixel buffer full", "deblending overflow")
+"""sep errors that a higher detection threshold resolves."""
+
+MAX_RETRIES = 4
+THRESH_FACTOR_PER_RETRY = 2.0
+KRON_FACTOR = 2.5
+MIN_KRON_RADIUS_PX = 1.75  # SExtractor's minimum AUTO aperture (3.5 px diameter)
+
+COLUMNS = [n for n in SOURCE_SCHEMA.names if n not in ("exposure", "detector")]
+
+
+def configure_sep(cfg: SourcesConfig) -> None:
+    """Set sep's process-global pixel stack and sub-object limit (once per process).
+
+    Calling it again with the same configuration changes nothing, so a worker may call it
+    before every frame.
+    """
+    if sep.get_extract_pixstack() != cfg.pixstack:
+        sep.set_extract_pixstack(cfg.pixstack)
+    if sep.get_sub_object_limit() < SUB_OBJECT_LIMIT:
+        sep.set_sub_object_limit(SUB_OBJECT_LIMIT)
+
+
+def empty_sources() -> pd.DataFrame:
+    """A source table with every column and no row."""
+    table = SOURCE_SCHEMA.empty_table().to_pandas()
+    return table[COLUMNS]
+
+
+def _extract(sub: np.ndarray, rms: np.ndarray, mask: np.ndarray, cfg: SourcesConfig):
+    """sep.extract, raising the threshold while sep's buffers overflow."""
+    thresh = cfg.thresh_sigma
+    for attempt in range(MAX_RETRIES + 1):
+        try:
+            objects, segmap = sep.extract(sub, thresh, err=rms, mask=mask,
+                                          minarea=cfg.min_area_px,
+                                          deblend_cont=cfg.deblend_cont,
+                                          segmentation_map=True)
+            return objects, segmap, thresh
+        except Exception as e:  # sep raises a bare Exception with its C message
+            if not any(m in str(e) for m in OVERFLOW_MESSAGES) or attempt == MAX_RETRIES:
+                raise QualityError(f"source extraction failed at {thresh:g} sigma: {e}",
+                                   thresh_sigma=thresh) from None
+            thresh *= THRESH_FACTOR_PER_RETRY
+    raise AssertionError("unreachable")
+
+
+def _saturated_ids(segmap: np.ndarray, saturated: np.ndarray) -> np.ndarray:
+    """Segmentation ids of detections that touch (within 2 px) a saturated pixel."""
+    if not saturated.any():
+        return np.empty(0, np.int64)
+    near = grow_mask(saturated, 2)
+    ids = np.unique(segmap[near])
+    return ids[ids > 0].astype(np.int64)
+
+
+def _photometry(sub, rms, mask, segmap, objects, seg_ids):
+    """Kron (AUTO) flux and error, and half-light radius, as SExtractor does."""
+    x, y = objects["x"], objects["y"]
+    a, b, theta = objects["a"], objects["b"], objects["theta"]
+    kron, kflag = sep.kron_radius(sub, x, y, a, b, theta, 6.0, mask=mask, segmap=segmap,
+                                  seg_id=seg_ids)
+    kron = np.where(np.isfinite(kron) & (kron > 0), kron, 0.0)
+    flux, flux_err, flag = sep.sum_ellipse(sub, x, y, a, b, theta, KRON_FACTOR * kron,
+                                           err=rms, mask=mask, segmap=segmap,
+                                           seg_id=seg_ids, subpix=1)
+    small = kron * np.sqrt(a * b) < MIN_KRON_RADIUS_PX
+    if small.any():
+        cf, ce, cflag = sep.sum_circle(sub, x[small], y[small], MIN_KRON_RADIUS_PX * KRON_FACTOR,
+                                       err=rms, mask=mask, segmap=segmap,
+                                       seg_id=seg_ids[small], subpix=1)
+        flux[small], flux_err[small], flag[small] = cf, ce, cflag
+    rmax = np.maximum(6.0 * a, 3.0)
+    positive = flux > 0
+    rhalf = np.full(len(objects), np.nan)
+    if positive.any():
+        r, _ = sep.flux_radius(sub, x[positive], y[positive], rmax[positive], 0.5,
+                               normflux=flux[positive], mask=mask, segmap=segmap,
+                               seg_id=seg_ids[positive], subpix=5)
+        rhalf[positive] = r
+    return flux, flux_err, rhalf
+
+
+def _windowed_centroids(sub, mask, x, y, rhalf):
+    """sep.winpos centroids; the isophotal barycentre where winpos fails or wanders."""
+    sig = np.where(np.isfinite(rhalf), 2.0 * rhalf / 2.3548, 1.0)
+    xw, yw, flag = sep.winpos(sub, x, y, sig, mask=mask)
+    moved = np.hypot(xw - x, yw - y)
+    ok = (flag == 0) & np.isfinite(xw) & np.isfinite(yw) & (moved < np.maximum(1.0, sig))
+    return np.where(ok, xw, x), np.where(ok, yw, y)
+
+
+def extract_sources(data: np.ndarray, background: BackgroundResult, mask: np.ndarray | None,
+                    cfg: SourcesConfig, saturate_adu: float) -> pd.DataFrame:
+    """Detect and measure the sources of one detector.
+
+    Parameters
+    ----------
+    data
+        Bias-subtracted image (ADU).
+    background
+        Its smooth sky and noise maps (:func:`~survey_qa.pipeline.background.measure_background`).
+    mask
+        True where a pixel must not be used; None: none.
+    cfg
+        Detection settings.
+    saturate_adu
+        Saturation level (ADU); NaN when unknown (then only ``mask`` is used).
+
+    Returns
+    -------
+    pandas.DataFrame
+        The :data:`~survey_qa.pipeline.schema.SOURCE_SCHEMA` columns except ``exposure``
+        and ``detector``, brightest first, at most ``cfg.max_sources`` rows. ``x``, ``y``
+        are 0-based windowed centroids (pixel centres at integers); ``flux`` is the
+        Kron aperture flux (ADU) and ``flux_err`` its error from the sky noise alone;
+        ``snr = flux / flux_err``; ``fwhm_px`` and ``ellipticity`` are NaN (the PSF stage
+        measures them). ``df.attrs["thresh_sigma"]`` is the threshold finally used.
+
+    Raises
+    ------
+    QualityError
+        When sep fails even at a raised threshold.
+    """
+    configure_sep(cfg)
+    data = np.ascontiguousarray(data, dtype=np.float32)
+    mask = (np.zeros(data.shape, bool) if mask is None
+            else np.ascontiguousarray(mask, dtype=bool))
+    if math.isfinite(saturate_adu):
+        saturated = data >= saturate_adu
+        full_mask = mask | saturated
+    else:
+        saturated = np.zeros(data.shape, bool)
+        full_mask = mask
+    sub = data - background.back
+    rms = np.ascontiguousarray(background.rms, dtype=np.float32)
+    objects, segmap, thresh = _extract(sub, rms, full_mask, cfg)
+    if len(objects) == 0:
+        out = empty_sources()
+        out.attrs["thresh_sigma"] = thresh
+        return out
+
+    order = np.argsort(-objects["flux"], kind="stable")[:cfg.max_sources]
+    objects = objects[order]
+    seg_ids = (order + 1).astype(np.int32)
+    flux, flux_err, rhalf = _photometry(sub, rms, full_mask, segmap, objects, seg_ids)
+    x, y = _windowed_centroids(sub, full_mask, objects["x"], objects["y"], rhalf)
+
+    flags = from_sep(objects["flag"])
+    sat = np.isin(seg_ids, _saturated_ids(segmap, saturated))
+    flags |= np.where(sat, SOURCE_FLAGS["SATURATED"].value, 0)
+    with np.errstate(divide="ignore", invalid="ignore"):
+        snr = np.where(flux_err > 0, flux / flux_err, np.nan)
+
+    out = pd.DataFrame({
+        "id": np.zeros(len(objects), np.int32), "x": x, "y": y,
+        "flux": flux, "flux_err": flux_err, "peak": objects["peak"].astype(float),
+        "snr": snr, "a_px": objects["a"].astype(float), "b_px": objects["b"].astype(float),
+        "theta_deg": np.degrees(objects["theta"].astype(float)),
+        "flux_radius_px": rhalf, "fwhm_px": np.nan, "ellipticity": np.nan,
+        "flags": flags.astype(np.int64),
+    })
+    out = out.sort_values("flux", ascending=False, kind="stable", ignore_index=True)
+    out["id"] = np.arange(len(out), dtype=np.int32)
+    out = out.astype({c: "float64" for c in COLUMNS if c not in ("id", "flags")})
+    out.attrs["thresh_sigma"] = thresh
+    return out[COLUMNS]

@@ -1,0 +1,76 @@
+"""Normalised cutouts of the brightest PSF stars (the input of the SOM).
+
+Each stamp is background-subtracted, shifted by a cubic-spline sub-pixel shift
+(``scipy.ndimage.shift``) so that the star's windowed centroid falls on pixel
+``(size // 2, size // 2)`` of the stamp, and divided by its sum. Pixels outside the
+detector count as zero. Stamps are ordered like the stars: brightest (``flux``) first.
+"""
+from __future__ import annotations
+
+import numpy as np
+import pandas as pd
+from scipy import ndimage
+
+from survey_qa.config import StampsConfig
+from survey_qa.pipeline.records import BackgroundResult
+
+PAD_PX = 3
+"""Extra pixels cut around a stamp so that the spline shift has data at its edges."""
+
+
+def stamp_order(sources: pd.DataFrame, psf_star: np.ndarray, n: int) -> np.ndarray:
+    """Indices of the PSF stars that get a stamp: the ``n`` brightest by flux."""
+    idx = np.flatnonzero(np.asarray(psf_star, bool))
+    flux = sources["flux"].to_numpy(float)[idx]
+    return idx[np.argsort(-np.nan_to_num(flux, nan=-np.inf), kind="stable")][:n]
+
+
+def _cut(image: np.ndarray, ix: int, iy: int, half: int) -> np.ndarray:
+    """A (2 half) x (2 half) box whose pixel (half, half) is (iy, ix); zero outside."""
+    out = np.zeros((2 * half, 2 * half), dtype=np.float64)
+    y0, x0 = iy - half, ix - half
+    ys, xs = max(y0, 0), max(x0, 0)
+    ye, xe = min(y0 + 2 * half, image.shape[0]), min(x0 + 2 * half, image.shape[1])
+    if ye > ys and xe > xs:
+        out[ys - y0:ye - y0, xs - x0:xe - x0] = image[ys:ye, xs:xe]
+    return out
+
+
+def cut_stamps(data: np.ndarray, background: BackgroundResult, sources: pd.DataFrame,
+               psf_star: np.ndarray, cfg: StampsConfig) -> np.ndarray:
+    """Centred, unit-sum stamps of the brightest PSF stars.
+
+    Parameters
+    ----------
+    data
+        Bias-subtracted image (ADU).
+    background
+        Its smooth sky (``background.back`` is subtracted).
+    sources
+        Source table (``x``, ``y`` windowed centroids, ``flux``).
+    psf_star
+        Boolean, aligned with ``sources``: the stars usable for the PSF.
+    cfg
+        Stamp size and count.
+
+    Returns
+    -------
+    numpy.ndarray
+        (n, size, size) float32 with n <= ``cfg.per_detector``, in :func:`stamp_order`;
+        (0, size, size) when there is no PSF star. A stamp whose sum is not positive is
+        left unnormalised (it cannot be made to sum to one).
+    """
+    size = cfg.size_px
+    chosen = stamp_order(sources, psf_star, cfg.per_detector)
+    out = np.zeros((len(chosen), size, size), dtype=np.float32)
+    half = size // 2 + PAD_PX
+    x = sources["x"].to_numpy(float)
+    y = sources["y"].to_numpy(float)
+    for k, i in enumerate(chosen):
+        ix, iy = int(np.rint(x[i])), int(np.rint(y[i]))
+        box = _cut(data, ix, iy, half) - _cut(background.back, ix, iy, half)
+        shifted = ndimage.shift(box, (iy - y[i], ix - x[i]), order=3, mode="constant")
+        stamp = shifted[PAD_PX:PAD_PX + size, PAD_PX:PAD_PX + size]
+        total = stamp.sum()
+        out[k] = stamp / total if total > 0 else stamp
+    return out

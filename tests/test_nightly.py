@@ -1,0 +1,194 @@
+"""End to end: a tiny night with good and bad files, on a real Dask LocalCluster."""
+import math
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pyarrow.dataset as pads
+import pytest
+from astropy.io import fits
+
+from survey_qa.cli import main
+from survey_qa.config import load_config
+from survey_qa.flows.nightly import run_night, work_dir
+from survey_qa.pipeline.flags import decode_flags
+
+NIGHT = "2024-03-01"
+CHECKER = Path(__file__).resolve().parents[2] / "shared" / "tools" / "check_contract.py"
+
+
+def star_field(n=256, n_stars=40, fwhm_px=3.0, sky=200.0, seed=0, elongate=1.0):
+    """Gaussian stars on a noisy flat sky (ADU, gain 1)."""
+    rng = np.random.default_rng(seed)
+    yy, xx = np.mgrid[0:n, 0:n]
+    sigma = fwhm_px / 2.3548
+    img = np.full((n, n), sky)
+    for _ in range(n_stars):
+        x0, y0 = rng.uniform(15, n - 15, 2)
+        flux = 10 ** rng.uniform(3.5, 4.5)
+        r2 = ((xx - x0) / (sigma * elongate)) ** 2 + ((yy - y0) / sigma) ** 2
+        img += flux / (2 * np.pi * sigma ** 2 * elongate) * np.exp(-0.5 * r2)
+    img = rng.poisson(img) + rng.normal(0, 3, img.shape)
+    return img.astype(np.float32)
+
+
+def header(**extra):
+    h = fits.Header({"EXPTIME": 60.0, "GAIN": 1.0, "RDNOISE": 3.0, "SATURATE": 60000.0,
+                     "DATE-OBS": "2024-03-02T02:00:00", "FILTER": "r", "PIXSCALE": 0.3})
+    h.update(extra)
+    return h
+
+
+@pytest.fixture(scope="module")
+def night(tmp_path_factory):
+    """A night folder with every kind of file the flow must survive."""
+    raw = tmp_path_factory.mktemp("raw")
+    d = raw / NIGHT
+    d.mkdir()
+    for i in range(3):
+        fits.PrimaryHDU(star_field(seed=i), header()).writeto(d / f"good{i}.fits")
+    fits.PrimaryHDU(star_field(seed=5, elongate=3.0), header()).writeto(d / "trailed.fits")
+    mosaic = [fits.PrimaryHDU(header=header())]
+    mosaic += [fits.ImageHDU(star_field(seed=10 + k), name=f"CCD{k}") for k in range(2)]
+    mosaic.append(fits.ImageHDU(np.full((256, 256), np.nan, np.float32), name="CCD2"))
+    fits.HDUList(mosaic).writeto(d / "mosaic.fits")
+    fits.PrimaryHDU(star_field(seed=20), header()).writeto(d / "whole.fits")
+    (d / "truncated.fits").write_bytes((d / "whole.fits").read_bytes()[:2880 * 30])
+    (d / "whole.fits").unlink()
+    (d / "notfits.fits").write_text("SIMPLE? no: a text file\n" * 200)
+    fits.PrimaryHDU(np.full((256, 256), np.nan, np.float32), header()).writeto(d / "nan.fits")
+    fits.PrimaryHDU(np.full((256, 256), 7.0, np.float32), header()).writeto(d / "const.fits")
+    noise = np.random.default_rng(3).normal(200, 3, (256, 256)).astype(np.float32)
+    fits.PrimaryHDU(noise, header()).writeto(d / "nostars.fits")
+    fits.PrimaryHDU(star_field(seed=30)).writeto(d / "bareheader.fits")
+    sat = star_field(seed=40)
+    sat[:200] = 60000.0
+    fits.PrimaryHDU(sat, header()).writeto(d / "saturated.fits")
+    return raw
+
+
+def config(raw, out, **run):
+    return load_config(overrides={
+        "run": {"raw_root": str(raw), "out_root": str(out), "progress": False, **run},
+        "cluster": {"workers": 2, "dashboard_address": None},
+        "psf": {"min_stars": 3}})
+
+
+def read_rows(out):
+    table = pads.dataset(Path(out) / "catalogs" / "exposures", format="parquet",
+                         partitioning="hive").to_table()
+    return {(r["exposure"], r["detector"]): r for r in table.to_pylist()}
+
+
+@pytest.fixture(scope="module")
+def first_run(night, tmp_path_factory):
+    out = tmp_path_factory.mktemp("out")
+    summary = run_night(config(night, out), NIGHT, echo=lambda *a: None)
+    return out, summary
+
+
+def test_every_file_gets_rows_and_the_night_completes(first_run):
+    out, summary = first_run
+    rows = read_rows(out)
+    assert summary.n_files == 12 and summary.n_processed == 12
+    assert {e for e, _ in rows} == {"good0", "good1", "good2", "trailed", "mosaic",
+                                    "truncated", "notfits", "nan", "const", "nostars",
+                                    "bareheader", "saturated"}
+    assert all(r["night"] == NIGHT for r in rows.values())
+
+
+@pytest.mark.parametrize("exposure, reason", [
+    ("truncated", "unreadable|truncated|corrupt"), ("notfits", "unreadable FITS file"),
+    ("nan", "no finite pixel"), ("const", "constant frame"), ("saturated", "mostly saturated")])
+def test_bad_files_become_failed_rows(first_run, exposure, reason):
+    import re
+
+    rows = read_rows(first_run[0])
+    (row,) = [r for (e, _), r in rows.items() if e == exposure]
+    assert row["status"] == "failed" and re.search(reason, row["error"])
+
+
+def test_unreadable_mosaic_extension(first_run):
+    rows = read_rows(first_run[0])
+    assert rows[("mosaic", "CCD2")]["status"] == "failed"
+    assert "no finite pixel" in rows[("mosaic", "CCD2")]["error"]
+    assert rows[("mosaic", "CCD0")]["status"] == "ok" and rows[("mosaic", "CCD1")]["status"] == "ok"
+    summary = rows[("mosaic", "ALL")]
+    assert summary["status"] == "ok" and summary["n_detectors"] == 3
+
+
+def test_frame_without_stars_is_measured_as_nan_with_a_flag(first_run):
+    row = read_rows(first_run[0])[("nostars", "0")]
+    assert row["status"] == "ok"
+    assert math.isnan(row["fwhm_px"]) and row["n_stars_used"] == 0
+    assert {"FEW_STARS"} <= set(decode_flags(row["qa_flags"]))
+
+
+def test_missing_header_keywords(first_run):
+    row = read_rows(first_run[0])[("bareheader", "0")]
+    assert row["status"] == "ok" and math.isnan(row["fwhm_arcsec"]) and row["fwhm_px"] > 0
+    assert {"NO_PIXSCALE", "HEADER_FALLBACK"} <= set(decode_flags(row["qa_flags"]))
+
+
+def test_measurements_and_classes(first_run):
+    rows = read_rows(first_run[0])
+    for name in ("good0", "good1", "good2"):
+        r = rows[(name, "0")]
+        assert r["fwhm_px"] == pytest.approx(3.0, rel=0.1)
+        assert r["fwhm_arcsec"] == pytest.approx(0.9, rel=0.1)
+        assert r["quality_class"] == "good"
+        assert sum(r[f"p_{c}"] for c in ("good", "bad_tracking", "very_bad_tracking",
+                                         "bad_seeing", "background_issues")) == pytest.approx(1)
+    assert rows[("trailed", "0")]["quality_class"] in ("bad_tracking", "very_bad_tracking")
+    assert rows[("trailed", "0")]["ellipticity"] > 0.4
+
+
+def test_sources_and_arrays(first_run):
+    import xarray as xr
+
+    out, summary = first_run
+    src = pads.dataset(Path(out) / "catalogs" / "sources", format="parquet",
+                       partitioning="hive").to_table().to_pandas()
+    assert (src.groupby("exposure").size()["good0"]) >= 20
+    ds = xr.open_zarr(summary.arrays, consolidated=False).set_index(
+        frame=["exposure", "detector"])
+    n = int(ds.n_stamps.sel(exposure="good0", detector="0"))
+    stamps = ds.stamps.sel(exposure="good0", detector="0").values[:n]
+    assert n >= 10 and np.allclose(stamps.sum(axis=(1, 2)), 1, atol=1e-3)
+
+
+def test_contract_checker(first_run):
+    if not CHECKER.exists():
+        pytest.skip("the shared contract checker is not beside this checkout")
+    res = subprocess.run([sys.executable, str(CHECKER), str(first_run[0])],
+                         capture_output=True, text=True)
+    assert res.returncode == 0, res.stdout + res.stderr
+
+
+def test_duckdb_reads_the_catalog(first_run):
+    duckdb = pytest.importorskip("duckdb")
+    glob = str(Path(first_run[0]) / "catalogs" / "exposures" / "*" / "*.parquet")
+    n = duckdb.sql(f"SELECT count(*) FROM read_parquet('{glob}', hive_partitioning=true) "
+                   f"WHERE night = '{NIGHT}' AND status = 'failed'").fetchall()[0][0]
+    assert n == 6  # five bad files and one bad mosaic extension
+
+
+def test_rerun_finishes_only_what_is_missing(night, first_run):
+    out, _ = first_run
+    before = read_rows(out)
+    (work_dir(out, NIGHT) / "exposures" / "good1.parquet").unlink()  # as if it crashed there
+    summary = run_night(config(night, out), NIGHT, echo=lambda *a: None)
+    assert summary.n_processed == 1 and summary.n_skipped == 11
+    after = read_rows(out)
+    assert after.keys() == before.keys()
+    assert after[("good1", "0")]["fwhm_px"] == pytest.approx(before[("good1", "0")]["fwhm_px"])
+
+
+def test_cli_runs_a_night_and_reports(night, tmp_path, capsys):
+    code = main(["--night", NIGHT, "--raw-root", str(night), "--out-root", str(tmp_path),
+                 "--workers", "1", "--no-progress"])
+    assert code == 0
+    text = capsys.readouterr().out
+    assert "failed" in text and "exposures catalog" in text
+    assert main(["--night", "2031-01-01", "--raw-root", str(night)]) == 2
