@@ -7,6 +7,14 @@ Layout of a night (the nightly reader skips names starting with ``_`` or ``.``):
     <raw_root>/<night>/_truth/stars.parquet          true stars (x, y in px, flux in ADU)
     <raw_root>/<night>/_truth/masks/<exposure>.fits  defect masks, one uint8 HDU per detector
 
+Truth columns (per exposure and detector): identity (``night``, ``exposure``,
+``detector`` as a FITS reader names it, ``hdu``, ``path``), the truth of
+:func:`survey_qa.pipeline.simulate.render_detector` (``quality_class`` of the detector,
+``exposure_class`` of the exposure, ``target_class``, ``ambiguous``, ``seeing_arcsec``,
+``fwhm_px_true``, ``trail_arcsec``, ``trail_ratio``, ``trail_pa_deg``, ``trail_kind``,
+``ellipticity_true``, ``u_true``, ``k_true``, flags, counts, ``confounders``...) and every
+field of the exposure's :class:`~survey_qa.pipeline.simulate.ExposureSpec`.
+
 Every file is written under a hidden temporary name and renamed into place.
 """
 from __future__ import annotations
@@ -98,8 +106,10 @@ def simulate_night(raw_root: str | os.PathLike, night: str, n_frames: int, *, se
     """Write a simulated night of ``n_frames`` exposures and return its truth table.
 
     ``mix="balanced"``: the five classes in equal shares; ``"realistic"``: mostly good.
+    A share ``ambiguous_fraction`` of the frames comes from the spec's ambiguous zones.
     File formats are mixed (mostly single ``.fits``, some ``.fits.fz``, ``.fits.gz`` and
-    mosaics of ``size_px // 2`` detectors). Deterministic for a given seed and night.
+    mosaics of ``size_px // 2`` detectors). Deterministic for a given seed and night;
+    ``client`` (a ``dask.distributed.Client``) renders exposures in parallel.
     """
     plans = sim.plan_night(night, n_frames, seed=seed, mix=mix,
                            ambiguous_fraction=ambiguous_fraction, size_px=size_px)

@@ -30,6 +30,7 @@ import torch
 from torch import nn
 from torch.utils.data import DataLoader, Dataset
 
+import survey_qa
 from survey_qa.config import ClassifyConfig
 from survey_qa.models.components.classifier import DualInputClassifier
 from survey_qa.models.som import SomModel, dihedral
@@ -37,8 +38,8 @@ from survey_qa.pipeline.records import ClassResult
 from survey_qa.pipeline.schema import CLASSES, PRIORITY
 
 CLASSIFIER_FORMAT = "survey-qa-classifier-1"
-WEIGHTS_DIR = Path(__file__).resolve().parents[1] / "survey_qa" / "weights"
-"""Where packaged weights live (``survey_qa/weights/`` in the source tree)."""
+WEIGHTS_DIR = Path(survey_qa.__file__).resolve().parent / "weights"
+"""Where packaged weights live (``survey_qa/weights/``, package data)."""
 DEFAULT_WEIGHTS = "classifier.safetensors"
 
 FEATURE_NAMES = (
@@ -215,16 +216,19 @@ def read_truth(truth_root: str | Path, night: str) -> pd.DataFrame:
     truth["ambiguous"] = (truth["ambiguous"].fillna(False).astype(bool)
                           if "ambiguous" in truth else False)
     conf = truth["confounders"] if "confounders" in truth else pd.Series([None] * len(truth))
-    truth["has_confounder"] = [_has_items(c) for c in conf]
-    return truth[["exposure", "detector", "quality_class", "ambiguous", "has_confounder"]]
+    truth["confounders"] = [",".join(_items(c)) for c in conf]
+    truth["has_confounder"] = truth["confounders"] != ""
+    return truth[["exposure", "detector", "quality_class", "ambiguous", "confounders",
+                  "has_confounder"]]
 
 
-def _has_items(value) -> bool:
+def _items(value) -> list[str]:
+    """Confounder names from a comma-separated string or a sequence."""
     if value is None or (isinstance(value, float) and math.isnan(value)):
-        return False
+        return []
     if isinstance(value, str):
-        return value.strip() not in ("", "none", "[]")
-    return len(value) > 0
+        value = value.split(",")
+    return [str(v).strip() for v in value if str(v).strip() not in ("", "none")]
 
 
 def read_exposure_catalog(out_root: str | Path, night: str) -> pd.DataFrame:
@@ -259,7 +263,7 @@ def _join_truth(rows: pd.DataFrame, truth: pd.DataFrame) -> pd.DataFrame:
     by_exp = rows.merge(one, on="exposure", how="left", suffixes=("", "_truth"))
     matched = by_det["_merge"] == "both"
     out = by_det.drop(columns="_merge")
-    for col in ("quality_class_truth", "ambiguous", "has_confounder"):
+    for col in ("quality_class_truth", "ambiguous", "confounders", "has_confounder"):
         out.loc[~matched, col] = by_exp.loc[~matched, col].to_numpy()
     return out
 
@@ -287,6 +291,7 @@ def load_examples(out_root: str | Path, nights: list[str], truth_root: str | Pat
         rows["label"] = [CLASSES.index(c) for c in rows["quality_class_truth"]]
         rows["ambiguous"] = rows["ambiguous"].fillna(False).astype(bool)
         rows["has_confounder"] = rows["has_confounder"].fillna(False).astype(bool)
+        rows["confounders"] = rows["confounders"].fillna("").astype(str)
         tables.append(rows)
         features.append(feature_matrix(rows, cfg))
         nodes.append(night_nodes)

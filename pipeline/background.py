@@ -5,10 +5,20 @@ What is computed
 1. ``sep.Background`` on a mesh of ``box_px`` x ``box_px`` pixels, median-filtered over
    ``filter_size`` x ``filter_size`` meshes; masked pixels (non-finite, saturated, bad) do
    not enter it.
-2. With ``mask_sources``, the pixels of the sources detected above that first sky (at
-   ``SOURCE_MASK_SIGMA`` times the noise, grown by ``SOURCE_MASK_GROW_PX``) are masked and
-   the mesh is estimated again, so that stars and galaxies do not lift the sky.
-3. From the smooth sky map ``B`` over the unmasked pixels (sampled on a regular sub-grid of
+2. With ``mask_sources``, sources found above that first sky are masked and the mesh is
+   estimated again, so that stars, their wings and galaxies do not lift the sky. Masked:
+   pixels above ``SOURCE_MASK_SIGMA`` times the global noise that have such a neighbour,
+   and the faint wings and halos found on the residual averaged over
+   ``WING_BOX_PX`` x ``WING_BOX_PX`` blocks (``WING_SIGMA`` times the noise of such an
+   average, i.e. about a third of the per-pixel noise), and disks over the far halos of
+   bright detections, sized from their extent (``HALO_*``); the union is grown by
+   ``SOURCE_MASK_GROW_PX``.
+3. Noise-limited frames (a faint sky under a large read noise) get a coarser mesh. The
+   non-uniformity that pure noise gives a mesh of side ``box`` is about
+   ``NOISE_U_COEF * noise / (box * level)`` (measured on flat noise frames); when that
+   exceeds ``NOISE_U_MAX`` the second estimate uses the smallest mesh that brings it
+   down, a whole fraction of the shorter side with at least ``MIN_MESHES`` meshes.
+4. From the smooth sky map ``B`` over the unmasked pixels (sampled on a regular sub-grid of
    at most ``MAX_SAMPLES`` points; ``B`` is smooth on the mesh scale, so the sub-grid loses
    nothing):
 
@@ -19,6 +29,8 @@ What is computed
 
 The input is bias-subtracted: the simulator writes calibrated frames and the reader
 subtracts the overscan where the header names one, so ``median(B)`` is the sky itself.
+Real extended emission (a nebula, a large galaxy) is part of ``B`` where it is smooth on
+the mesh scale: the rule measurement cannot tell it from scattered light.
 """
 from __future__ import annotations
 
@@ -26,61 +38,55 @@ import math
 
 import numpy as np
 import sep
+from scipy import ndimage
 
 from survey_qa.config import BackgroundConfig
 from survey_qa.pipeline.errors import QualityError
 from survey_qa.pipeline.records import BackgroundResult
 
 SOURCE_MASK_SIGMA = 2.0
-"""Detection threshold (in sky RMS) of the sources masked for the second sky estimate."""
+"""Per-pixel threshold (in local sky RMS) of the source mask."""
+
+WING_BOX_PX = 9
+WING_SIGMA = 3.0
+"""Block size and threshold (in the block mean's noise) that find faint wings and halos."""
 
 SOURCE_MASK_GROW_PX = 2
-"""The source mask is grown by this many pixels to cover the faint wings."""
+"""The source mask is grown by this many pixels."""
+
+HALO_SKY_FRACTION = 0.005
+HALO_EXPONENT = 1.0 / 3.67
+HALO_MAX_FACTOR = 4.0
+HALO_MAX_PX = 256
+HALO_MIN_AREA_PX = 64
+HALO_MIN_SKY_FRACTION = 0.5
+"""Halos of bright sources: a detection covering ``A >= HALO_MIN_AREA_PX`` pixels above
+the per-pixel threshold (radius ``r``: half its largest extent, where its profile crosses
+``SOURCE_MASK_SIGMA * noise``) is masked out to the radius where a profile falling as
+``radius^(-1 / HALO_EXPONENT)`` (a Kolmogorov PSF's far wing, slower than any Moffat of
+beta > 1.8) drops to ``HALO_SKY_FRACTION`` of the sky: ``r (threshold / (fraction *
+level))^HALO_EXPONENT``, at most ``HALO_MAX_FACTOR r`` and ``HALO_MAX_PX``. Halo disks are dropped when they would leave less than
+``HALO_MIN_SKY_FRACTION`` of the detector (a crowded field or a large-PSF frame)."""
+
+MIN_SKY_FRACTION = 0.2
+"""When the source mask leaves less sky than this, the first estimate is kept."""
+
+NOISE_U_COEF = 7.0
+NOISE_U_MAX = 0.01
+"""Noise-limited mesh: pure noise gives u ~ NOISE_U_COEF * noise / (box * level)."""
+
+MIN_MESHES = 3
+"""A noise-limited mesh keeps at least this many meshes along the shorter side."""
 
 MAX_SAMPLES = 1_000_000
 """At most this many pixels of the smooth sky enter its percentiles."""
 
 
-def _sep_background(data: np.ndarray, mask: np.ndarray, cfg: BackgroundConfig) -> sep.Background:
-    box = int(min(cfg.box_px, max(data.shape)))
+def _sep_background(data: np.ndarray, mask: np.ndarray, box_px: int,
+                    cfg: BackgroundConfig) -> sep.Background:
+    box = int(min(box_px, max(data.shape)))
     return sep.Background(data, mask=mask, bw=box, bh=box, fw=cfg.filter_size,
                           fh=cfg.filter_size)
-
-
-def source_mask(data: np.ndarray, bkg: sep.Background, mask: np.ndarray,
-                thresh_sigma: float = SOURCE_MASK_SIGMA,
-                grow_px: int = SOURCE_MASK_GROW_PX) -> np.ndarray:
-    """Pixels covered by sources above a first sky estimate, grown by ``grow_px``.
-
-    Parameters
-    ----------
-    data
-        Image (ADU), native float32.
-    bkg
-        First sep background of ``data``.
-    mask
-        Pixels already excluded (True).
-    thresh_sigma
-        Threshold in units of the local sky RMS.
-    grow_px
-        Dilation of the source pixels (pixels).
-
-    Returns
-    -------
-    numpy.ndarray
-        Boolean map, True on source pixels.
-    """
-    hot = data - bkg.back()
-    hot = hot > thresh_sigma * bkg.rms()
-    hot &= ~mask
-    # A single pixel above 2 sigma is noise: keep those with a hot 4-neighbour.
-    neighbour = np.zeros_like(hot)
-    neighbour[1:] |= hot[:-1]
-    neighbour[:-1] |= hot[1:]
-    neighbour[:, 1:] |= hot[:, :-1]
-    neighbour[:, :-1] |= hot[:, 1:]
-    hot &= neighbour
-    return grow_mask(hot, grow_px)
 
 
 def grow_mask(hot: np.ndarray, grow_px: int) -> np.ndarray:
@@ -113,6 +119,119 @@ def grow_mask(hot: np.ndarray, grow_px: int) -> np.ndarray:
     return hot
 
 
+def _wing_mask(resid: np.ndarray, noise: float) -> np.ndarray:
+    """Pixels of blocks whose smoothed mean residual is significantly positive."""
+    b = WING_BOX_PX // 3
+    ny, nx = (resid.shape[0] // b) * b, (resid.shape[1] // b) * b
+    binned = resid[:ny, :nx].reshape(ny // b, b, nx // b, b).mean(axis=(1, 3))
+    smooth = ndimage.uniform_filter(binned, size=3, mode="nearest")
+    hot_blocks = smooth > WING_SIGMA * noise / WING_BOX_PX
+    out = np.zeros(resid.shape, bool)
+    out[:ny, :nx] = np.repeat(np.repeat(hot_blocks, b, axis=0), b, axis=1)
+    return out
+
+
+def source_mask(data: np.ndarray, back: np.ndarray, noise: float, level: float,
+                mask: np.ndarray, thresh_sigma: float = SOURCE_MASK_SIGMA,
+                grow_px: int = SOURCE_MASK_GROW_PX) -> np.ndarray:
+    """Pixels covered by sources (and their faint wings) above a first sky estimate.
+
+    Parameters
+    ----------
+    data
+        Image (ADU), native float32.
+    back
+        First smooth sky of ``data`` (ADU).
+    noise
+        Global sky RMS (ADU).
+    level
+        Median sky (ADU): halos are masked down to a fraction of it.
+    mask
+        Pixels already excluded (True).
+    thresh_sigma
+        Per-pixel threshold in units of ``noise``.
+    grow_px
+        Dilation of the source pixels (pixels).
+
+    Returns
+    -------
+    numpy.ndarray
+        Boolean map, True on source pixels.
+    """
+    resid = np.subtract(data, back, dtype=np.float32)
+    np.copyto(resid, 0.0, where=mask)
+    hot = resid > thresh_sigma * noise
+    # A single pixel above 2 sigma is noise: keep those with a hot 4-neighbour.
+    neighbour = np.zeros_like(hot)
+    neighbour[1:] |= hot[:-1]
+    neighbour[:-1] |= hot[1:]
+    neighbour[:, 1:] |= hot[:, :-1]
+    neighbour[:, :-1] |= hot[:, 1:]
+    hot &= neighbour
+    halos = _halo_mask(hot, thresh_sigma * noise, level)
+    hot |= _wing_mask(resid, noise)
+    hot = grow_mask(hot, grow_px)
+    if halos is not None:
+        with_halos = hot | halos
+        if (~(with_halos | mask)).mean() >= HALO_MIN_SKY_FRACTION:
+            return with_halos
+    return hot
+
+
+def _halo_mask(hot: np.ndarray, threshold: float, level: float) -> np.ndarray | None:
+    """Disks over the far wings of bright detections (see ``HALO_*``); None if none."""
+    if not level > 0:
+        return None
+    b = 4  # find the large detections on 4 x 4 blocks: cheap and enough for their size
+    ny, nx = (hot.shape[0] // b) * b, (hot.shape[1] // b) * b
+    blocks = hot[:ny, :nx].reshape(ny // b, b, nx // b, b).mean(axis=(1, 3)) > 0.5
+    labels, n = ndimage.label(blocks)
+    if n == 0:
+        return None
+    area = np.bincount(labels.ravel(), minlength=n + 1)[1:] * b * b
+    big = np.flatnonzero(area >= HALO_MIN_AREA_PX)
+    if big.size == 0:
+        return None
+    boxes = ndimage.find_objects(labels)
+    factor = min((threshold / (HALO_SKY_FRACTION * level)) ** HALO_EXPONENT, HALO_MAX_FACTOR)
+    out = np.zeros(hot.shape, bool)
+    for k in big:
+        sy, sx = boxes[k]
+        # The extent, not the area: a saturated core is masked, so its detection is a ring.
+        r_core = 0.5 * b * max(sy.stop - sy.start, sx.stop - sx.start)
+        radius = min(max(factor, 1.0) * r_core, HALO_MAX_PX)
+        _disk(out, 0.5 * b * (sx.start + sx.stop) - 0.5, 0.5 * b * (sy.start + sy.stop) - 0.5,
+              radius)
+    return out
+
+
+def _disk(out: np.ndarray, x: float, y: float, radius: float) -> None:
+    """Set a disk of ``out`` to True (clipped to the array)."""
+    y0, y1 = max(int(y - radius), 0), min(int(y + radius) + 2, out.shape[0])
+    x0, x1 = max(int(x - radius), 0), min(int(x + radius) + 2, out.shape[1])
+    if y1 <= y0 or x1 <= x0:
+        return
+    yy, xx = np.ogrid[y0:y1, x0:x1]
+    out[y0:y1, x0:x1] |= (yy - y) ** 2 + (xx - x) ** 2 <= radius * radius
+
+
+def noise_limited_box(box_px: int, noise: float, level: float, shape: tuple[int, int]) -> int:
+    """The mesh size that keeps the non-uniformity from pure noise under ``NOISE_U_MAX``.
+
+    Never smaller than ``box_px``. A larger mesh is a whole fraction of the shorter
+    detector side (sep's last, partial mesh would otherwise be a noisy sliver), with at
+    least ``MIN_MESHES`` meshes along it.
+    """
+    if not (level > 0 and noise > 0):
+        return box_px
+    needed = math.ceil(NOISE_U_COEF * noise / (NOISE_U_MAX * level))
+    if needed <= box_px:
+        return box_px
+    side = min(shape)
+    n_mesh = max(MIN_MESHES, side // needed)
+    return int(max(box_px, math.ceil(side / n_mesh)))
+
+
 def _sample_step(shape: tuple[int, int]) -> int:
     return max(1, math.ceil(math.sqrt(shape[0] * shape[1] / MAX_SAMPLES)))
 
@@ -143,7 +262,7 @@ def sky_statistics(back: np.ndarray, mask: np.ndarray) -> tuple[float, float]:
 
 def measure_background(data: np.ndarray, mask: np.ndarray | None,
                        cfg: BackgroundConfig) -> BackgroundResult:
-    """Measure the smooth sky, its noise and its non-uniformity.
+    """Measure the smooth sky, its noise and its non-uniformity (see the module notes).
 
     Parameters
     ----------
@@ -171,13 +290,17 @@ def measure_background(data: np.ndarray, mask: np.ndarray | None,
             else np.ascontiguousarray(mask, dtype=bool))
     if mask.all():
         raise QualityError("every pixel is masked: no sky to measure")
-    bkg = _sep_background(data, mask, cfg)
+    bkg = _sep_background(data, mask, cfg.box_px, cfg)
+    back = bkg.back()
+    level, _ = sky_statistics(back, mask)
+    box = noise_limited_box(cfg.box_px, float(bkg.globalrms), level, data.shape)
+    second = mask
     if cfg.mask_sources:
-        sources = source_mask(data, bkg, mask)
-        full = mask | sources
-        # A crowded field may leave too little sky: keep the first estimate then.
-        if (~full).mean() > 0.2:
-            bkg = _sep_background(data, full, cfg)
+        full = mask | source_mask(data, back, float(bkg.globalrms), level, mask)
+        if (~full).mean() > MIN_SKY_FRACTION:
+            second = full
+    if second is not mask or box != cfg.box_px:
+        bkg = _sep_background(data, second, box, cfg)
     back = bkg.back().astype(np.float32, copy=False)
     level, nonuniformity = sky_statistics(back, mask)
     return BackgroundResult(level=level, noise=float(bkg.globalrms), nonuniformity=nonuniformity,

@@ -2,9 +2,11 @@
 
 Rules
 -----
-- tracking: ``very_bad`` when ``trail_ratio >= trail_ratio_very_bad``, ``bad`` when
-  ``>= trail_ratio_bad``, counted only when ``elongation_coherence >= min_coherence``
-  (elongation that changes direction over the field is optics, not tracking);
+- tracking: ``very_bad`` when ``trail_ratio >= trail_ratio_very_bad`` (or, when the
+  stars are doubled by a pointing jump, qa flag ``DOUBLED_STARS``, when the separation
+  ratio ``>= jump_ratio_very_bad``), ``bad`` when ``>= trail_ratio_bad``, counted only
+  when ``elongation_coherence >= min_coherence`` (elongation that changes direction over
+  the field is optics, not tracking);
 - seeing: ``fwhm_arcsec > seeing_limit_arcsec``, or, without a pixel scale,
   ``fwhm_px > seeing_limit_px`` when that limit is set;
 - background: ``sky_nonuniformity >= nonuniformity_limit``;
@@ -37,6 +39,7 @@ from collections import Counter
 import numpy as np
 
 from survey_qa.config import ClassifyConfig
+from survey_qa.pipeline.flags import bits
 from survey_qa.pipeline.records import ClassResult
 from survey_qa.pipeline.schema import CLASSES, PRIORITY, TRACKING_FLAGS, empty_exposure_row
 
@@ -93,14 +96,16 @@ def _tracking(row: dict, cfg: ClassifyConfig) -> tuple[str, float, float]:
     if not _finite(ratio) or not _finite(coherence):
         return "none", 0.0, 0.0
     coherent = coherence >= cfg.min_coherence
+    doubled = bool(int(row.get("qa_flags") or 0) & bits("DOUBLED_STARS"))
+    very_bad_limit = cfg.jump_ratio_very_bad if doubled else cfg.trail_ratio_very_bad
     flag = "none"
-    if coherent and ratio >= cfg.trail_ratio_very_bad:
+    if coherent and ratio >= very_bad_limit:
         flag = "very_bad"
     elif coherent and ratio >= cfg.trail_ratio_bad:
         flag = "bad"
     p_coh = soft_margin(coherence, cfg.min_coherence, cfg.softness)
     p_bad = soft_margin(ratio, cfg.trail_ratio_bad, cfg.softness) * p_coh
-    p_very = soft_margin(ratio, cfg.trail_ratio_very_bad, cfg.softness) * p_coh
+    p_very = soft_margin(ratio, very_bad_limit, cfg.softness) * p_coh
     return flag, p_bad, min(p_very, p_bad)
 
 

@@ -35,6 +35,8 @@ EXPOSURE_FLAGS = {f.name: f for f in [
     Flag(9, "UNDERSAMPLED", "PSF FWHM under 2 pixels"),
     Flag(10, "AE_UNAVAILABLE", "no autoencoder weights: ae_score and mask_fraction are NaN"),
     Flag(11, "NONFINITE_PIXELS", "NaN or infinite pixels were masked"),
+    Flag(12, "DOUBLED_STARS", "every star is seen twice (a pointing jump): the PSF was "
+                              "measured on the pairs"),
 ]}
 
 SOURCE_FLAGS = {f.name: f for f in [

@@ -82,26 +82,38 @@ def moffat_model(p: np.ndarray, gx: np.ndarray, gy: np.ndarray,
     a, b, c = np.exp(p[:, 4, None, None]), np.exp(p[:, 5, None, None]), p[:, 6, None, None]
     bm1 = np.exp(p[:, 7, None, None])
     beta = 1.0 + bm1
-    dx, dy = gx[None] - x0, gy[None] - y0
-    u = a * dx + c * dy
+    dx = gx[None] - x0
+    dy = gy[None] - y0
+    u = a * dx
+    u += c * dy
     v = b * dy
-    lg = np.log1p(u * u + v * v)
-    core = np.exp(-beta * lg)  # (1 + q)^-beta
+    opq = u * u
+    opq += v * v
+    opq += 1.0  # 1 + q, q = d^T C d
+    lg = np.log(opq)
+    f = np.multiply(lg, -beta)
+    np.exp(f, out=f)  # (1 + q)^-beta
     k_norm = bm1 * a * b / math.pi
-    f = (flux * k_norm) * core
-    model = f.mean(axis=2) + bg[:, :, 0]
+    f *= flux * k_norm
+    mean_f = f.mean(axis=2)
+    model = mean_f + bg[:, :, 0]
     if not with_jacobian:
         return model, None
-    g = -beta * f * np.exp(-lg)  # d f / d q
+    g = f / opq
+    g *= -beta  # d f / d q
+    gu, gv = g * u, g * v
+    a2, b2, c2 = a[:, :, 0], b[:, :, 0], c[:, :, 0]
+    mean_gu = gu.mean(axis=2)
     jac = np.empty(model.shape + (N_PARAMS,))
-    jac[..., 0] = (g * (-2 * a * u)).mean(axis=2)
-    jac[..., 1] = (g * (-2 * (c * u + b * v))).mean(axis=2)
-    jac[..., 2] = (k_norm * core).mean(axis=2)
+    jac[..., 0] = -2.0 * a2 * mean_gu
+    jac[..., 1] = -2.0 * (c2 * mean_gu + b2 * gv.mean(axis=2))
+    jac[..., 2] = mean_f / flux[:, :, 0] if np.all(flux != 0) else (k_norm * np.exp(
+        -beta * lg)).mean(axis=2)
     jac[..., 3] = 1.0
-    jac[..., 4] = (f + g * (2 * a * u * dx)).mean(axis=2)
-    jac[..., 5] = (f + g * (2 * b * v * dy)).mean(axis=2)
-    jac[..., 6] = (g * (2 * u * dy)).mean(axis=2)
-    jac[..., 7] = (f * (1.0 - bm1 * lg)).mean(axis=2)
+    jac[..., 4] = mean_f + 2.0 * a2 * (gu * dx).mean(axis=2)
+    jac[..., 5] = mean_f + 2.0 * b2 * (gv * dy).mean(axis=2)
+    jac[..., 6] = 2.0 * (gu * dy).mean(axis=2)
+    jac[..., 7] = mean_f - bm1[:, :, 0] * (f * lg).mean(axis=2)
     return model, jac
 
 

@@ -804,11 +804,13 @@ class _Sky:
         return self.base * t + self.emission * (1.0 - t) + self.light
 
 
-def _unit_patterns(spec: ExposureSpec, index: int, gx: np.ndarray, gy: np.ndarray
+def _unit_patterns(spec: ExposureSpec, index: int, gx: np.ndarray, gy: np.ndarray,
+                   cloud_fp: tuple[np.ndarray, float] | None
                    ) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     """Natural gradient (in [-0.5, 0.5]), defect light (max ~1) and cloud (>= 0) patterns.
 
-    ``gx``, ``gy`` are focal-plane coordinates of the detector's nodes (2-D arrays).
+    ``gx``, ``gy`` are focal-plane coordinates of the detector's nodes (2-D arrays);
+    ``cloud_fp`` is the focal-plane cloud field of :func:`_cloud_field`, or None.
     """
     fx, fy = _focal_plane_size(spec)
     diag = math.hypot(fx, fy)
@@ -859,9 +861,7 @@ def _unit_patterns(spec: ExposureSpec, index: int, gx: np.ndarray, gy: np.ndarra
         else:
             light = np.exp(-(spec.ny - 1.0 - ly) / lam)
 
-    cloud = np.zeros_like(gx)
-    if spec.cloud_extinction_mag > 0:
-        cloud = _sample_field(*_cloud_field(spec), gx, gy)
+    cloud = np.zeros_like(gx) if cloud_fp is None else _sample_field(*cloud_fp, gx, gy)
     return natural, light, cloud
 
 
@@ -905,10 +905,11 @@ def sky_nodes(spec: ExposureSpec, index: int) -> _Sky:
     detectors of the exposure.
     """
     sky = spec.sky_e
+    cloud_fp = _cloud_field(spec) if spec.cloud_extinction_mag > 0 else None
     per_det = []
     for i in range(spec.n_detectors):
         step, gx, gy = _detector_nodes(spec, i)
-        per_det.append((step, *_unit_patterns(spec, i, gx, gy)))
+        per_det.append((step, *_unit_patterns(spec, i, gx, gy, cloud_fp)))
 
     cloud_amp = 0.0
     if spec.cloud_extinction_mag > 0:
@@ -925,16 +926,18 @@ def sky_nodes(spec: ExposureSpec, index: int) -> _Sky:
     amp = 0.0
     if spec.background_kind in ("gradient", "scattered", "glow") and spec.background_strength > 0:
         target = spec.background_strength
+        fixed = np.stack([build(i, 0.0).smooth().ravel() for i in range(spec.n_detectors)])
+        light = np.stack([sky * d[2].ravel() for d in per_det])
 
-        def quarter_u(a: float) -> float:
-            return _quarter_value([_nonuniformity(build(i, a).smooth())
-                                   for i in range(spec.n_detectors)])
+        def quarter_u(a: float) -> float:  # u reached by the worst quarter of detectors
+            p1, p50, p99 = np.percentile(fixed + a * light, [1.0, 50.0, 99.0], axis=1)
+            return _quarter_value(list((p99 - p1) / p50))
         lo, hi = 0.0, 1.0
         while quarter_u(hi) < target and hi < MAX_DEFECT_LIGHT:
             hi = min(2.0 * hi, MAX_DEFECT_LIGHT)
         if quarter_u(hi) < target:  # the pattern cannot reach the target: strongest allowed
             lo = hi
-        for _ in range(50):
+        for _ in range(40):
             mid = 0.5 * (lo + hi)
             lo, hi = (mid, hi) if quarter_u(mid) < target else (lo, mid)
         amp = hi

@@ -116,6 +116,24 @@ class StampsConfig:
 
 
 @dataclass
+class SomConfig:
+    """Self-organizing map of star stamps (the learned classifier's stamp summary)."""
+
+    grid_nodes: int = F(10, "Nodes along each side of the square map.", range=(2, 64))
+    sigma_nodes: float | None = F(
+        None, "Initial neighbourhood radius in nodes; None: a third of the side.",
+        range=(0.1, 64.0))
+    learning_rate: float = F(0.5, "Initial learning rate (asymptotic decay).",
+                             range=(1e-4, 10.0))
+    passes: int = F(5, "Training updates, in passes over the training stamps.",
+                    range=(1, 1000))
+    max_stamps: int = F(50_000, "At most this many stamps (a random subset) train the map.",
+                        range=(100, None))
+    augment: bool = F(True, "Rotate and flip the training stamps at random so that every "
+                            "direction of elongation is represented.")
+
+
+@dataclass
 class ClassifyConfig:
     """Rule classifier thresholds (quality-classes.md); a survey overrides these."""
 
@@ -128,6 +146,9 @@ class ClassifyConfig:
                                range=(0.1, 10.0))
     trail_ratio_very_bad: float = F(3.0, "Trail ratio from which tracking is very bad.",
                                     range=(0.5, 50.0))
+    jump_ratio_very_bad: float = F(
+        2.0, "When every star is seen twice (a pointing jump, qa flag DOUBLED_STARS), the "
+        "separation over the seeing FWHM from which tracking is very bad.", range=(0.5, 50.0))
     min_coherence: float = F(
         0.6, "Elongation must point the same way over the field (0: random, 1: all the "
         "same) to count as a tracking error; optics give low coherence.", range=(0.0, 1.0))
@@ -255,6 +276,7 @@ class Config:
     sources: SourcesConfig = field(default_factory=SourcesConfig)
     psf: PSFConfig = field(default_factory=PSFConfig)
     stamps: StampsConfig = field(default_factory=StampsConfig)
+    som: SomConfig = field(default_factory=SomConfig)
     classify: ClassifyConfig = field(default_factory=ClassifyConfig)
     autoencoder: AutoencoderConfig = field(default_factory=AutoencoderConfig)
     train: TrainConfig = field(default_factory=TrainConfig)

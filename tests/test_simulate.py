@@ -171,15 +171,15 @@ def test_render_is_deterministic():
 @pytest.mark.parametrize("profile", ["moffat", "kolmogorov"])
 def test_isolated_star_has_the_true_fwhm(profile):
     spec = clean_spec(seed=3, trail_kind="none", trail_ratio=0.0, fwhm_px=4.5)
-    spec = dataclasses.replace(spec, psf_profile=profile)
+    spec = dataclasses.replace(spec, psf_profile=profile,
+                               moffat_beta=3.0 if profile == "moffat" else math.nan)
     det = sim.render_detector(spec, 0, np.random.default_rng(1))
     assert det.truth["fwhm_px_true"] == pytest.approx(4.5)
-    stars = isolated_bright_stars(det, spec, radius_px=15)
-    assert len(stars) >= 2
-    for _, s in stars.iterrows():
-        img, xx, yy = stamp(det, s.x, s.y, 12)
-        # the pixel widens a 4.5 px PSF by about 1%; allow a few % for noise and model
-        assert moffat_fwhm(img, xx, yy, s.x, s.y) == pytest.approx(4.5, rel=0.05)
+    stars = isolated_bright_stars(det, spec, radius_px=15, n=3)
+    assert len(stars) == 3
+    fwhm = [moffat_fwhm(*stamp(det, s.x, s.y, 12), s.x, s.y) for _, s in stars.iterrows()]
+    # the pixel widens a 4.5 px PSF by 1-2%; allow a few % for noise and the model
+    assert np.median(fwhm) == pytest.approx(4.5, rel=0.05)
 
 
 def test_trail_elongates_along_trail_pa():
@@ -356,7 +356,7 @@ def test_simulate_night_is_deterministic(tmp_path):
 def test_simulate_night_with_a_dask_client(tmp_path):
     distributed = pytest.importorskip("distributed")
     with distributed.Client(processes=False, n_workers=1, threads_per_worker=2,
-                            dashboard_address=None) as client:
+                            dashboard_address=":0") as client:
         par = flow.simulate_night(tmp_path / "par", NIGHT, 3, seed=4, size_px=96, client=client)
     seq = flow.simulate_night(tmp_path / "seq", NIGHT, 3, seed=4, size_px=96)
     pd.testing.assert_frame_equal(par, seq)

@@ -1,0 +1,76 @@
+"""Background stage: level, noise and non-uniformity on scenes with a known sky."""
+import numpy as np
+import pytest
+
+from survey_qa.config import BackgroundConfig
+from survey_qa.pipeline.background import grow_mask, measure_background, noise_limited_box
+from survey_qa.pipeline.errors import QualityError
+
+
+def true_u(sky: np.ndarray) -> float:
+    p1, p50, p99 = np.percentile(sky, [1, 50, 99])
+    return (p99 - p1) / p50
+
+
+def test_flat_sky_with_stars(scene):
+    s = scene(shape=(512, 512), n_stars=40, sky=200.0, read_noise=5.0, seed=1)
+    res = measure_background(s.image, None, BackgroundConfig(box_px=64))
+    assert res.level == pytest.approx(200.0, rel=0.005)
+    assert res.noise == pytest.approx(np.sqrt(200.0 + 25.0), rel=0.05)
+    assert res.nonuniformity < 0.015
+    assert res.back.shape == s.image.shape and res.back.dtype == np.float32
+    assert res.rms.shape == s.image.shape
+
+
+@pytest.mark.parametrize("gradient", [0.05, 0.2, 0.5])
+def test_gradient_sky_nonuniformity(scene, gradient):
+    s = scene(shape=(512, 512), n_stars=30, sky=200.0, gradient=gradient, seed=2)
+    res = measure_background(s.image, None, BackgroundConfig(box_px=64))
+    assert res.nonuniformity == pytest.approx(true_u(s.sky), abs=0.01)
+
+
+def test_source_masking_keeps_bright_stars_out_of_the_sky(scene):
+    s = scene(shape=(512, 512), n_stars=60, sky=50.0, flux=(2e5, 2e6), fwhm_px=6.0, seed=3,
+              min_sep=30)
+    masked = measure_background(s.image, None, BackgroundConfig(box_px=64))
+    plain = measure_background(s.image, None, BackgroundConfig(box_px=64, mask_sources=False))
+    assert abs(masked.level - 50.0) < abs(plain.level - 50.0)
+    assert masked.level == pytest.approx(50.0, rel=0.01)
+    assert masked.nonuniformity < plain.nonuniformity
+
+
+def test_masked_pixels_are_ignored(scene):
+    s = scene(shape=(256, 256), n_stars=10, sky=100.0, seed=4)
+    img = s.image.copy()
+    img[100:140, 60:200] = 5e4  # a bad block, masked
+    mask = np.zeros(img.shape, bool)
+    mask[100:140, 60:200] = True
+    res = measure_background(img, mask, BackgroundConfig(box_px=64))
+    assert res.level == pytest.approx(100.0, rel=0.01)
+    assert res.nonuniformity < 0.05
+
+
+def test_noise_limited_frames_get_a_coarser_mesh():
+    rng = np.random.default_rng(5)
+    img = rng.normal(4.0, 12.0, (1024, 1024)).astype(np.float32)  # faint sky, big read noise
+    fine = measure_background(img, None, BackgroundConfig(box_px=64, mask_sources=False))
+    assert noise_limited_box(64, fine.noise, 4.0, img.shape) == 342  # 1024 / 3 meshes
+    assert noise_limited_box(64, 10.0, 1000.0, img.shape) == 64  # bright sky: as configured
+    assert fine.nonuniformity < 0.1  # pure noise, measured on the coarse mesh
+
+
+def test_big_endian_input_and_all_masked():
+    img = np.full((128, 128), 10.0, dtype=">f4") + np.random.default_rng(6).normal(
+        0, 1, (128, 128)).astype(">f4")
+    res = measure_background(img, None, BackgroundConfig(box_px=32))
+    assert res.level == pytest.approx(10.0, abs=0.1)
+    with pytest.raises(QualityError, match="masked"):
+        measure_background(img, np.ones(img.shape, bool), BackgroundConfig(box_px=32))
+
+
+def test_grow_mask_matches_a_square_dilation():
+    from scipy import ndimage
+
+    hot = np.random.default_rng(7).random((64, 80)) > 0.995
+    expected = ndimage.binary_dilation(hot, structure=np.ones((5, 5), bool))
+    assert np.array_equal(grow_mask(hot, 2), expected)

@@ -1,0 +1,160 @@
+"""PSF stage: star selection and a real FWHM, shape and trail measurement."""
+import math
+
+import numpy as np
+import pytest
+
+from survey_qa.config import BackgroundConfig, PSFConfig, SourcesConfig
+from survey_qa.pipeline import psf_models as pm
+from survey_qa.pipeline.background import measure_background
+from survey_qa.pipeline.flags import SOURCE_FLAGS, decode_flags
+from survey_qa.pipeline.psf import (annotate_sources, measure_psf, select_psf_stars,
+                                    trail_ratio)
+from survey_qa.pipeline.sources import extract_sources
+
+
+def run(image, cfg=None, saturate=math.nan, mask=None):
+    cfg = cfg or PSFConfig()
+    bkg = measure_background(image, mask, BackgroundConfig(box_px=64))
+    src = extract_sources(image, bkg, mask, SourcesConfig(), saturate)
+    star = select_psf_stars(src, image.shape, cfg)
+    return src, star, measure_psf(image, bkg, src, star, cfg)
+
+
+@pytest.mark.parametrize("fwhm, beta", [(2.0, 3.0), (4.0, 3.0), (8.0, 3.0), (4.0, 4.5)])
+def test_round_stars_give_their_true_fwhm(scene, fwhm, beta):
+    s = scene(shape=(384, 384), n_stars=25, fwhm_px=fwhm, beta=beta, seed=int(fwhm * 10))
+    _, star, res = run(s.image)
+    assert res.n_used >= 8
+    assert res.fwhm_px == pytest.approx(fwhm, rel=0.03)
+    assert res.moffat_beta == pytest.approx(beta, rel=0.1)
+    assert res.ellipticity < 0.03 and res.trail_ratio < 0.3
+    assert res.qa_flags == 0
+    used = res.star_fwhm_px[res.psf_star]
+    assert np.isfinite(used).all() and np.isnan(res.star_fwhm_px[~res.psf_star]).all()
+
+
+@pytest.mark.parametrize("trail_px, angle", [(4.0, 30.0), (12.0, 30.0), (20.0, 135.0)])
+def test_linear_trail(scene, trail_px, angle):
+    s = scene(shape=(384, 384), n_stars=25, fwhm_px=4.0, trail_px=trail_px,
+              trail_angle_deg=angle, seed=7)
+    _, _, res = run(s.image)
+    assert res.coherence > 0.9
+    assert abs((res.pa_deg - angle + 90) % 180 - 90) < 2.0
+    assert res.trail_ratio == pytest.approx(trail_px / 4.0, rel=0.1)
+    assert res.fwhm_px == pytest.approx(4.0, rel=0.03)  # the seeing, before the motion
+    assert res.ellipticity > 0.15
+
+
+def test_trail_ratio_estimator_from_second_moments():
+    # A Gaussian of sigma s convolved with a line of length T: variance s^2 + T^2 / 12
+    # along the line, s^2 across; the estimator must give back T / FWHM.
+    sigma = 1.7
+    for ratio in (0.3, 0.75, 1.0, 2.0):
+        t = ratio * sigma / pm.SIGMA_PER_FWHM
+        q = sigma / math.sqrt(sigma ** 2 + t ** 2 / 12.0)
+        assert trail_ratio(1.0 - q) == pytest.approx(ratio, rel=1e-9)
+    assert trail_ratio(0.0) == 0.0
+
+
+def test_a_single_trailed_star(scene):
+    s = scene(shape=(128, 128), positions=([64.0], [64.0]), fluxes=[3e5], fwhm_px=3.0,
+              trail_px=4.5, trail_angle_deg=60.0, seed=8)
+    _, _, res = run(s.image, PSFConfig(min_stars=1))
+    assert res.n_used == 1
+    assert res.trail_ratio == pytest.approx(1.5, rel=0.1)
+    assert res.fwhm_px == pytest.approx(3.0, rel=0.05)
+
+
+def test_field_dependent_optics_are_not_coherent(scene):
+    def radial(x, y, c=191.5):
+        r = math.hypot(x - c, y - c) / c
+        return 0.15 * min(r, 1.2) ** 2, math.degrees(math.atan2(y - c, x - c))
+
+    s = scene(shape=(384, 384), n_stars=40, fwhm_px=4.0, shear=radial, seed=9, margin=24)
+    _, _, res = run(s.image)
+    assert res.ellipticity > 0.05  # the stars are elongated ...
+    assert res.coherence < 0.35  # ... but not the same way
+    assert res.trail_ratio < 0.5
+    assert res.fwhm_px == pytest.approx(4.0, rel=0.03)  # shear keeps the area
+
+
+def test_saturated_star_is_not_a_psf_star(scene):
+    s = scene(shape=(256, 256), n_stars=12, fwhm_px=3.0, seed=10, flux=(2e4, 6e4))
+    img = s.image.copy()
+    bright = scene(shape=(256, 256), positions=([128.0], [128.0]), fluxes=[5e6], fwhm_px=3.0,
+                   sky=0.0, read_noise=0.0, seed=11).image
+    img = np.minimum(img + bright, 30000.0)
+    mask = img >= 30000.0
+    src, star, res = run(img, saturate=30000.0, mask=mask)
+    i = int(np.argmin(np.hypot(src.x - 128, src.y - 128)))
+    assert src["flags"].iloc[i] & SOURCE_FLAGS["SATURATED"].value
+    assert not star[i] and not res.psf_star[i]
+
+
+def test_cosmic_rays_and_galaxies_are_rejected(scene):
+    s = scene(shape=(384, 384), n_stars=20, fwhm_px=4.0, seed=12, flux=(5e4, 2e5))
+    gal = scene(shape=(384, 384), n_stars=8, fwhm_px=14.0, seed=13, flux=(2e5, 5e5),
+                sky=0.0, read_noise=0.0).image
+    img = s.image + gal
+    rng = np.random.default_rng(14)
+    hot = rng.integers(20, 364, (15, 2))
+    img[hot[:, 1], hot[:, 0]] += 5000.0  # hot pixels / cosmic-ray hits
+    src, star, res = run(img)
+    flags = annotate_sources(src, star, res, img.shape, PSFConfig())["flags"].to_numpy()
+    compact = (flags & SOURCE_FLAGS["COMPACT"].value) > 0
+    extended = (flags & SOURCE_FLAGS["EXTENDED"].value) > 0
+    assert compact.sum() >= 10 and extended.sum() >= 5
+    assert not (star & (compact | extended)).any()
+    assert res.fwhm_px == pytest.approx(4.0, rel=0.03)
+
+
+def test_too_few_stars(scene):
+    s = scene(shape=(256, 256), n_stars=3, fwhm_px=3.0, seed=15)
+    src, star, res = run(s.image)
+    assert 0 < len(src) < 5
+    assert math.isnan(res.fwhm_px) and math.isnan(res.trail_ratio)
+    assert decode_flags(res.qa_flags) == ["FEW_STARS"] and res.n_used == 0
+    assert all(math.isnan(v) for v in res.fwhm_grid_px)
+
+
+def test_undersampled(scene):
+    s = scene(shape=(256, 256), n_stars=25, fwhm_px=1.6, seed=16)
+    _, _, res = run(s.image)
+    assert res.fwhm_px == pytest.approx(1.6, rel=0.05)
+    assert "UNDERSAMPLED" in decode_flags(res.qa_flags)
+
+
+def test_grid_regions_without_stars_are_nan(scene):
+    rng = np.random.default_rng(17)
+    x, y = rng.uniform(20, 110, 20), rng.uniform(20, 364, 20)  # left third only
+    s = scene(shape=(384, 384), positions=(x, y), fwhm_px=3.0, seed=17, min_sep=0)
+    _, _, res = run(s.image, PSFConfig(grid=3, isolation_fwhm=2.0))
+    grid = np.array(res.fwhm_grid_px).reshape(3, 3)  # row-major from pixel (0, 0)
+    assert np.isfinite(grid[:, 0]).all() and np.isnan(grid[:, 1:]).all()
+    assert np.allclose(grid[:, 0], 3.0, rtol=0.05)
+
+
+def test_doubled_stars(scene):
+    rng = np.random.default_rng(18)
+    x, y = rng.uniform(30, 450, 30), rng.uniform(30, 450, 30)
+    d = (11.0, 6.0)  # a jump of 12.5 px: 3.1 x the 4 px FWHM
+    f = 10 ** rng.uniform(4.5, 5.3, 30)
+    s = scene(shape=(512, 512), positions=(np.r_[x, x + d[0]], np.r_[y, y + d[1]]),
+              fluxes=np.r_[0.6 * f, 0.4 * f], fwhm_px=4.0, seed=18)
+    _, _, res = run(s.image)
+    assert "DOUBLED_STARS" in decode_flags(res.qa_flags)
+    assert res.trail_ratio == pytest.approx(math.hypot(*d) / 4.0, rel=0.05)
+    assert res.fwhm_px == pytest.approx(4.0, rel=0.05)
+    assert abs(res.pa_deg - math.degrees(math.atan2(d[1], d[0]))) < 2.0
+
+
+def test_annotate_sources(scene):
+    s = scene(shape=(256, 256), n_stars=15, fwhm_px=3.0, seed=19)
+    src, star, res = run(s.image)
+    out = annotate_sources(src, star, res, s.image.shape, PSFConfig())
+    is_psf = (out["flags"].to_numpy() & SOURCE_FLAGS["PSF_STAR"].value) > 0
+    assert np.array_equal(is_psf, res.psf_star)
+    assert np.allclose(out.fwhm_px[is_psf], 3.0, rtol=0.1)
+    assert out.fwhm_px[~is_psf].isna().all()
+    assert src.fwhm_px.isna().all()  # the input is left alone

@@ -1,0 +1,105 @@
+"""Source extraction: positions, fluxes, flags, saturation, sep overflows."""
+import math
+
+import numpy as np
+import pytest
+import sep
+
+from survey_qa.config import BackgroundConfig, SourcesConfig
+from survey_qa.pipeline import sources as sources_mod
+from survey_qa.pipeline.background import measure_background
+from survey_qa.pipeline.errors import QualityError
+from survey_qa.pipeline.flags import SOURCE_FLAGS
+from survey_qa.pipeline.schema import SOURCE_SCHEMA
+from survey_qa.pipeline.sources import configure_sep, extract_sources
+
+NAN = math.nan
+
+
+def measure(image, saturate=NAN, mask=None, **cfg):
+    bkg = measure_background(image, mask, BackgroundConfig(box_px=64))
+    return extract_sources(image, bkg, mask, SourcesConfig(**cfg), saturate)
+
+
+def match(src, s):
+    d = np.hypot(src.x.to_numpy()[:, None] - s.x[None], src.y.to_numpy()[:, None] - s.y[None])
+    return d.argmin(axis=1), d.min(axis=1)
+
+
+def test_every_star_is_found_where_it_is(scene):
+    s = scene(shape=(256, 256), n_stars=25, fwhm_px=3.0, seed=1)
+    src = measure(s.image)
+    assert list(src.columns) == [c for c in SOURCE_SCHEMA.names if c not in ("exposure", "detector")]
+    assert len(src) == len(s.x)
+    j, dist = match(src, s)
+    assert len(set(j)) == len(s.x)
+    assert np.median(dist) < 0.05 and dist.max() < 0.3  # windowed centroids, 0-based
+    ratio = src.flux.to_numpy() / s.flux[j]
+    assert np.median(ratio) == pytest.approx(0.95, abs=0.04)  # a Kron aperture misses wings
+    assert (np.diff(src.flux.to_numpy()) <= 0).all()  # brightest first
+    assert list(src.id) == list(range(len(src)))
+    assert src.fwhm_px.isna().all() and src.ellipticity.isna().all()
+    assert (src.snr > 5).all() and (src["flags"] == 0).all()
+    assert src.flux_radius_px.median() == pytest.approx(0.63 * 3.0 * 1.0, rel=0.15)
+
+
+def test_saturated_star_is_flagged(scene):
+    s = scene(shape=(256, 256), positions=([60.0, 180.0, 120.0], [60.0, 180.0, 200.0]),
+              fluxes=[3e6, 5e4, 5e4], fwhm_px=3.0, seed=2, saturate=20000.0)
+    img = s.image
+    mask = img >= 20000.0
+    assert mask.any()
+    src = measure(img, saturate=20000.0, mask=mask)
+    sat = (src["flags"].to_numpy() & SOURCE_FLAGS["SATURATED"].value) > 0
+    j, dist = match(src, s)
+    assert sat[j == 0].all() and not sat[j != 0].any()
+
+
+def test_max_sources_keeps_the_brightest(scene):
+    s = scene(shape=(256, 256), n_stars=25, seed=3)
+    everything = measure(s.image)
+    top = measure(s.image, max_sources=10)
+    assert len(top) == 10
+    assert np.allclose(np.sort(top.flux)[::-1], everything.flux[:10])
+
+
+def test_pure_noise_gives_an_empty_table():
+    img = np.random.default_rng(4).normal(100, 5, (128, 128)).astype(np.float32)
+    src = measure(img)
+    assert len(src) == 0 and "flux_radius_px" in src.columns
+
+
+def test_overflow_raises_the_threshold_and_retries(scene, monkeypatch):
+    s = scene(shape=(128, 128), n_stars=5, seed=5)
+    real = sep.extract
+    calls = []
+
+    def flaky(data, thresh, **kw):
+        calls.append(thresh)
+        if len(calls) == 1:
+            raise Exception("internal pixel buffer full: The limit of 300000 active pixels")
+        return real(data, thresh, **kw)
+
+    monkeypatch.setattr(sources_mod.sep, "extract", flaky)
+    src = measure(s.image, thresh_sigma=5.0)
+    assert calls == [5.0, 10.0] and src.attrs["thresh_sigma"] == 10.0 and len(src) > 0
+
+
+def test_unresolvable_overflow_is_a_quality_error(scene, monkeypatch):
+    s = scene(shape=(128, 128), n_stars=5, seed=6)
+
+    def always(data, thresh, **kw):
+        raise Exception("object deblending overflow")
+
+    monkeypatch.setattr(sources_mod.sep, "extract", always)
+    with pytest.raises(QualityError, match="source extraction failed"):
+        measure(s.image)
+
+
+def test_configure_sep_sets_the_process_state_once():
+    cfg = SourcesConfig(pixstack=1_234_567)
+    configure_sep(cfg)
+    assert sep.get_extract_pixstack() == 1_234_567
+    configure_sep(cfg)  # idempotent
+    assert sep.get_sub_object_limit() >= sources_mod.SUB_OBJECT_LIMIT
+    configure_sep(SourcesConfig())
