@@ -11,6 +11,8 @@ missing.
 from __future__ import annotations
 
 import collections
+import functools
+import math
 import shutil
 import time
 from dataclasses import dataclass, field
@@ -23,8 +25,10 @@ import pyarrow as pa
 
 import survey_qa
 from survey_qa.config import Config
-from survey_qa.pipeline import background, classify, features, io, psf, sources, stamps
+from survey_qa.pipeline import (aescore, background, classify, features, io, psf, sources,
+                                stamps)
 from survey_qa.pipeline.errors import QualityError
+from survey_qa.pipeline.flags import bits
 from survey_qa.pipeline.records import DetectorImage
 from survey_qa.pipeline.schema import (CLASSES, EXPOSURE_SCHEMA, PRIORITY, SOURCE_SCHEMA,
                                        empty_exposure_row, rows_to_table)
@@ -83,34 +87,86 @@ def done_exposures(out_root: str | Path, night: str) -> set[str]:
     return {p.stem for p in folder.glob("*.parquet")}
 
 
+# ---------------------------------------------------------------------------- models
+
+
+@dataclass
+class Models:
+    """The trained models a night uses; None where there are no weights (or not asked)."""
+
+    scorer: "aescore.Scorer | None"
+    classifier: "object | None"  # survey_qa.models.classifier.LearnedClassifier
+
+    @property
+    def version(self) -> str:
+        parts = [self.classifier.version if self.classifier else RULES_VERSION]
+        if self.scorer:
+            parts.append(self.scorer.version)
+        return "+".join(parts)
+
+
+@functools.lru_cache(maxsize=4)
+def _scorer(path: str | None):
+    from survey_qa.models.weights import load_scorer
+
+    return load_scorer(path)
+
+
+def load_models(cfg: Config) -> Models:
+    """The autoencoder scorer and the learned classifier, read once per process.
+
+    Raises ``ValueError`` when ``run.classifier`` is 'cnn' and there are no weights.
+    """
+    scorer = _scorer(cfg.autoencoder.weights) if cfg.autoencoder.enabled else None
+    learned = None
+    if cfg.run.classifier != "rules":
+        from survey_qa.models.classifier import shared_classifier
+
+        learned = shared_classifier(cfg.run.classifier_weights, cfg.classify)
+        if learned is None and cfg.run.classifier == "cnn":
+            raise ValueError("run.classifier is 'cnn' but no classifier weights are packaged "
+                             "or configured (run.classifier_weights)")
+    return Models(scorer=scorer, classifier=learned)
+
+
 # ---------------------------------------------------------------------------- per task
 
 
-def array_variables(cfg: Config) -> dict:
+def array_variables(cfg: Config, models: Models, max_shape: tuple[int, int]) -> dict:
     """Arrays written per detector into ``arrays/<night>.zarr``."""
     n, s = cfg.stamps.per_detector, cfg.stamps.size_px
-    return {
+    out = {
         "stamps": ((n, s, s), ("star", "y", "x"), "float32", np.nan),
         "stamp_x": ((n,), ("star",), "float32", np.nan),
         "stamp_y": ((n,), ("star",), "float32", np.nan),
         "n_stamps": ((), (), "int32", 0),
     }
+    if models.classifier is not None:
+        gx, gy = models.classifier.som.grid
+        out["som_occupancy"] = ((gx, gy), ("som_x", "som_y"), "float32", np.nan)
+    if models.scorer is not None:
+        block = models.scorer.bin_factor * models.scorer.patch_px
+        grid = (math.ceil(max_shape[0] / block), math.ceil(max_shape[1] / block))
+        out["ae_score_map"] = (grid, ("patch_y", "patch_x"), "float32", np.nan)
+        out["ae_mask"] = (grid, ("patch_y", "patch_x"), "uint8", 0)
+    return out
 
 
-def plan_frames(path: str, cfg: Config) -> list[tuple[str, str]]:
-    """(exposure, detector) of every detector in a file, from its headers only."""
+def plan_frames(path: str, cfg: Config) -> list[tuple[str, str, int, int]]:
+    """(exposure, detector, ny, nx) of every detector in a file, from its headers only."""
     try:
         with io._open(Path(path)) as hdul:
-            return [(io.exposure_id(path), io._detector_name(h, i))
+            return [(io.exposure_id(path), io._detector_name(h, i), *h.shape[-2:])
                     for i, h in enumerate(hdul) if io._is_image(h, cfg.io)]
     except QualityError:
         return []
 
 
-def measure_detector(det: DetectorImage, cfg: Config):
+def measure_detector(det: DetectorImage, cfg: Config, models: Models):
     """The stages for one detector.
 
-    Returns the exposure row, the source table, the PSF result and the star stamps.
+    Returns the exposure row, the source table, the PSF result, the star stamps and the
+    arrays for the Zarr store.
     """
     timings = {}
     t = time.perf_counter()
@@ -127,12 +183,27 @@ def measure_detector(det: DetectorImage, cfg: Config):
     t = time.perf_counter()
     cut = stamps.cut_stamps(det.data, bkg, src, psf_result.psf_star, cfg.stamps)
     timings["t_stamps_s"] = time.perf_counter() - t
-    t = time.perf_counter()
     row = features.summarize(det, bkg, src, psf_result)
-    row = classify.apply_classification(row, classify.classify_rules(row, cfg.classify))
+    arrays = {}
+    t = time.perf_counter()
+    if models.scorer is not None:
+        ae = aescore.score_detector(det.data, det.mask, models.scorer, cfg.autoencoder)
+        row.update(ae_score=ae.ae_score, mask_fraction=ae.mask_fraction)
+        arrays.update(ae_score_map=ae.score_map, ae_mask=ae.mask.astype(np.uint8))
+    else:
+        row["qa_flags"] |= bits("AE_UNAVAILABLE")
+    timings["t_ae_s"] = time.perf_counter() - t
+    t = time.perf_counter()
+    if models.classifier is not None:
+        occupancy = models.classifier.occupancy(cut)
+        result = models.classifier.predict(row, occupancy)
+        arrays["som_occupancy"] = occupancy
+    else:
+        result = classify.classify_rules(row, cfg.classify)
+    row = classify.apply_classification(row, result)
     timings["t_classify_s"] = time.perf_counter() - t
     row.update(timings)
-    return row, src, psf_result, cut
+    return row, src, psf_result, cut, arrays
 
 
 def failed_row(path: str, exposure: str, detector: str, error: QualityError) -> dict:
@@ -152,6 +223,7 @@ def process_exposure(path: str, cfg: Config, night: str, store: str,
     t_start = time.perf_counter()
     exposure = io.exposure_id(path)
     sources.configure_sep(cfg.sources)
+    models = load_models(cfg)
     t = time.perf_counter()
     try:
         dets = io.read_detectors(path, cfg.io)
@@ -165,7 +237,7 @@ def process_exposure(path: str, cfg: Config, night: str, store: str,
             rows.append(failed_row(path, exposure, det.metadata.get("detector", "ALL"), det))
             continue
         try:
-            row, src, psf_result, cut = measure_detector(det, cfg)
+            row, src, psf_result, cut, arrays = measure_detector(det, cfg, models)
         except QualityError as e:
             rows.append(failed_row(path, exposure, det.detector, e))
             continue
@@ -179,14 +251,14 @@ def process_exposure(path: str, cfg: Config, night: str, store: str,
             xy = src[["x", "y"]].to_numpy(np.float32)[order]
             io.write_frame(store, frame_index[key], {
                 "stamps": cut, "stamp_x": xy[:, 0], "stamp_y": xy[:, 1],
-                "n_stamps": np.int32(len(cut))})
+                "n_stamps": np.int32(len(cut)), **arrays})
 
     ok = [r for r in rows if r["status"] == "ok"]
     if len(dets) > 1 and ok:
         rows.append(classify.combine_detectors(ok))
     now = datetime.now(timezone.utc).replace(microsecond=0)
     for r in rows:
-        r.update(pipeline_version=survey_qa.__version__, model_version=RULES_VERSION,
+        r.update(pipeline_version=survey_qa.__version__, model_version=models.version,
                  processed_at=now, n_detectors=len(dets))
         if r["status"] == "ok":
             r["t_total_s"] = time.perf_counter() - t_start
@@ -232,18 +304,21 @@ def run_night(cfg: Config, night: str, *, echo=print) -> NightSummary:
     done = done_exposures(out_root, night)
     todo = [str(p) for p in paths if io.exposure_id(p) not in done]
     store = io.zarr_path(out_root, night)
+    models = load_models(cfg)  # fails early when asked-for weights are missing
 
     if todo:
         with make_cluster(cfg.cluster) as cluster, Client(cluster) as client:
             scale_for_night(cluster, cfg.cluster, len(todo))
             plans = client.gather(client.map(plan_frames, todo, cfg=cfg, pure=False))
             frames = [f for plan in plans for f in plan]
-            index = io.setup_zarr(store, frames, array_variables(cfg))
+            max_shape = tuple(max([f[i] for f in frames], default=1) for i in (2, 3))
+            index = io.setup_zarr(store, [f[:2] for f in frames],
+                                  array_variables(cfg, models, max_shape))
             futures = client.map(process_exposure, todo, cfg=cfg, night=night,
                                  store=str(store), frame_index=index, pure=False)
             _follow(futures, as_completed, cfg, echo)
     elif not store.exists():
-        io.setup_zarr(store, [], array_variables(cfg))
+        io.setup_zarr(store, [], array_variables(cfg, models, (1, 1)))
 
     work = work_dir(out_root, night)
     exposures = io.read_parquet_folder(work / "exposures", EXPOSURE_SCHEMA)
@@ -288,7 +363,7 @@ def _summarize(night, rows, n_files, n_todo, exp_path, src_path, store, wall_s) 
     failures = [(r["exposure"], r["detector"], r["error"]) for r in rows
                 if r["status"] == "failed"]
     stage_cols = ("t_read_s", "t_background_s", "t_sources_s", "t_psf_s", "t_stamps_s",
-                  "t_classify_s")
+                  "t_ae_s", "t_classify_s")
     det_rows = [r for r in rows if r["status"] == "ok" and r["detector"] != "ALL"]
     medians = {c[2:-2]: float(np.nanmedian([r[c] for r in det_rows]))
                for c in stage_cols if det_rows}

@@ -157,7 +157,8 @@ def cluster_spec(cfg: ClusterConfig) -> tuple[type, dict[str, Any]]:
             "threads_per_worker": cfg.threads_per_worker,
             "processes": True,
             "memory_limit": cfg.memory_limit,
-            "dashboard_address": cfg.dashboard_address,
+            **({"dashboard_address": cfg.dashboard_address} if cfg.dashboard_address else
+               {"dashboard_address": ":0", "scheduler_kwargs": {"dashboard": False}}),
         }
     if cfg.kind == "slurm":
         from dask_jobqueue import SLURMCluster

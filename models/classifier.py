@@ -17,6 +17,8 @@
 """
 from __future__ import annotations
 
+import dataclasses
+import functools
 import hashlib
 import json
 import math
@@ -52,11 +54,11 @@ FEATURE_NAMES = (
     "fwhm_grid_spread",       # (max - min) / median of the per-region FWHM
     "ellipticity_grid_mean",  # mean per-region ellipticity
     "ellipticity_grid_std",   # its spread over the field (optics vary, tracking does not)
-    "moffat_beta",            # PSF wing shape
+    "log_moffat_beta",        # PSF wing shape, ln(beta)
     "mask_fraction",          # share of the detector the autoencoder masks
 )
 OPTIONAL_FEATURES = ("fwhm_grid_spread", "ellipticity_grid_mean", "ellipticity_grid_std",
-                     "moffat_beta", "mask_fraction")
+                     "log_moffat_beta", "mask_fraction")
 """Features that some instruments or runs cannot give (no autoencoder weights, too few
 stars per region): training reports them missing at random so the model copes."""
 
@@ -110,6 +112,7 @@ def feature_vector(row: dict, cfg: ClassifyConfig) -> np.ndarray:
     ell, coh = _num(row, "ellipticity"), _num(row, "elongation_coherence")
     trail = _num(row, "trail_ratio")
     sky_u = _num(row, "sky_nonuniformity")
+    beta = _num(row, "moffat_beta")
     fwhm_grid, ell_grid = _grid(row, "fwhm_grid_px"), _grid(row, "ellipticity_grid")
     spread = math.nan
     if len(fwhm_grid) >= 2 and np.median(fwhm_grid) > 0:
@@ -125,7 +128,7 @@ def feature_vector(row: dict, cfg: ClassifyConfig) -> np.ndarray:
         "fwhm_grid_spread": spread,
         "ellipticity_grid_mean": float(ell_grid.mean()) if len(ell_grid) else math.nan,
         "ellipticity_grid_std": float(ell_grid.std()) if len(ell_grid) >= 2 else math.nan,
-        "moffat_beta": _num(row, "moffat_beta"),
+        "log_moffat_beta": math.log(beta) if beta > 0 else math.nan,
         "mask_fraction": _num(row, "mask_fraction"),
     }
     return np.array([values[n] for n in FEATURE_NAMES], dtype=np.float32)
@@ -348,9 +351,9 @@ class ExposureDataset(Dataset):
 
     def __init__(self, examples: Examples, grid: tuple[int, int], augment: bool = False,
                  p_missing: float = 0.1):
-        self.nodes = torch.as_tensor(examples.nodes.astype(np.int64))
-        self.features = torch.as_tensor(examples.features)
-        self.labels = torch.as_tensor(examples.table["label"].to_numpy(dtype=np.int64))
+        self.nodes = torch.tensor(examples.nodes, dtype=torch.int64)
+        self.features = torch.tensor(examples.features, dtype=torch.float32)
+        self.labels = torch.tensor(examples.table["label"].to_numpy(dtype=np.int64, copy=True))
         self.grid = tuple(grid)
         self.augment = augment
         self.p_missing = p_missing
@@ -557,7 +560,7 @@ def fit_temperature(logits: torch.Tensor, labels: torch.Tensor, max_iter: int = 
         return loss
 
     opt.step(closure)
-    return float(np.clip(math.exp(float(log_t)), 0.05, 20.0))
+    return float(np.clip(math.exp(float(log_t.detach())), 0.05, 20.0))
 
 
 # ---------------------------------------------------------------------------- files
@@ -768,3 +771,21 @@ def load_classifier(path: str | Path | None = None,
                    info=som_meta.get("info", {}))
     return LearnedClassifier(net=net, som=som, meta=meta, version=f"cnn-{digest[:12]}",
                              classify_cfg=classify_cfg or ClassifyConfig())
+
+
+@functools.lru_cache(maxsize=4)
+def _cached_classifier(path: str | None) -> LearnedClassifier | None:
+    return load_classifier(path)
+
+
+def shared_classifier(path: str | Path | None = None,
+                      classify_cfg: ClassifyConfig | None = None) -> LearnedClassifier | None:
+    """:func:`load_classifier`, read once per process (for Dask workers of a night).
+
+    The network and SOM are shared between calls; each call gets its own
+    ``classify_cfg``.
+    """
+    clf = _cached_classifier(None if path is None else str(Path(path).resolve()))
+    if clf is None:
+        return None
+    return dataclasses.replace(clf, classify_cfg=classify_cfg or ClassifyConfig())

@@ -60,7 +60,7 @@ MEDIAN_COLUMNS = ("fwhm_arcsec", "fwhm_px", "moffat_beta", "ellipticity", "ellip
 
 COUNT_COLUMNS = ("n_sources", "n_stars_used")
 TIME_COLUMNS = ("t_read_s", "t_background_s", "t_sources_s", "t_psf_s", "t_stamps_s",
-                "t_classify_s", "t_total_s")
+                "t_ae_s", "t_classify_s", "t_total_s")
 
 
 def _finite(value) -> bool:

@@ -98,6 +98,10 @@ MIN_STAR_HALF_LIGHT_PX = 0.55
 """Sharper detections are cosmic rays or hot pixels: a single lit pixel has a half-light
 radius of 0.4 px, the sharpest pixel-integrated star (FWHM 1.2 px) about 0.7 px."""
 
+MAX_FIT_SAMPLES = 1_000_000
+"""Most model samples (stamp pixels x sub-pixel points x stars) in one elliptical fit:
+frames with large stamps fit fewer than ``max_stars`` stars (best S/N first)."""
+
 MAX_STAMP_HALF_PX = 48
 MIN_STAMP_HALF_PX = 4
 BETA_START = 3.0
@@ -666,11 +670,14 @@ def measure_psf(data: np.ndarray, background: BackgroundResult, sources: pd.Data
 
 def _measure_single(data, background, mask, sources, order, cfg) -> dict:
     """Elliptical fits of the selected stars, then the shared-motion fit if elongated."""
-    col = {c: sources[c].to_numpy(float)[order]
-           for c in ("x", "y", "flux", "flux_radius_px", "a_px", "b_px", "theta_deg")}
-    fwhm_guess = float(np.median(FWHM_PER_HALF_LIGHT_RADIUS * col["flux_radius_px"]))
+    rh = sources["flux_radius_px"].to_numpy(float)[order]
+    fwhm_guess = float(np.median(FWHM_PER_HALF_LIGHT_RADIUS * rh))
     half = cfg.stamp_half_px or int(np.clip(math.ceil(2.5 * fwhm_guess), MIN_STAMP_HALF_PX,
                                             MAX_STAMP_HALF_PX))
+    samples = (2 * half + 1) ** 2 * _sub_sampling(fwhm_guess) ** 2
+    order = order[:max(cfg.min_stars, MAX_FIT_SAMPLES // samples)]  # best S/N first
+    col = {c: sources[c].to_numpy(float)[order]
+           for c in ("x", "y", "flux", "flux_radius_px", "a_px", "b_px", "theta_deg")}
     shape, _, good = _fit_elliptical(data, background, mask, col["x"], col["y"], col["flux"],
                                      col["flux_radius_px"], col["a_px"], col["b_px"],
                                      col["theta_deg"], fwhm_guess, half)

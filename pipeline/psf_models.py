@@ -277,7 +277,8 @@ def fit_joint(evaluate, stamps: np.ndarray, weights: np.ndarray, p0: np.ndarray,
 
     x0 = p0.ravel() if not nsh else np.concatenate([p0.ravel(), shared0])
     res = optimize.least_squares(residuals, x0, jac=jacobian, method="trf", tr_solver="lsmr",
-                                 x_scale="jac", ftol=1e-6, xtol=1e-6, max_nfev=max_nfev)
+                                 x_scale="jac", ftol=1e-6, xtol=1e-6, max_nfev=max_nfev,
+                                 tr_options={"atol": 1e-4, "btol": 1e-4})
     p, shared = split(res.x)
     r = res.fun.reshape(n, npix)
     dof = np.maximum((weights > 0).sum(axis=1) - npar, 1)

@@ -53,6 +53,7 @@ EXPOSURE_SCHEMA = pa.schema([
     ("processed_at", pa.timestamp("s", tz="UTC")),
     ("t_read_s", pa.float64()), ("t_background_s", pa.float64()),
     ("t_sources_s", pa.float64()), ("t_psf_s", pa.float64()), ("t_stamps_s", pa.float64()),
+    ("t_ae_s", pa.float64()),
     ("t_classify_s", pa.float64()), ("t_total_s", pa.float64()),
 ])
 

@@ -1,8 +1,10 @@
 """Source extraction with sep, translated to the source schema.
 
-Per detection: sep's isophotal shape (``a_px``, ``b_px``, ``theta_deg``), a Kron
-("AUTO") aperture flux with its background-noise error, the half-light radius, the
-S/N, and a windowed centroid (``sep.winpos``, SExtractor's XWIN/YWIN). Saturated pixels
+Detection is at ``thresh_sigma`` times the global sky RMS (a noise map doubles sep's
+time for little gain on survey frames). Per detection: sep's isophotal shape (``a_px``,
+``b_px``, ``theta_deg``), a Kron ("AUTO") aperture flux with its error from the local sky
+noise map, the half-light radius, the S/N, and a windowed centroid (``sep.winpos``,
+SExtractor's XWIN/YWIN; aperture boundaries sampled 3 x 3 per pixel). Saturated pixels
 are masked for sep (sep has no saturation flag of its own); a detection touching a
 saturated pixel gets the ``SATURATED`` source flag.
 
@@ -57,12 +59,12 @@ def empty_sources() -> pd.DataFrame:
     return table[COLUMNS]
 
 
-def _extract(sub: np.ndarray, rms: np.ndarray, mask: np.ndarray, cfg: SourcesConfig):
+def _extract(sub: np.ndarray, noise: float, mask: np.ndarray, cfg: SourcesConfig):
     """sep.extract, raising the threshold while sep's buffers overflow."""
     thresh = cfg.thresh_sigma
     for attempt in range(MAX_RETRIES + 1):
         try:
-            objects, segmap = sep.extract(sub, thresh, err=rms, mask=mask,
+            objects, segmap = sep.extract(sub, thresh, err=noise, mask=mask,
                                           minarea=cfg.min_area_px,
                                           deblend_cont=cfg.deblend_cont,
                                           segmentation_map=True)
@@ -87,26 +89,32 @@ def _saturated_ids(segmap: np.ndarray, saturated: np.ndarray) -> np.ndarray:
 def _photometry(sub, rms, mask, segmap, objects, seg_ids):
     """Kron (AUTO) flux and error, and half-light radius, as SExtractor does."""
     x, y = objects["x"], objects["y"]
-    a, b, theta = objects["a"], objects["b"], objects["theta"]
-    kron, kflag = sep.kron_radius(sub, x, y, a, b, theta, 6.0, mask=mask, segmap=segmap,
-                                  seg_id=seg_ids)
-    kron = np.where(np.isfinite(kron) & (kron > 0), kron, 0.0)
-    flux, flux_err, flag = sep.sum_ellipse(sub, x, y, a, b, theta, KRON_FACTOR * kron,
-                                           err=rms, mask=mask, segmap=segmap,
-                                           seg_id=seg_ids, subpix=1)
+    # sep rejects degenerate ellipses: give those a unit circle (they get the fixed
+    # minimum aperture below anyway).
+    ok = (np.isfinite(objects["a"]) & np.isfinite(objects["b"]) & np.isfinite(objects["theta"])
+          & (objects["a"] > 0) & (objects["b"] > 0))
+    a, b = np.where(ok, objects["a"], 1.0), np.where(ok, objects["b"], 1.0)
+    # float32 theta can round just past pi/2, which sep's aperture functions reject.
+    theta = np.clip(np.where(ok, objects["theta"], 0.0), -np.pi / 2, np.pi / 2)
+    kron, _ = sep.kron_radius(sub, x, y, a, b, theta, 6.0, mask=mask, segmap=segmap,
+                              seg_id=seg_ids)
+    kron = np.where(ok & np.isfinite(kron) & (kron > 0), kron, 0.0)
+    flux, flux_err, flag = sep.sum_ellipse(sub, x, y, a, b, theta,
+                                           np.maximum(KRON_FACTOR * kron, 1e-3), err=rms,
+                                           mask=mask, segmap=segmap, seg_id=seg_ids, subpix=1)
     small = kron * np.sqrt(a * b) < MIN_KRON_RADIUS_PX
     if small.any():
         cf, ce, cflag = sep.sum_circle(sub, x[small], y[small], MIN_KRON_RADIUS_PX * KRON_FACTOR,
                                        err=rms, mask=mask, segmap=segmap,
                                        seg_id=seg_ids[small], subpix=1)
         flux[small], flux_err[small], flag[small] = cf, ce, cflag
-    rmax = np.maximum(6.0 * a, 3.0)
+    rmax = np.maximum(6.0 * a, 3.0)  # a is finite and positive here
     positive = flux > 0
     rhalf = np.full(len(objects), np.nan)
     if positive.any():
         r, _ = sep.flux_radius(sub, x[positive], y[positive], rmax[positive], 0.5,
                                normflux=flux[positive], mask=mask, segmap=segmap,
-                               seg_id=seg_ids[positive], subpix=5)
+                               seg_id=seg_ids[positive], subpix=3)
         rhalf[positive] = r
     return flux, flux_err, rhalf
 
@@ -114,7 +122,7 @@ def _photometry(sub, rms, mask, segmap, objects, seg_ids):
 def _windowed_centroids(sub, mask, x, y, rhalf):
     """sep.winpos centroids; the isophotal barycentre where winpos fails or wanders."""
     sig = np.where(np.isfinite(rhalf), 2.0 * rhalf / 2.3548, 1.0)
-    xw, yw, flag = sep.winpos(sub, x, y, sig, mask=mask)
+    xw, yw, flag = sep.winpos(sub, x, y, sig, mask=mask, subpix=3)
     moved = np.hypot(xw - x, yw - y)
     ok = (flag == 0) & np.isfinite(xw) & np.isfinite(yw) & (moved < np.maximum(1.0, sig))
     return np.where(ok, xw, x), np.where(ok, yw, y)
@@ -164,7 +172,7 @@ def extract_sources(data: np.ndarray, background: BackgroundResult, mask: np.nda
         full_mask = mask
     sub = data - background.back
     rms = np.ascontiguousarray(background.rms, dtype=np.float32)
-    objects, segmap, thresh = _extract(sub, rms, full_mask, cfg)
+    objects, segmap, thresh = _extract(sub, float(background.noise), full_mask, cfg)
     if len(objects) == 0:
         out = empty_sources()
         out.attrs["thresh_sigma"] = thresh

@@ -261,8 +261,11 @@ class RunConfig:
     raw_root: str = F("data/raw", "Folder holding one sub-folder of FITS frames per night.")
     out_root: str = F("data/qa", "Folder receiving catalogs/ and arrays/.")
     force: bool = F(False, "Redo exposures already done.")
-    classifier: str = F("rules", "'rules': the transparent threshold classifier.",
-                        choices=("rules",))
+    classifier: str = F(
+        "auto", "'cnn': the learned classifier; 'rules': the transparent threshold classifier; "
+        "'auto': cnn when its weights exist, else rules.", choices=("auto", "cnn", "rules"))
+    classifier_weights: str | None = F(
+        None, "Learned classifier weights (.safetensors); None: the packaged weights.")
     progress: bool = F(True, "Show a progress bar.")
 
 

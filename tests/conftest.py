@@ -75,10 +75,10 @@ def render_scene(shape=(256, 256), n_stars=25, fwhm_px=4.0, beta=3.0, flux=(2e4,
             if g > 0:
                 obj = obj.shear(g=g, beta=ang * galsim.degrees)
         if trail_px > 0:
-            k = max(2, int(4 * trail_px) + 1)
+            k = max(2, int(2 * trail_px) + 1)
             c, s = math.cos(math.radians(trail_angle_deg)), math.sin(math.radians(trail_angle_deg))
-            obj = galsim.Add([obj.shift(t * c, t * s)
-                              for t in np.linspace(-trail_px / 2, trail_px / 2, k)])
+            mid = ((np.arange(k) + 0.5) / k - 0.5) * trail_px  # midpoints of k sub-segments
+            obj = galsim.Add([obj.shift(t * c, t * s) for t in mid])
         obj = obj.withFlux(fi)
         ix, iy = int(round(xi)), int(round(yi))
         b = galsim.BoundsI(ix - half + 1, ix + half + 1, iy - half + 1, iy + half + 1) & img.bounds

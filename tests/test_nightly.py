@@ -185,7 +185,10 @@ def test_rerun_finishes_only_what_is_missing(night, first_run):
     assert after[("good1", "0")]["fwhm_px"] == pytest.approx(before[("good1", "0")]["fwhm_px"])
 
 
-def test_cli_runs_a_night_and_reports(night, tmp_path, capsys):
+def test_cli_runs_a_night_and_reports(night, tmp_path, capsys, monkeypatch):
+    settings = tmp_path / "qa.yaml"
+    settings.write_text("cluster:\n  dashboard_address: null\n")
+    monkeypatch.setenv("SURVEY_QA_CONFIG", str(settings))
     code = main(["--night", NIGHT, "--raw-root", str(night), "--out-root", str(tmp_path),
                  "--workers", "1", "--no-progress"])
     assert code == 0

@@ -1,0 +1,86 @@
+#!/usr/bin/env bash
+# Reproduce the packaged learned classifier: survey_qa/weights/classifier.safetensors (+ .json).
+#
+#   models/train_shipped_classifier.sh [WORK_DIR]        (default: data/classifier-training)
+#
+# 1. simulate the training nights below (seeds 1001-1099 are reserved for training; nights
+#    and seeds used for evaluation, bench/classifier_eval.py, are disjoint from these);
+#    every class in equal shares, every confounder, file format (single, .fz, .gz, mosaics),
+#    pixel scale (mostly 0.15-0.5"/px), sky level and star density the simulator draws;
+# 2. run the nightly job on each night;
+# 3. train the SOM on their star stamps;
+# 4. train the classifier (Lightning, CPU), calibrate it on the held-out night and write
+#    the weights into the package.
+#
+# About 20 minutes on 2 CPU cores. Deterministic for a given survey-qa version (seeds
+# fixed; single-threaded BLAS). Environment: PYTHON (default: python), WORKERS (default 2).
+set -euo pipefail
+
+WORK=${1:-data/classifier-training}
+PYTHON=${PYTHON:-python}
+WORKERS=${WORKERS:-2}
+HERE=$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)
+WEIGHTS=${WEIGHTS:-$HERE/survey_qa/weights/classifier.safetensors}
+RAW=$WORK/raw
+OUT=$WORK/qa
+export OMP_NUM_THREADS=1 MKL_NUM_THREADS=1 OPENBLAS_NUM_THREADS=1 PYTHONWARNINGS=ignore
+
+# night        seed  detector side (px)  exposures
+TRAINING_NIGHTS=(
+  "2024-01-04  1001  1024                100"
+  "2024-01-11  1002  1024                100"
+  "2024-01-18  1003  1024                100"
+  "2024-01-25  1004  1536                 60"
+  "2024-02-01  1005  1024                100"
+  "2024-02-08  1006  2048                 30"
+)
+
+# Dask workers are spawned processes: the Python code is passed with -c, not on stdin.
+SIMULATE='
+import sys
+from distributed import Client, LocalCluster
+from survey_qa.flows.simulate import simulate_night
+
+raw, night, frames, seed, size, workers = sys.argv[1:]
+with LocalCluster(n_workers=int(workers), threads_per_worker=1, dashboard_address=None,
+                  processes=True) as cluster, Client(cluster) as client:
+    simulate_night(raw, night, int(frames), seed=int(seed), size_px=int(size),
+                   mix="balanced", client=client)
+'
+TRAIN='
+import sys
+import time
+from survey_qa.config import load_config
+from survey_qa.flows.train_classifier import train_classifier, train_som
+
+out, raw, weights, *nights = sys.argv[1:]
+cfg = load_config(overrides={"train": {"max_epochs": 60, "batch_size": 64,
+                                       "learning_rate": 2e-3, "seed": 0,
+                                       "val_fraction": 0.17,
+                                       "checkpoint_dir": "checkpoints-shipped"}})
+t0 = time.perf_counter()
+som = train_som(cfg, out, nights)
+print(f"SOM: {som} ({time.perf_counter() - t0:.0f} s)")
+t1 = time.perf_counter()
+path = train_classifier(cfg, out, nights, raw, som_path=som, output=weights)
+print(f"classifier: {path} ({time.perf_counter() - t1:.0f} s)")
+'
+
+mkdir -p "$RAW" "$OUT"
+start=$SECONDS
+nights=()
+for line in "${TRAINING_NIGHTS[@]}"; do
+  read -r night seed size frames <<<"$line"
+  nights+=("$night")
+  if [[ ! -f $RAW/$night/_truth/truth.parquet ]]; then
+    echo "simulate $night: $frames exposures of ${size}px, seed $seed"
+    "$PYTHON" -c "$SIMULATE" "$RAW" "$night" "$frames" "$seed" "$size" "$WORKERS"
+  fi
+  echo "nightly job $night ($((SECONDS - start)) s so far)"
+  "$PYTHON" -m survey_qa.cli --night "$night" --raw-root "$RAW" --out-root "$OUT" \
+      --workers "$WORKERS" --no-progress | tail -n 3
+done
+
+echo "train SOM and classifier on ${nights[*]} ($((SECONDS - start)) s so far)"
+"$PYTHON" -c "$TRAIN" "$OUT" "$RAW" "$WEIGHTS" "${nights[@]}"
+echo "done in $((SECONDS - start)) s: $WEIGHTS"
