@@ -118,7 +118,8 @@ def train_som(cfg: Config, out_root: str | Path, nights: list[str] | None = None
 
 def train_classifier(cfg: Config, out_root: str | Path, nights: list[str] | None,
                      truth_root: str | Path, *, som_path: str | Path | None = None,
-                     output: str | Path | None = None, callbacks: list | None = None) -> Path:
+                     output: str | Path | None = None, callbacks: list | None = None
+                     ) -> Path | None:
     """Train the dual-input classifier on labelled nights and save calibrated weights.
 
     Parameters
@@ -143,8 +144,9 @@ def train_classifier(cfg: Config, out_root: str | Path, nights: list[str] | None
 
     Returns
     -------
-    Path
-        The weights file (written by global rank 0 only; other ranks return the path).
+    Path or None
+        The weights file, written by global rank 0 only; None on the other ranks of a
+        distributed run.
     """
     import lightning as L
     import torch
@@ -185,7 +187,7 @@ def train_classifier(cfg: Config, out_root: str | Path, nights: list[str] | None
             warnings.filterwarnings("ignore", "Checkpoint directory .* not empty")
         trainer.fit(system, datamodule=dm, ckpt_path=str(last) if last.exists() else None)
     if not trainer.is_global_zero:
-        return output
+        return None
     if has_val and checkpoint.best_model_path:  # the epoch with the lowest val_loss
         best = torch.load(checkpoint.best_model_path, map_location="cpu", weights_only=True)
         system.load_state_dict(best["state_dict"])

@@ -25,7 +25,8 @@ What is computed
    - ``level = median(B)`` (ADU),
    - ``noise`` = sep's global RMS of the sky noise (ADU),
    - ``nonuniformity = (P99(B) - P1(B)) / median(B)`` (the spec's ``u``; NaN when the
-     median sky is not positive, where a ratio means nothing).
+     median sky is below ``FAINT_SKY_NOISE`` times the per-pixel noise: a sky-subtracted
+     or read-noise-dominated frame, where the ratio means nothing).
 
 The input is bias-subtracted: the simulator writes calibrated frames and the reader
 subtracts the overscan where the header names one, so ``median(B)`` is the sky itself.
@@ -65,9 +66,9 @@ the per-pixel threshold (radius ``r``: half its largest extent, where its profil
 ``SOURCE_MASK_SIGMA * noise``) is masked out to the radius where a profile falling as
 ``radius^(-1 / HALO_EXPONENT)`` (a Kolmogorov PSF's far wing, slower than any Moffat of
 beta > 1.8) drops to ``HALO_SKY_FRACTION`` of the sky: ``r (threshold / (fraction *
-level))^HALO_EXPONENT``, at most ``HALO_MAX_FACTOR r`` and ``HALO_MAX_PX``. The disks shrink (down to the detections themselves) while they would
-leave less than ``HALO_MIN_SKY_FRACTION`` of the detector (a crowded field or a
-large-PSF frame)."""
+level))^HALO_EXPONENT``, at most ``HALO_MAX_FACTOR r`` and ``r + HALO_MAX_PX``. The
+disks shrink (down to the detections themselves) while they would leave less than
+``HALO_MIN_SKY_FRACTION`` of the detector (a crowded field or a large-PSF frame)."""
 
 MIN_SKY_FRACTION = 0.2
 """When the source mask leaves less sky than this, the first estimate is kept."""
@@ -75,6 +76,10 @@ MIN_SKY_FRACTION = 0.2
 NOISE_U_COEF = 7.0
 NOISE_U_MAX = 0.01
 """Noise-limited mesh: pure noise gives u ~ NOISE_U_COEF * noise / (box * level)."""
+
+FAINT_SKY_NOISE = 1.0
+"""Below this many times the per-pixel noise, the sky level is too faint (or already
+subtracted) for a relative non-uniformity: it is NaN then."""
 
 MIN_MESHES = 3
 """A noise-limited mesh keeps at least this many meshes along the shorter side."""
@@ -223,10 +228,10 @@ def _large_detections(hot: np.ndarray) -> list[tuple[float, float, float]] | Non
 
 
 def _halo_disks(shape: tuple[int, int], found: list, factor: float) -> np.ndarray:
-    """Disks of ``factor`` times each detection's radius (at most ``HALO_MAX_PX``)."""
+    """Disks of ``factor`` times each detection's radius (at most ``HALO_MAX_PX`` more)."""
     out = np.zeros(shape, bool)
     for x, y, r_core in found:
-        _disk(out, x, y, min(factor * r_core, HALO_MAX_PX))
+        _disk(out, x, y, min(factor * r_core, r_core + HALO_MAX_PX))
     return out
 
 
@@ -328,5 +333,7 @@ def measure_background(data: np.ndarray, mask: np.ndarray | None,
         bkg = _sep_background(data, second, box, cfg)
     back = bkg.back().astype(np.float32, copy=False)
     level, nonuniformity = sky_statistics(back, mask)
+    if not level >= FAINT_SKY_NOISE * bkg.globalrms:
+        nonuniformity = math.nan  # a ratio to a sky lost in its noise means nothing
     return BackgroundResult(level=level, noise=float(bkg.globalrms), nonuniformity=nonuniformity,
                             back=back, rms=bkg.rms().astype(np.float32, copy=False))

@@ -41,9 +41,12 @@ def update_meta(row: dict, meta: FrameMeta) -> dict:
 
 
 def update_background(row: dict, background: BackgroundResult) -> dict:
-    """Sky level and noise (ADU) and non-uniformity ((P99 - P1) / median)."""
+    """Sky level and noise (ADU) and non-uniformity ((P99 - P1) / median); a NaN
+    non-uniformity (faint or subtracted sky) sets ``FAINT_SKY``."""
     row.update(sky_level=float(background.level), sky_noise=float(background.noise),
                sky_nonuniformity=float(background.nonuniformity))
+    if not math.isfinite(background.nonuniformity):
+        row["qa_flags"] |= bits("FAINT_SKY")
     return row
 
 

@@ -37,6 +37,8 @@ EXPOSURE_FLAGS = {f.name: f for f in [
     Flag(11, "NONFINITE_PIXELS", "NaN or infinite pixels were masked"),
     Flag(12, "DOUBLED_STARS", "every star is seen twice (a pointing jump): the PSF was "
                               "measured on the pairs"),
+    Flag(13, "FAINT_SKY", "sky level below its per-pixel noise (sky-subtracted or read-noise "
+                          "dominated): sky_nonuniformity is NaN"),
 ]}
 
 SOURCE_FLAGS = {f.name: f for f in [

@@ -12,7 +12,8 @@ the bright, clean candidates that do not look like cosmic rays.
 
 The fits (models in :mod:`.psf_models`)
 ---------------------------------------
-1. Every star (up to ``max_stars``, best S/N first) is fitted on a small stamp by a
+1. Every star (up to ``max_stars``, best S/N first, fewer when the stamps are large:
+   ``MAX_FIT_SAMPLES``) is fitted on a stamp of 2.5 first-guess FWHM radius by a
    pixel-integrated elliptical Moffat with free centre, flux, local background, shape
    and ``beta``. All stars go through one ``scipy.optimize.least_squares`` call with an
    analytic, block-diagonal sparse Jacobian: 400 stars take well under a second. The
@@ -25,14 +26,19 @@ The fits (models in :mod:`.psf_models`)
    its ends: linear drift, periodic error, or a jump that doubles the stars). An
    elongated Moffat fits a trail badly (a flat-topped, long star), so this second model
    gives both the seeing before image motion and the extent of the motion directly.
+3. A jump of the pointing leaves two images of every star, all separated by one vector;
+   when they are far enough apart to be detected separately, most PSF stars are lost to
+   the isolation cut. :func:`detect_doubling` finds that vector among pairs of
+   detections, and the shared-motion model, started as a jump, is fitted on the pairs
+   (qa flag ``DOUBLED_STARS``).
 
 Summary quantities
 ------------------
 - ``fwhm_px``, the seeing FWHM before image motion:
 
   * without a trail model: the median over stars of the geometric-mean FWHM
-    ``sqrt(FWHM_major FWHM_minor)`` divided by ``(1 + (r FWHM-to-sigma)^2 / 12)^(1/4)``,
-    the widening that the coherent trail ``r`` (below) gives the geometric mean.
+    ``sqrt(FWHM_major FWHM_minor)`` divided by ``(1 + T^2 / (12 sigma^2))^(1/4)``, the
+    widening that the coherent trail ``T`` (below) gives the geometric mean.
     Field-dependent optics shear stars without changing their area, so the geometric
     mean keeps the seeing there, where the minor axis would shrink with the shear; a
     linear trail widens only the major axis, which the factor removes. For round stars
@@ -51,7 +57,8 @@ Summary quantities
     ``q = 1 - e_c`` comes from the coherent ellipticity ``e_c = |mean_i e_i exp(2i
     theta_i)|``: a tracking trail is the same for every star, while per-star noise and
     field-dependent optics average away instead of adding up.
-  * with the trail model: the fitted extent of the motion over the fitted FWHM.
+  * with the trail model (or on doubled stars): the fitted extent of the motion over the
+    fitted FWHM.
 
 - ``ellipticity``: median of ``e``; ``moffat_beta``: median of ``beta`` (step 1).
 - ``coherence = |sum e_i exp(2i theta_i)| / sum e_i``: 1 when every star is stretched
@@ -83,6 +90,12 @@ NEIGHBOUR_FLUX_FRACTION = 0.01
 
 LOCUS_WINDOW = 0.10
 """Width in ln(half-light radius) of the window that finds the stellar locus."""
+
+LOCUS_SEPARATION = 0.3
+LOCUS_MODE_FRACTION = 0.3
+LOCUS_MIN_COUNT = 3
+LOCUS_MAX_MODES = 3
+"""Competing dense windows of half-light radius, see :func:`stellar_locus`."""
 
 THIN_B_PX = 0.8
 THIN_ELONGATION = 1.3
@@ -134,8 +147,12 @@ def stellar_locus(half_light_px: np.ndarray) -> tuple[float, float]:
     """Centre and half-width of the stellar locus in ln(half-light radius).
 
     Point sources share one half-light radius, so they pile up in a narrow window of
-    ln(radius): the densest ``LOCUS_WINDOW``-wide window. Cosmic rays, which can pile up
-    too, are removed from the candidates beforehand (:func:`cosmic_ray_like`).
+    ln(radius). Other families can pile up too: the blobs of an aircraft's blinking
+    lights, the wide-winged brightest stars, all larger than the stars; cosmic rays, which
+    are smaller, are removed from the candidates beforehand (:func:`cosmic_ray_like`).
+    So the densest ``LOCUS_WINDOW``-wide windows at least ``LOCUS_SEPARATION`` apart are
+    found, and of those holding at least ``LOCUS_MODE_FRACTION`` of the densest one's
+    count (and ``LOCUS_MIN_COUNT``), the one at the smallest radius is the stellar locus.
 
     Parameters
     ----------
@@ -152,8 +169,18 @@ def stellar_locus(half_light_px: np.ndarray) -> tuple[float, float]:
     if lr.size == 0:
         return math.nan, math.nan
     counts = np.searchsorted(lr, lr + LOCUS_WINDOW, side="right") - np.arange(lr.size)
-    start = int(np.argmax(counts))
-    count = int(counts[start])
+    centres = lr + 0.5 * LOCUS_WINDOW
+    free = np.ones(lr.size, bool)
+    modes = []  # (count, start) of dense windows at least LOCUS_SEPARATION apart
+    for _ in range(LOCUS_MAX_MODES):
+        if not free.any():
+            break
+        i = int(np.flatnonzero(free)[np.argmax(counts[free])])
+        modes.append((int(counts[i]), i))
+        free &= np.abs(centres - centres[i]) >= LOCUS_SEPARATION
+    floor = max(LOCUS_MIN_COUNT, LOCUS_MODE_FRACTION * modes[0][0])
+    count, start = min((m for m in modes if m[0] >= floor or m is modes[0]),
+                       key=lambda m: lr[m[1]])
     centre = float(np.median(lr[start:start + count]))
     near = lr[np.abs(lr - centre) < 3 * LOCUS_TOL[1]]
     scatter = 1.4826 * float(np.median(np.abs(near - centre)))
@@ -265,11 +292,29 @@ def select_psf_stars(sources: pd.DataFrame, shape: tuple[int, int],
     return ((flags & REJECT_FLAGS) == 0) & (snr >= cfg.min_snr)
 
 
-def fit_order(sources: pd.DataFrame, psf_star: np.ndarray, max_stars: int) -> np.ndarray:
-    """Indices of the stars that are fitted: the ``max_stars`` of best S/N."""
+def fit_order(sources: pd.DataFrame, psf_star: np.ndarray, cfg: PSFConfig) -> np.ndarray:
+    """Indices of the stars that are fitted, best S/N first.
+
+    At most ``cfg.max_stars``, and fewer when their stamps are large: the fit holds at most
+    ``MAX_FIT_SAMPLES`` model samples (but never fewer than ``cfg.min_stars`` stars).
+    """
     idx = np.flatnonzero(np.asarray(psf_star, bool))
     snr = sources["snr"].to_numpy(float)[idx]
-    return idx[np.argsort(-snr, kind="stable")][:max_stars]
+    order = idx[np.argsort(-snr, kind="stable")][:cfg.max_stars]
+    if order.size == 0:
+        return order
+    fwhm_guess, half = _stamp_size(sources, order, cfg)
+    samples = (2 * half + 1) ** 2 * _sub_sampling(fwhm_guess) ** 2
+    return order[:max(cfg.min_stars, MAX_FIT_SAMPLES // samples)]
+
+
+def _stamp_size(sources: pd.DataFrame, order: np.ndarray, cfg: PSFConfig) -> tuple[float, int]:
+    """First-guess FWHM of the stars and the half side of their fit stamps (pixels)."""
+    rh = sources["flux_radius_px"].to_numpy(float)[order]
+    fwhm_guess = float(np.median(FWHM_PER_HALF_LIGHT_RADIUS * rh))
+    half = cfg.stamp_half_px or int(np.clip(math.ceil(2.5 * fwhm_guess), MIN_STAMP_HALF_PX,
+                                            MAX_STAMP_HALF_PX))
+    return fwhm_guess, half
 
 
 # ---------------------------------------------------------------------------- the fits
@@ -408,7 +453,9 @@ def _fit_elliptical(data, background, mask, x, y, flux, rh, a, b, theta_deg, fwh
         model, jac = pm.moffat_model(p, gx, gy)
         return model, jac, None
 
-    p, _, _ = pm.fit_joint(evaluate, st.values, st.weights, p0, max_nfev=25)
+    # The FWHM settles within a few steps; beta of a non-Moffat (real) PSF creeps on for
+    # many more, so this fit stops early.
+    p, _, _ = pm.fit_joint(evaluate, st.values, st.weights, p0, max_nfev=15, ftol=1e-4)
     shape = pm.moffat_shape(p, n_sub)
     return shape, p, _good_fits(shape, p, half, fwhm_guess)
 
@@ -456,8 +503,8 @@ def _fit_trailed(data, background, mask, x, y, flux, fwhm0, length0, angle0_deg,
         return pm.trailed_model(p, shared, gx, gy, n_line)
 
     p, shared, _ = pm.fit_joint(evaluate, st.values, st.weights, p0, shared0)
-    beta = 1.0 + np.exp(p[:, 5])
     with np.errstate(over="ignore", invalid="ignore"):
+        beta = 1.0 + np.exp(p[:, 5])
         fwhm = pm.remove_pixel_variance(pm.fwhm_factor(beta) * np.exp(-p[:, 4]), n_sub)
         good = (np.all(np.isfinite(p), axis=1) & (np.hypot(p[:, 0], p[:, 1]) < 2.0 + length0)
                 & (p[:, 2] > 0.2) & (p[:, 2] < 5.0) & (beta > BETA_RANGE[0])
@@ -467,8 +514,8 @@ def _fit_trailed(data, background, mask, x, y, flux, fwhm0, length0, angle0_deg,
         return None
     return _Trail(fwhm_px=fwhm[good], length_px=length,
                   angle_deg=float(np.degrees(np.arctan2(shared[1], shared[0])) % 180.0),
-                  end_weight=1.0 / (1.0 + math.exp(-shared[2])),
-                  first_fraction=1.0 / (1.0 + math.exp(-shared[3])))
+                  end_weight=pm.sigmoid(float(shared[2])),
+                  first_fraction=pm.sigmoid(float(shared[3])))
 
 
 # ---------------------------------------------------------------------------- doubled stars
@@ -559,8 +606,8 @@ def detect_doubling(sources: pd.DataFrame, fwhm_px: float) -> Doubling | None:
 
 
 def _blended_locus_fwhm(sources: pd.DataFrame) -> float:
-    """First-guess FWHM from the stellar locus of every star-like detection, blended or
-    not (doubled stars are often deblended from each other)."""
+    """First-guess FWHM from the stellar locus of every star-like detection (S/N at
+    least ``DOUBLING_MIN_SNR``), blended, saturated or not."""
     if len(sources) == 0:
         return math.nan
     rh = sources["flux_radius_px"].to_numpy(float)
@@ -644,17 +691,17 @@ def measure_psf(data: np.ndarray, background: BackgroundResult, sources: pd.Data
         stars whose fits were kept; ``star_fwhm_px`` and ``star_ellipticity`` are theirs.
     """
     n_src = len(sources)
-    _, locus_fwhm = selection_flags(sources, data.shape, cfg)
-    if not math.isfinite(locus_fwhm):  # e.g. every star deblended from its double
-        locus_fwhm = _blended_locus_fwhm(sources)
-    order = fit_order(sources, np.asarray(psf_star, bool), cfg.max_stars)
+    # Doubled stars are often deblended from each other: their locus counts blends too.
+    locus_fwhm = _blended_locus_fwhm(sources)
+    order = fit_order(sources, psf_star, cfg)
     doubling = detect_doubling(sources, locus_fwhm)
     single = None
     if order.size >= max(cfg.min_stars, 1):
         single = _measure_single(data, background, mask, sources, order, cfg)
+    measured = single is not None and "fwhm_px" in single  # enough good single fits
     if doubling is not None:
-        fwhm0 = single["fwhm_px"] if single else locus_fwhm
-        beta0 = single["beta"] if single else BETA_START
+        fwhm0 = single["fwhm_px"] if measured else locus_fwhm
+        beta0 = single["beta"] if measured else BETA_START
         pairs = _fit_doubled(data, background, mask, sources, doubling, locus_fwhm, fwhm0,
                              beta0, cfg)
         if pairs is not None and pairs.end_weight >= 0.5:
@@ -670,12 +717,7 @@ def measure_psf(data: np.ndarray, background: BackgroundResult, sources: pd.Data
 
 def _measure_single(data, background, mask, sources, order, cfg) -> dict:
     """Elliptical fits of the selected stars, then the shared-motion fit if elongated."""
-    rh = sources["flux_radius_px"].to_numpy(float)[order]
-    fwhm_guess = float(np.median(FWHM_PER_HALF_LIGHT_RADIUS * rh))
-    half = cfg.stamp_half_px or int(np.clip(math.ceil(2.5 * fwhm_guess), MIN_STAMP_HALF_PX,
-                                            MAX_STAMP_HALF_PX))
-    samples = (2 * half + 1) ** 2 * _sub_sampling(fwhm_guess) ** 2
-    order = order[:max(cfg.min_stars, MAX_FIT_SAMPLES // samples)]  # best S/N first
+    fwhm_guess, half = _stamp_size(sources, order, cfg)
     col = {c: sources[c].to_numpy(float)[order]
            for c in ("x", "y", "flux", "flux_radius_px", "a_px", "b_px", "theta_deg")}
     shape, _, good = _fit_elliptical(data, background, mask, col["x"], col["y"], col["flux"],
@@ -778,7 +820,7 @@ def annotate_sources(sources: pd.DataFrame, psf_star: np.ndarray, psf: PSFResult
         return out
     flags, _ = selection_flags(sources, shape, cfg)
     fitted = np.zeros(len(out), bool)
-    fitted[fit_order(sources, psf_star, cfg.max_stars)] = True
+    fitted[fit_order(sources, psf_star, cfg)] = True
     flags |= np.where(psf.psf_star, SOURCE_FLAGS["PSF_STAR"].value, 0)
     flags |= np.where(fitted & ~psf.psf_star, SOURCE_FLAGS["FIT_FAILED"].value, 0)
     out["flags"] = flags.astype(np.int64)

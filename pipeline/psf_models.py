@@ -46,6 +46,9 @@ N_SHARED = 4
 
 SIGMA_PER_FWHM = 1.0 / (2.0 * math.sqrt(2.0 * math.log(2.0)))
 
+BAD_RESIDUAL = 1e12
+"""Stands in for a non-finite residual of a trial step, so that the step is rejected."""
+
 
 def sample_grid(half: int, n_sub: int) -> tuple[np.ndarray, np.ndarray]:
     """Sub-pixel sample offsets from a stamp centre, each of shape (pixels, n_sub**2).
@@ -117,8 +120,12 @@ def moffat_model(p: np.ndarray, gx: np.ndarray, gy: np.ndarray,
     return model, jac
 
 
-def _sigmoid(z: float) -> float:
-    return 1.0 / (1.0 + math.exp(-z))
+def sigmoid(z: float) -> float:
+    """The logistic function, without overflow for any finite ``z``."""
+    if z >= 0:
+        return 1.0 / (1.0 + math.exp(-z))
+    e = math.exp(z)
+    return e / (1.0 + e)
 
 
 def line_points(n_line: int) -> np.ndarray:
@@ -130,7 +137,7 @@ def line_points(n_line: int) -> np.ndarray:
 
 def line_weights(shared: np.ndarray, n_line: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     """Weights of the :func:`line_points` and their derivatives by logit m and logit f."""
-    m, f = _sigmoid(shared[2]), _sigmoid(shared[3])
+    m, f = sigmoid(shared[2]), sigmoid(shared[3])
     uniform = np.concatenate([np.full(n_line, 1.0 / n_line), [0.0, 0.0]])
     ends = np.zeros(n_line + 2)
     ends[-2], ends[-1] = f, 1.0 - f
@@ -218,7 +225,7 @@ def trailed_model(p: np.ndarray, shared: np.ndarray, gx: np.ndarray, gy: np.ndar
 
 
 def fit_joint(evaluate, stamps: np.ndarray, weights: np.ndarray, p0: np.ndarray,
-              shared0: np.ndarray | None = None, max_nfev: int = 60
+              shared0: np.ndarray | None = None, max_nfev: int = 60, ftol: float = 1e-6
               ) -> tuple[np.ndarray, np.ndarray | None, np.ndarray]:
     """Least-squares fit of many stars at once, with optional shared parameters.
 
@@ -237,6 +244,8 @@ def fit_joint(evaluate, stamps: np.ndarray, weights: np.ndarray, p0: np.ndarray,
         (S,) first guess of the shared parameters, or None.
     max_nfev
         Most function evaluations.
+    ftol
+        Stop when the cost changes by less than this fraction.
 
     Returns
     -------
@@ -261,11 +270,15 @@ def fit_joint(evaluate, stamps: np.ndarray, weights: np.ndarray, p0: np.ndarray,
     def run(x):
         if cache.get("x") is None or not np.array_equal(cache["x"], x):
             cache["x"] = x.copy()
-            cache["out"] = evaluate(*split(x))
+            # A wild trial step may overflow: its residuals become huge (and the step is
+            # rejected) rather than non-finite.
+            with np.errstate(over="ignore", invalid="ignore", divide="ignore"):
+                cache["out"] = evaluate(*split(x))
         return cache["out"]
 
     def residuals(x):
-        return ((run(x)[0] - stamps) * weights).ravel()
+        r = ((run(x)[0] - stamps) * weights).ravel()
+        return np.nan_to_num(r, nan=BAD_RESIDUAL, posinf=BAD_RESIDUAL, neginf=-BAD_RESIDUAL)
 
     def jacobian(x):
         _, jl, js = run(x)
@@ -273,11 +286,12 @@ def fit_joint(evaluate, stamps: np.ndarray, weights: np.ndarray, p0: np.ndarray,
         vals[..., :npar] = jl * weights[:, :, None]
         if nsh:
             vals[..., npar:] = js * weights[:, :, None]
+        np.nan_to_num(vals, copy=False, nan=0.0, posinf=0.0, neginf=0.0)
         return sparse.csr_matrix((vals.ravel(), cols, indptr), shape=(n * npix, n * npar + nsh))
 
     x0 = p0.ravel() if not nsh else np.concatenate([p0.ravel(), shared0])
     res = optimize.least_squares(residuals, x0, jac=jacobian, method="trf", tr_solver="lsmr",
-                                 x_scale="jac", ftol=1e-6, xtol=1e-6, max_nfev=max_nfev,
+                                 x_scale="jac", ftol=ftol, xtol=1e-6, max_nfev=max_nfev,
                                  tr_options={"atol": 1e-4, "btol": 1e-4})
     p, shared = split(res.x)
     r = res.fun.reshape(n, npix)
@@ -312,16 +326,17 @@ def moffat_shape(p: np.ndarray, n_sub: int = 1) -> dict[str, np.ndarray]:
         ``fwhm_major_px``, ``fwhm_minor_px``, ``ellipticity`` (1 - b/a), ``theta_deg``
         (major axis, [0, 180) from +x toward +y), ``beta``.
     """
-    a, b, c = np.exp(p[:, 4]), np.exp(p[:, 5]), p[:, 6]
-    beta = 1.0 + np.exp(p[:, 7])
-    c11, c12, c22 = a * a, a * c, c * c + b * b
-    mean, diff = 0.5 * (c11 + c22), np.hypot(0.5 * (c11 - c22), c12)
-    k = fwhm_factor(beta)
-    with np.errstate(divide="ignore", invalid="ignore"):
+    with np.errstate(over="ignore", divide="ignore", invalid="ignore"):
+        a, b, c = np.exp(p[:, 4]), np.exp(p[:, 5]), p[:, 6]
+        beta = 1.0 + np.exp(p[:, 7])
+        c11, c12, c22 = a * a, a * c, c * c + b * b
+        mean, diff = 0.5 * (c11 + c22), np.hypot(0.5 * (c11 - c22), c12)
+        k = fwhm_factor(beta)
         fmaj = remove_pixel_variance(k / np.sqrt(mean - diff), n_sub)
         fmin = remove_pixel_variance(k / np.sqrt(mean + diff), n_sub)
-    theta = np.degrees(0.5 * np.arctan2(-2.0 * c12, c22 - c11)) % 180.0
-    return {"fwhm_major_px": fmaj, "fwhm_minor_px": fmin, "ellipticity": 1.0 - fmin / fmaj,
+        ellipticity = 1.0 - fmin / fmaj
+        theta = np.degrees(0.5 * np.arctan2(-2.0 * c12, c22 - c11)) % 180.0
+    return {"fwhm_major_px": fmaj, "fwhm_minor_px": fmin, "ellipticity": ellipticity,
             "theta_deg": theta, "beta": beta}
 
 

@@ -3,7 +3,8 @@
     survey-qa --night 2024-03-01 [--raw-root DIR] [--out-root DIR] [--config FILE]
               [--cluster local|slurm] [--workers N] [--force]
     survey-qa simulate --night 2024-03-01 --frames 100 [--seed S] [--size 4096]
-    survey-qa train autoencoder --out-root DIR [--night N ...] [Trainer options]
+    survey-qa train autoencoder|som|classifier --out-root DIR [--night N ...] [options]
+    survey-qa evaluate --out-root DIR --raw-root DIR --night N [--night N ...]
     survey-qa config            # print the configuration in force, as YAML
 """
 from __future__ import annotations
@@ -28,7 +29,8 @@ def _common(p: argparse.ArgumentParser) -> None:
 def _night_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(
         prog="survey-qa", description="Rate every frame of a night: usable or not, and why.",
-        epilog="Other commands: survey-qa simulate | train | config (each with --help).")
+        epilog="Other commands: survey-qa simulate | train | evaluate | config "
+               "(each with --help).")
     p.add_argument("--night", required=True, help="YYYY-MM-DD: the folder <raw-root>/<night>")
     _common(p)
     p.add_argument("--cluster", choices=("local", "slurm"), help="where the work runs")
@@ -36,12 +38,15 @@ def _night_parser() -> argparse.ArgumentParser:
     p.add_argument("--force", action="store_true", default=None,
                    help="redo exposures already done")
     p.add_argument("--no-progress", dest="progress", action="store_false", default=None)
+    p.add_argument("--classifier", choices=("auto", "cnn", "rules"),
+                   help="learned classifier (cnn), threshold rules, or cnn when weights exist")
     return p
 
 
 def _overrides(a: argparse.Namespace) -> dict:
     """Command-line values that were given, as a nested configuration mapping."""
-    run = {k: getattr(a, k, None) for k in ("raw_root", "out_root", "force", "progress")}
+    run = {k: getattr(a, k, None) for k in ("raw_root", "out_root", "force", "progress",
+                                             "classifier")}
     cluster = {"kind": getattr(a, "cluster", None), "workers": getattr(a, "workers", None)}
     train = {k: getattr(a, k, None) for k in ("accelerator", "devices", "num_nodes",
                                               "strategy", "precision", "max_epochs",
@@ -91,8 +96,9 @@ def simulate_main(argv: list[str]) -> int:
 
 
 def train_main(argv: list[str]) -> int:
-    p = argparse.ArgumentParser(prog="survey-qa train", description="Train a model.")
-    p.add_argument("model", choices=("autoencoder",))
+    p = argparse.ArgumentParser(
+        prog="survey-qa train", description="Train a model on nights already processed.")
+    p.add_argument("model", choices=("autoencoder", "som", "classifier"))
     p.add_argument("--night", action="append", dest="nights",
                    help="night to train on (repeat); default: every night in the catalog")
     _common(p)
@@ -103,14 +109,45 @@ def train_main(argv: list[str]) -> int:
     p.add_argument("--precision")
     p.add_argument("--max-epochs", type=int)
     p.add_argument("--checkpoint-dir")
+    p.add_argument("--som", help="classifier: the SOM file to use (default: train one)")
     p.add_argument("--output", help="where the weights go (default: the packaged location)")
     a = p.parse_args(argv)
     cfg = load_config(a.config, _overrides(a))
-    from survey_qa.flows.train import train_autoencoder
+    out = cfg.run.out_root
+    if a.model == "autoencoder":
+        from survey_qa.flows.train import train_autoencoder
 
-    path = train_autoencoder(cfg, cfg.run.out_root, a.nights, output=a.output)
-    if path is not None:
+        path = train_autoencoder(cfg, out, a.nights, output=a.output)
+    elif a.model == "som":
+        from survey_qa.flows.train_classifier import train_som
+
+        path = train_som(cfg, out, a.nights, output=a.output)
+    else:
+        from survey_qa.flows.train_classifier import train_classifier
+
+        path = train_classifier(cfg, out, a.nights, cfg.run.raw_root, som_path=a.som,
+                                output=a.output)
+    if path is not None:  # None on the non-zero ranks of a distributed run
         print(f"weights written to {path}")
+    return 0
+
+
+def evaluate_main(argv: list[str]) -> int:
+    p = argparse.ArgumentParser(
+        prog="survey-qa evaluate",
+        description="Score the learned classifier, the rule classifier and a gradient-boosting "
+                    "baseline against the truth tables of simulated nights.")
+    p.add_argument("--night", action="append", dest="nights", required=True)
+    _common(p)
+    p.add_argument("--weights", help="classifier weights (default: the packaged ones)")
+    p.add_argument("--report-dir", help="where evaluation.json and evaluation.png go")
+    a = p.parse_args(argv)
+    cfg = load_config(a.config, _overrides(a))
+    from survey_qa.flows.train_classifier import evaluate
+
+    report = evaluate(cfg, cfg.run.out_root, cfg.run.raw_root, a.nights, weights=a.weights,
+                      report_dir=a.report_dir)
+    print(report.text())
     return 0
 
 
@@ -124,7 +161,8 @@ def config_main(argv: list[str]) -> int:
     return 0
 
 
-COMMANDS = {"simulate": simulate_main, "train": train_main, "config": config_main}
+COMMANDS = {"simulate": simulate_main, "train": train_main, "evaluate": evaluate_main,
+            "config": config_main}
 
 
 def main(argv: list[str] | None = None) -> int:

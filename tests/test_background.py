@@ -1,4 +1,6 @@
 """Background stage: level, noise and non-uniformity on scenes with a known sky."""
+import math
+
 import numpy as np
 import pytest
 
@@ -52,11 +54,17 @@ def test_masked_pixels_are_ignored(scene):
 
 def test_noise_limited_frames_get_a_coarser_mesh():
     rng = np.random.default_rng(5)
-    img = rng.normal(4.0, 12.0, (1024, 1024)).astype(np.float32)  # faint sky, big read noise
-    fine = measure_background(img, None, BackgroundConfig(box_px=64, mask_sources=False))
-    assert noise_limited_box(64, fine.noise, 4.0, img.shape) == 342  # 1024 / 3 meshes
+    img = rng.normal(20.0, 12.0, (1024, 1024)).astype(np.float32)  # faint sky, big read noise
+    res = measure_background(img, None, BackgroundConfig(box_px=64, mask_sources=False))
+    assert noise_limited_box(64, res.noise, res.level, img.shape) == 342  # 1024 / 3 meshes
     assert noise_limited_box(64, 10.0, 1000.0, img.shape) == 64  # bright sky: as configured
-    assert fine.nonuniformity < 0.1  # pure noise, measured on the coarse mesh
+    assert res.nonuniformity < 0.03  # pure noise, measured on the coarse mesh
+
+
+def test_sky_fainter_than_its_noise_has_no_nonuniformity():
+    img = np.random.default_rng(6).normal(0.5, 10.0, (512, 512)).astype(np.float32)
+    res = measure_background(img, None, BackgroundConfig(box_px=64))
+    assert math.isnan(res.nonuniformity) and abs(res.level) < 1.0
 
 
 def test_big_endian_input_and_all_masked():
