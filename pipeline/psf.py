@@ -3,7 +3,8 @@
 Star selection
 --------------
 A PSF star is unflagged by sep (not blended, not truncated), unsaturated, at least
-``edge_px`` from the edges, at S/N >= ``min_snr``, has no neighbour brighter than
+``edge_px`` from the edges, at S/N >= ``min_snr`` (``fallback_min_snr`` in a field too
+sparse for that), has no neighbour brighter than
 ``NEIGHBOUR_FLUX_FRACTION`` of its flux within ``isolation_fwhm`` FWHM, and lies on the
 stellar locus: point sources share one half-light radius whatever their flux, galaxies
 and blends are larger (``EXTENDED``), cosmic rays and hot pixels smaller or thin
@@ -30,7 +31,8 @@ The fits (models in :mod:`.psf_models`)
    when they are far enough apart to be detected separately, most PSF stars are lost to
    the isolation cut. :func:`detect_doubling` finds that vector among pairs of
    detections, and the shared-motion model, started as a jump, is fitted on the pairs
-   (qa flag ``DOUBLED_STARS``).
+   (qa flag ``DOUBLED_STARS`` when the fitted kernel is a jump; a long periodic trail,
+   whose stars sep cuts in two at the turning points, is measured the same way).
 
 Summary quantities
 ------------------
@@ -254,6 +256,8 @@ def selection_flags(sources: pd.DataFrame, shape: tuple[int, int],
                          sources["theta_deg"].to_numpy(float))
     flags |= np.where(cr, SOURCE_FLAGS["COMPACT"].value, 0)
     candidates = clean & ~cr & (snr >= cfg.min_snr)
+    if candidates.sum() < cfg.min_stars:  # sparse field: see select_psf_stars
+        candidates = clean & ~cr & (snr >= min(cfg.fallback_min_snr, cfg.min_snr))
     centre, tol = stellar_locus(rh[candidates])
     if not math.isfinite(centre):
         return flags, math.nan
@@ -283,13 +287,18 @@ def select_psf_stars(sources: pd.DataFrame, shape: tuple[int, int],
     -------
     numpy.ndarray
         Boolean, aligned with ``sources``: isolated, unsaturated, unflagged, away from the
-        edges, S/N >= ``cfg.min_snr``, on the stellar locus.
+        edges, S/N >= ``cfg.min_snr`` (``cfg.fallback_min_snr`` when fewer than
+        ``cfg.min_stars`` reach it), on the stellar locus.
     """
     flags, _ = selection_flags(sources, shape, cfg)
     if len(sources) == 0:
         return np.zeros(0, bool)
     snr = sources["snr"].to_numpy(float)
-    return ((flags & REJECT_FLAGS) == 0) & (snr >= cfg.min_snr)
+    clean = (flags & REJECT_FLAGS) == 0
+    chosen = clean & (snr >= cfg.min_snr)
+    if chosen.sum() < cfg.min_stars:  # a sparse field: fainter stars rather than none
+        chosen = clean & (snr >= min(cfg.fallback_min_snr, cfg.min_snr))
+    return chosen
 
 
 def fit_order(sources: pd.DataFrame, psf_star: np.ndarray, cfg: PSFConfig) -> np.ndarray:
@@ -704,7 +713,7 @@ def measure_psf(data: np.ndarray, background: BackgroundResult, sources: pd.Data
         beta0 = single["beta"] if measured else BETA_START
         pairs = _fit_doubled(data, background, mask, sources, doubling, locus_fwhm, fwhm0,
                              beta0, cfg)
-        if pairs is not None and pairs.end_weight >= 0.5:
+        if pairs is not None:
             return _doubled_result(n_src, cfg, pairs, doubling, single)
     if single is None:
         return _nan_result(n_src, cfg.grid, bits("FEW_STARS"))
@@ -776,11 +785,15 @@ def _single_result(n_src: int, cfg: PSFConfig, shape: tuple[int, int], s: dict) 
 
 def _doubled_result(n_src: int, cfg: PSFConfig, trail: _Trail, doubling: Doubling,
                     single: dict | None) -> PSFResult:
-    """Summary from the pairs: every star is seen twice, all pairs point the same way."""
+    """Summary from the pairs: every star is seen twice (or cut in two), all pairs point
+    the same way."""
     fwhm_px = float(np.median(trail.fwhm_px))
     star_fwhm, star_e, used = _per_star(n_src, single)
     vec = np.column_stack([doubling.dx_px, doubling.dy_px])
-    flags = bits("DOUBLED_STARS") | (bits("UNDERSAMPLED") if fwhm_px < 2.0 else 0)
+    # Most weight at the two ends: a jump. Otherwise a long periodic or linear trail whose
+    # stars sep cut in two, measured on the pairs all the same.
+    flags = bits("DOUBLED_STARS") if trail.end_weight >= 0.5 else 0
+    flags |= bits("UNDERSAMPLED") if fwhm_px < 2.0 else 0
     nan_grid = [math.nan] * (cfg.grid * cfg.grid)
     beta = single["beta"] if single and "beta" in single else math.nan
     return PSFResult(

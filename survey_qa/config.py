@@ -97,6 +97,9 @@ class PSFConfig:
     min_stars: int = F(5, "Fewer usable stars and PSF quantities are NaN with a flag.",
                        range=(1, 1000))
     min_snr: float = F(30.0, "Minimum S/N of a PSF star.", range=(1.0, None))
+    fallback_min_snr: float = F(
+        15.0, "When fewer than min_stars stars reach min_snr (a sparse field), stars down to "
+        "this S/N are used instead.", range=(1.0, None))
     isolation_fwhm: float = F(4.0, "Neighbour-free radius around a PSF star, in FWHM.",
                               range=(0.0, 50.0))
     edge_px: int = F(16, "Stars closer than this to an edge are not used.", range=(0, 1024))

@@ -199,3 +199,13 @@ def test_moffat_model_integrates_to_its_flux():
     shape = pm.moffat_shape(p, n_sub=10 ** 6)
     assert shape["fwhm_major_px"][0] == pytest.approx(4.0) and shape["theta_deg"][0] == \
         pytest.approx(20.0)
+
+
+def test_sparse_field_falls_back_to_fainter_stars(scene):
+    s = scene(shape=(320, 320), n_stars=12, fwhm_px=3.0, flux=(2500.0, 3500.0), seed=24)
+    src, star, res = run(s.image)
+    assert ((src.snr > 15) & (src.snr < 30)).sum() >= 8  # most below min_snr = 30
+    assert star.sum() >= 5 and (src.snr[star] >= 15).all()
+    assert res.fwhm_px == pytest.approx(3.0, rel=0.05)  # faint stars: a few % noise
+    strict = select_psf_stars(src, s.image.shape, PSFConfig(fallback_min_snr=30.0))
+    assert strict.sum() < 5  # without the fallback: too few for a PSF

@@ -169,17 +169,30 @@ def _worker_job_ids(log_dir: Path, job_name: str) -> set[str]:
             if (m := re.fullmatch(rf"{re.escape(job_name)}-(\d+)\.err", p.name))}
 
 
-def test_night_on_slurm_equals_local(raw_night, tmp_path):
+def _run_night(raw: Path, out: Path, config: Path, cluster: str) -> float:
+    """Run the night through the command line; return its wall time (s)."""
+    t0 = time.perf_counter()
+    run = _sh(_night_command(raw, out, config, cluster), timeout_s=600, env=_env())
+    wall_s = time.perf_counter() - t0
+    assert run.returncode == 0, f"{cluster}:\n{run.stdout[-3000:]}\n{run.stderr[-3000:]}"
+    return wall_s
+
+
+@pytest.fixture(scope="module")
+def local_night(raw_night, tmp_path_factory):
+    """The same night on a LocalCluster of 2 workers: (out_root, wall time in s)."""
+    folder = tmp_path_factory.mktemp("local")
+    config = _site_config(folder, "unused")
+    return folder / "out", _run_night(raw_night, folder / "out", config, "local")
+
+
+def test_night_on_slurm_equals_local(raw_night, local_night, tmp_path):
     job_name = f"sqa-night-{os.getpid()}"
     config = _site_config(tmp_path, job_name)
-    wall_s = {}
-    for cluster in ("slurm", "local"):
-        t0 = time.perf_counter()
-        run = _sh(_night_command(raw_night, tmp_path / cluster, config, cluster),
-                  timeout_s=600, env=_env())
-        wall_s[cluster] = time.perf_counter() - t0
-        assert run.returncode == 0, f"{cluster}:\n{run.stdout[-3000:]}\n{run.stderr[-3000:]}"
-    slurm, local = _catalog(tmp_path / "slurm"), _catalog(tmp_path / "local")
+    local_out, local_wall_s = local_night
+    wall_s = {"slurm": _run_night(raw_night, tmp_path / "slurm", config, "slurm"),
+              "local": local_wall_s}
+    slurm, local = _catalog(tmp_path / "slurm"), _catalog(local_out)
     _assert_every_exposure_once(slurm, raw_night)
     _assert_every_exposure_once(local, raw_night)
     pd.testing.assert_frame_equal(_comparable(slurm), _comparable(local), check_exact=True)
@@ -228,12 +241,9 @@ def test_night_survives_a_cancelled_worker_job(raw_night, tmp_path):
     print(f"\ncancelled worker job {jobs[0]} after {n_done_at_cancel}/{N_FRAMES} exposures")
 
 
-def test_ddp_training_on_two_ranks(raw_night, tmp_path):
+def test_ddp_training_on_two_ranks(local_night, tmp_path):
     """2 CPU ranks in one allocation: sbatch hpc/train.sbatch, srun, Lightning DDP."""
-    out = tmp_path / "qa"
-    night = _sh([SURVEY_QA, "--night", NIGHT, "--raw-root", str(raw_night), "--out-root",
-                 str(out), "--workers", "2", "--no-progress"], timeout_s=600, env=_env())
-    assert night.returncode == 0, night.stderr[-3000:]
+    out, _ = local_night
     weights = tmp_path / "autoencoder.safetensors"
     log = tmp_path / "train.log"
     t0 = time.perf_counter()
