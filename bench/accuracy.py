@@ -33,7 +33,7 @@ import numpy as np
 import pandas as pd
 
 from survey_qa.config import load_config
-from survey_qa.pipeline.schema import CLASSES, PRIORITY
+from survey_qa.pipeline.schema import PRIORITY
 
 FWHM_BINS = (0.0, 2.0, 3.0, 4.0, 6.0, 8.0, 10.0, 20.0)
 

@@ -24,9 +24,10 @@ What is computed
 
    - ``level = median(B)`` (ADU),
    - ``noise`` = sep's global RMS of the sky noise (ADU),
-   - ``nonuniformity = (P99(B) - P1(B)) / median(B)`` (the spec's ``u``; NaN when the
-     median sky is below ``FAINT_SKY_NOISE`` times the per-pixel noise: a sky-subtracted
-     or read-noise-dominated frame, where the ratio means nothing).
+   - ``nonuniformity``: the spec's ``u = (P99(B) - P1(B)) / median(B)``, with the part
+     that the noise of the mesh explains (:func:`noise_floor`) removed in quadrature; NaN
+     when the median sky is below ``FAINT_SKY_NOISE`` times the per-pixel noise (a
+     sky-subtracted frame), where the ratio means nothing.
 
 The input is bias-subtracted: the simulator writes calibrated frames and the reader
 subtracts the overscan where the header names one, so ``median(B)`` is the sky itself.
@@ -77,9 +78,9 @@ NOISE_U_COEF = 7.0
 NOISE_U_MAX = 0.01
 """Noise-limited mesh: pure noise gives u ~ NOISE_U_COEF * noise / (box * level)."""
 
-FAINT_SKY_NOISE = 1.0
-"""Below this many times the per-pixel noise, the sky level is too faint (or already
-subtracted) for a relative non-uniformity: it is NaN then."""
+FAINT_SKY_NOISE = 0.25
+"""Below this many times the per-pixel noise, the sky level is taken for subtracted (or
+lost in read noise): the relative non-uniformity is NaN then."""
 
 MIN_MESHES = 3
 """A noise-limited mesh keeps at least this many meshes along the shorter side."""
@@ -262,6 +263,20 @@ def noise_limited_box(box_px: int, noise: float, level: float, shape: tuple[int,
     return int(max(box_px, math.ceil(side / n_mesh)))
 
 
+def noise_floor(noise: float, level: float, box_px: int) -> float:
+    """The non-uniformity pure noise gives a mesh of ``box_px``: NOISE_U_COEF noise / (box
+    level)."""
+    return NOISE_U_COEF * noise / (box_px * level) if level > 0 else math.nan
+
+
+def remove_noise_floor(u_measured: float, u_noise: float) -> float:
+    """``sqrt(u^2 - u_noise^2)`` (0 when the noise explains it all): spreads of independent
+    parts add roughly in quadrature."""
+    if not (math.isfinite(u_measured) and math.isfinite(u_noise)):
+        return u_measured
+    return math.sqrt(max(u_measured ** 2 - u_noise ** 2, 0.0))
+
+
 def _sample_step(shape: tuple[int, int]) -> int:
     return max(1, math.ceil(math.sqrt(shape[0] * shape[1] / MAX_SAMPLES)))
 
@@ -332,7 +347,8 @@ def measure_background(data: np.ndarray, mask: np.ndarray | None,
     if second is not mask or box != cfg.box_px:
         bkg = _sep_background(data, second, box, cfg)
     back = bkg.back().astype(np.float32, copy=False)
-    level, nonuniformity = sky_statistics(back, mask)
+    level, u_measured = sky_statistics(back, mask)
+    nonuniformity = remove_noise_floor(u_measured, noise_floor(float(bkg.globalrms), level, box))
     if not level >= FAINT_SKY_NOISE * bkg.globalrms:
         nonuniformity = math.nan  # a ratio to a sky lost in its noise means nothing
     return BackgroundResult(level=level, noise=float(bkg.globalrms), nonuniformity=nonuniformity,

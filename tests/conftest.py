@@ -29,7 +29,8 @@ def _positions(rng, n, shape, margin, min_sep):
     for _ in range(200 * n):
         if len(xs) == n:
             break
-        x, y = rng.uniform(margin, shape[1] - 1 - margin), rng.uniform(margin, shape[0] - 1 - margin)
+        x = rng.uniform(margin, shape[1] - 1 - margin)
+        y = rng.uniform(margin, shape[0] - 1 - margin)
         if all((x - a) ** 2 + (y - b) ** 2 >= min_sep ** 2 for a, b in zip(xs, ys)):
             xs.append(x)
             ys.append(y)

@@ -82,3 +82,12 @@ def test_grow_mask_matches_a_square_dilation():
     hot = np.random.default_rng(7).random((64, 80)) > 0.995
     expected = ndimage.binary_dilation(hot, structure=np.ones((5, 5), bool))
     assert np.array_equal(grow_mask(hot, 2), expected)
+
+
+def test_noise_floor_is_removed_in_quadrature():
+    from survey_qa.pipeline.background import noise_floor, remove_noise_floor
+
+    assert noise_floor(10.0, 100.0, 128) == pytest.approx(7.0 * 10 / (128 * 100))
+    assert remove_noise_floor(0.05, 0.03) == pytest.approx(0.04)
+    assert remove_noise_floor(0.02, 0.03) == 0.0
+    assert math.isnan(remove_noise_floor(math.nan, 0.01))

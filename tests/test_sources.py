@@ -29,7 +29,8 @@ def match(src, s):
 def test_every_star_is_found_where_it_is(scene):
     s = scene(shape=(256, 256), n_stars=25, fwhm_px=3.0, seed=1)
     src = measure(s.image)
-    assert list(src.columns) == [c for c in SOURCE_SCHEMA.names if c not in ("exposure", "detector")]
+    expected = [c for c in SOURCE_SCHEMA.names if c not in ("exposure", "detector")]
+    assert list(src.columns) == expected
     assert len(src) == len(s.x)
     j, dist = match(src, s)
     assert len(set(j)) == len(s.x)
