@@ -149,27 +149,18 @@ def pixelised_fwhm(truth_row) -> float:
 
 def run_survey_qa(path: str, cfg) -> dict:
     """Time each stage on one frame; returns the timings and the measured FWHM."""
-    from survey_qa.pipeline import background, io, psf, sources, stamps
+    from survey_qa.flows.nightly import Models, measure_detector
+    from survey_qa.pipeline import io
 
-    t = {}
     t0 = time.perf_counter()
     det = io.read_detectors(path, cfg.io)[0]
-    t["read"] = time.perf_counter() - t0
-    t0 = time.perf_counter()
-    bkg = background.measure_background(det.data, det.mask, cfg.background)
-    t["background"] = time.perf_counter() - t0
-    t0 = time.perf_counter()
-    src = sources.extract_sources(det.data, bkg, det.mask, cfg.sources, det.meta.saturate_adu)
-    t["sources"] = time.perf_counter() - t0
-    t0 = time.perf_counter()
-    star = psf.select_psf_stars(src, det.data.shape, cfg.psf)
-    res = psf.measure_psf(det.data, bkg, src, star, cfg.psf)
-    t["psf"] = time.perf_counter() - t0
-    t0 = time.perf_counter()
-    stamps.cut_stamps(det.data, bkg, src, res.psf_star, cfg.stamps)
-    t["stamps"] = time.perf_counter() - t0
+    t = {"read": time.perf_counter() - t0}
+    row = measure_detector(det, cfg, Models(scorer=None, classifier=None))[0]
+    for stage in ("background", "sources", "psf", "stamps"):
+        t[stage] = row[f"t_{stage}_s"]
     t["total"] = sum(t.values())
-    return {"t": t, "fwhm": res.fwhm_px, "n_sources": len(src), "n_stars": res.n_used}
+    return {"t": t, "fwhm": row["fwhm_px"], "n_sources": row["n_sources"],
+            "n_stars": row["n_stars_used"]}
 
 
 def run_astromatic(path: str, work: Path) -> dict:
