@@ -241,6 +241,32 @@ def test_night_survives_a_cancelled_worker_job(raw_night, tmp_path):
     print(f"\ncancelled worker job {jobs[0]} after {n_done_at_cancel}/{N_FRAMES} exposures")
 
 
+def test_nights_as_a_job_array(tmp_path):
+    """hpc/nights.sh submits hpc/night.sbatch as a real array job, one night per task."""
+    from survey_qa.flows.simulate import simulate_night
+
+    nights = ["2024-03-02", "2024-03-03"]
+    for seed, night in enumerate(nights):
+        simulate_night(tmp_path / "raw", night, 2, seed=seed, size_px=256)
+    run = _sh([str(ROOT / "hpc" / "nights.sh"), "--sbatch-arg=--wait",
+               "--sbatch-arg=--cpus-per-task=1", "--sbatch-arg=--mem=2G",
+               "--sbatch-arg=--time=15", "--list-dir", str(tmp_path / "lists"), *nights,
+               "--", "--raw-root", str(tmp_path / "raw"), "--out-root", str(tmp_path / "out"),
+               "--no-progress"], timeout_s=600, env=_env(), cwd=tmp_path)
+    logs = {p.name: p.read_text() for p in tmp_path.glob("survey-qa-night-*.out")}
+    assert run.returncode == 0, f"{run.stdout}\n{run.stderr}\n{logs}"
+    lines = run.stdout.splitlines()
+    assert [line.split("\t")[0] for line in lines] == nights
+    array_id = lines[0].split("\t")[1].split("_")[0]
+    assert [line.split("\t")[1] for line in lines] == [f"{array_id}_0", f"{array_id}_1"]
+    df = _catalog(tmp_path / "out")
+    assert not df.duplicated(["night", "exposure", "detector"]).any()
+    for i, night in enumerate(nights):
+        log = logs[f"survey-qa-night-{array_id}_{i}.out"]
+        assert f"survey-qa night {night}" in log and f"array task {i}" in log
+        assert df.loc[df["night"].astype(str) == night, "exposure"].nunique() == 2
+
+
 def test_ddp_training_on_two_ranks(local_night, tmp_path):
     """2 CPU ranks in one allocation: sbatch hpc/train.sbatch, srun, Lightning DDP."""
     out, _ = local_night
@@ -259,4 +285,6 @@ def test_ddp_training_on_two_ranks(local_night, tmp_path):
     assert "GLOBAL_RANK: 0" in text and "GLOBAL_RANK: 1" in text, text[-5000:]
     assert "MEMBER: 2/2" in text
     assert weights.exists() and weights.stat().st_size > 0
+    assert text.count("weights written to") == 1  # by global rank 0 only
+    assert (tmp_path / "checkpoints" / "autoencoder" / "last.ckpt").is_file()
     _record("train_wall_s", time.perf_counter() - t0)
