@@ -22,7 +22,7 @@ from lightning.pytorch.loggers import CSVLogger
 import survey_qa
 from survey_qa.config import Config
 from survey_qa.models.autoencoder import (AutoencoderSystem, PatchDataModule, calibrate,
-                                          reference_scores)
+                                          reference_maps)
 from survey_qa.models.components.autoencoder import AutoencoderArch, ConvAutoencoder
 from survey_qa.models.weights import packaged_weights, save_weights
 from survey_qa.pipeline import aescore
@@ -36,7 +36,9 @@ _QUIET = (r".*does not have many workers.*", r".*The number of training batches.
           r".*Checkpoint directory .* exists and is not empty.*",
           r".*GPU available but not used.*", r".*on_epoch=True.*sync_dist.*",
           r".*You defined a `validation_step` but have no `val_dataloader`.*",
-          r".*Total length of .* across ranks is zero.*")
+          r".*Total length of .* across ranks is zero.*",
+          r".*The `srun` command is available on your system but is not used.*",
+          r".*isinstance\(treespec, LeafSpec\)` is deprecated.*")  # lightning 2.6, torch 2.13
 
 
 def checkpoint_dir(cfg: Config, out_root: str | os.PathLike) -> Path:
@@ -104,11 +106,11 @@ def train_autoencoder(cfg: Config, out_root: str | os.PathLike,
     split = data.split
     held_out = bool(split.val_frames)
     frames = split.val_frames if held_out else split.train_frames
-    scores = reference_scores(model.eval(), frames, a.patch_px, aescore.RESIDUAL_CLIP)
-    metadata = calibrate(scores, a.threshold_quantile)
+    params = aescore.ScoreParams()
+    maps = reference_maps(model.eval(), frames, a.patch_px, params)
+    metadata = calibrate(maps, a.threshold_quantile, a.close_px)
     metadata.update(
-        bin_factor=a.bin_factor, patch_px=a.patch_px,
-        asinh_soft_sigma=aescore.ASINH_SOFT_SIGMA, residual_clip=aescore.RESIDUAL_CLIP,
+        bin_factor=a.bin_factor, patch_px=a.patch_px, score_params=params.to_dict(),
         calibrated_on="validation" if held_out else "training (no held-out exposure)",
         training_data={
             "out_root": str(Path(out_root).resolve()),

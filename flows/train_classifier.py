@@ -238,6 +238,7 @@ class EvaluationReport:
 
     nights: list[str]
     scores: list[evaluation.ClassifierScores]
+    measured_scores: list[evaluation.ClassifierScores]
     n_ambiguous_excluded: int
     figure: Path | None
     model_version: str
@@ -246,8 +247,10 @@ class EvaluationReport:
         head = (f"evaluation on {len(self.nights)} night(s) {', '.join(self.nights)}: "
                 f"{self.scores[0].n if self.scores else 0} labelled detectors "
                 f"({self.n_ambiguous_excluded} ambiguous left out); model {self.model_version}")
+        measured = ["\ndetectors with a PSF measurement (fwhm_px finite) only:",
+                    evaluation.format_scores(self.measured_scores)]
         tail = [f"figure: {self.figure}"] if self.figure else []
-        return "\n".join([head, evaluation.format_scores(self.scores), *tail])
+        return "\n".join([head, evaluation.format_scores(self.scores), *measured, *tail])
 
 
 def evaluate(cfg: Config, out_root: str | Path, truth_root: str | Path, nights: list[str],
@@ -303,15 +306,21 @@ def evaluate(cfg: Config, out_root: str | Path, truth_root: str | Path, nights: 
 
     scores = [evaluation.score_predictions(n, y, p, conf, y_pred=yp)
               for n, p, yp in zip(names, probas, preds)]
+    ok = np.isfinite(test.table["fwhm_px"].to_numpy(dtype=np.float64))
+    measured = [evaluation.score_predictions(n, y[ok], p[ok], list(np.array(conf)[ok]),
+                                             y_pred=yp[ok])
+                for n, p, yp in zip(names, probas, preds)]
     report_dir = Path(report_dir or Path(out_root) / "evaluation")
     figure = evaluation.plot_evaluation(scores, y, probas, report_dir / "evaluation.png")
-    report = EvaluationReport(nights=list(nights), scores=scores,
+    report = EvaluationReport(nights=list(nights), scores=scores, measured_scores=measured,
                               n_ambiguous_excluded=int(ambiguous.sum()), figure=figure,
                               model_version=clf.version)
     (report_dir / "evaluation.json").write_text(json.dumps(
         {"nights": list(nights), "model_version": clf.version,
          "n_ambiguous_excluded": report.n_ambiguous_excluded,
-         "scores": [s.to_dict() for s in scores]}, indent=1, default=_nan_none))
+         "scores": [s.to_dict() for s in scores],
+         "scores_psf_measured": [s.to_dict() for s in measured]},
+        indent=1, default=_nan_none))
     return report
 
 

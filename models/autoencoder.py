@@ -45,16 +45,17 @@ class AutoencoderSystem(L.LightningModule):
         Adam learning rate.
     huber_delta
         Huber loss transition (normalised units: noise sigmas for faint pixels).
-    residual_clip
-        Per-pixel residual cap of the patch score (:func:`aescore.patch_errors`).
+    cell_px
+        Cell side of the patch score logged in validation (:func:`aescore.patch_errors`).
     """
 
     def __init__(self, autoencoder: ConvAutoencoder, learning_rate: float = 1e-3,
-                 huber_delta: float = 1.0, residual_clip: float = aescore.RESIDUAL_CLIP):
+                 huber_delta: float = 1.0, cell_px: int = aescore.ScoreParams.cell_px):
         super().__init__()
         self.save_hyperparameters(ignore=["autoencoder"])
         self.hparams["architecture"] = autoencoder.arch.to_dict()
         self.autoencoder = autoencoder
+        self.score_params = aescore.ScoreParams(cell_px=cell_px)
         self.loss_fn = torch.nn.HuberLoss(delta=huber_delta)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
@@ -70,7 +71,7 @@ class AutoencoderSystem(L.LightningModule):
         recon = self(batch)
         self.log("val_loss", self.loss_fn(recon, batch), prog_bar=True,
                  batch_size=len(batch), sync_dist=True)
-        score = aescore.patch_errors(batch, recon, self.hparams.residual_clip).mean()
+        score = aescore.patch_errors(batch, recon, self.score_params).mean()
         self.log("val_score", score, batch_size=len(batch), sync_dist=True)
 
     def configure_optimizers(self):
@@ -175,14 +176,14 @@ def read_reference(path: str, hdu: int, io_cfg: IOConfig) -> tuple[np.ndarray, n
 
 
 def prepare_frames(refs: pd.DataFrame, bin_factor: int, io_cfg: IOConfig,
-                   asinh_soft_sigma: float = aescore.ASINH_SOFT_SIGMA) -> list[np.ndarray]:
+                   params: aescore.ScoreParams | None = None) -> list[np.ndarray]:
     """Read, bin and normalise reference detectors; unreadable ones are skipped."""
     frames = []
     for row in refs.itertuples(index=False):
         try:
             data, mask = read_reference(row.path, int(row.hdu), io_cfg)
             binned, bmask = aescore.bin_frame(data, mask, bin_factor)
-            frames.append(aescore.normalize_frame(binned, bmask, asinh_soft_sigma)[0])
+            frames.append(aescore.normalize_frame(binned, bmask, params)[0])
         except QualityError:
             continue
     return frames
@@ -326,43 +327,63 @@ class PatchDataModule(L.LightningDataModule):
 
 # ---------------------------------------------------------------------------- calibration
 
-
-def reference_scores(model: torch.nn.Module, frames: list[np.ndarray], patch_px: int,
-                     residual_clip: float = aescore.RESIDUAL_CLIP) -> np.ndarray:
-    """Patch scores of every grid patch of the given normalised frames (1-D)."""
-    maps = [aescore.score_map(model, f, patch_px, residual_clip=residual_clip).ravel()
-            for f in frames]
-    return np.concatenate(maps) if maps else np.empty(0, np.float32)
+OUTLIER_MAD = 5.0
+"""Reference frames whose 90th-percentile opened patch score lies more than this many
+robust standard deviations above the median frame's are left out of the calibration."""
 
 
-def calibrate(scores: np.ndarray, quantile: float, n_table: int = 501) -> dict:
-    """Threshold and quantile table from reference patch scores.
+def reference_maps(model: torch.nn.Module, frames: list[np.ndarray], patch_px: int,
+                   params: aescore.ScoreParams | None = None) -> list[np.ndarray]:
+    """Score maps of the given normalised reference frames."""
+    return [aescore.score_map(model, f, patch_px, params=params) for f in frames]
+
+
+def calibrate(score_maps: list[np.ndarray], quantile: float, close_px: int,
+              n_table: int = 501) -> dict:
+    """Mask threshold and quantile table from the score maps of good reference frames.
+
+    Each map is first opened (:func:`aescore.open_scores`) with the cleaning that
+    :func:`aescore.make_mask` applies, so the threshold is the quantile of what survives
+    cleaning: isolated bright stars do not set it. Good frames whose sky is far from
+    typical (a nebula or a large galaxy fills part of them: good frames, but not clean
+    sky) are left out by a robust outlier cut on each frame's 90th-percentile opened
+    score (:data:`OUTLIER_MAD`). No value is tuned per dataset.
 
     Parameters
     ----------
-    scores
-        Patch scores of good reference frames not used for training.
+    score_maps
+        Patch score maps of good reference frames not used for training.
     quantile
-        The quantile that becomes the mask threshold.
+        The quantile of the opened reference scores that becomes the mask threshold.
+    close_px
+        Cleaning radius (patches), as in :func:`aescore.make_mask`.
     n_table
         Entries of the stored quantile table, from 0.5 to 1.
 
     Returns
     -------
     dict
-        ``threshold``, ``quantile``, ``score_ref`` (median score), ``n_reference_patches``
-        and ``reference_quantiles`` ({"quantile": [...], "score": [...]}).
+        ``threshold``, ``quantile``, ``close_px``, ``score_ref`` (median raw patch score
+        of the kept frames), ``n_reference_frames``, ``n_outlier_frames``,
+        ``n_reference_patches`` and ``reference_quantiles`` ({"quantile", "score"}).
     """
-    scores = np.asarray(scores, dtype=np.float64)
-    scores = scores[np.isfinite(scores)]
-    if scores.size == 0:
-        raise ValueError("no reference patch scores to calibrate on")
-    q = np.linspace(0.5, 1.0, n_table)
-    table = np.quantile(scores, q)
-    median = float(np.median(scores))
+    if not score_maps:
+        raise ValueError("no reference score maps to calibrate on")
+    opened = [aescore.open_scores(m, close_px) for m in score_maps]
+    p90 = np.array([np.quantile(o, 0.9) for o in opened])
+    centre = float(np.median(p90))
+    spread = 1.4826 * float(np.median(np.abs(p90 - centre)))
+    keep = p90 <= centre + OUTLIER_MAD * max(spread, 1e-3 * abs(centre), 1e-12)
+    scores = np.concatenate([o.ravel() for o, k in zip(opened, keep) if k])
+    raw = np.concatenate([np.ravel(m) for m, k in zip(score_maps, keep) if k])
+    scores, raw = scores[np.isfinite(scores)], raw[np.isfinite(raw)]
+    median = float(np.median(raw))
     if not (math.isfinite(median) and median > 0):
         raise ValueError(f"median reference score {median} is not positive")
+    q = np.linspace(0.5, 1.0, n_table)
     return {"threshold": float(np.quantile(scores, quantile)), "quantile": float(quantile),
-            "score_ref": median, "n_reference_patches": int(scores.size),
+            "close_px": int(close_px), "score_ref": median,
+            "n_reference_frames": int(keep.sum()), "n_outlier_frames": int((~keep).sum()),
+            "n_reference_patches": int(scores.size),
             "reference_quantiles": {"quantile": q.round(6).tolist(),
-                                    "score": table.tolist()}}
+                                    "score": np.quantile(scores, q).tolist()}}

@@ -18,11 +18,11 @@ import numpy as np
 from safetensors.torch import load_file, save_file
 
 from survey_qa.models.components.autoencoder import AutoencoderArch, ConvAutoencoder
-from survey_qa.pipeline.aescore import Scorer
+from survey_qa.pipeline.aescore import ScoreParams, Scorer
 
 FORMAT_VERSION = 1
 REQUIRED_KEYS = ("format_version", "architecture", "threshold", "quantile", "bin_factor",
-                 "patch_px", "asinh_soft_sigma", "residual_clip", "score_ref", "version")
+                 "patch_px", "score_params", "score_ref", "version")
 
 
 def packaged_weights() -> Path:
@@ -53,7 +53,7 @@ def save_weights(model: ConvAutoencoder, path: str | os.PathLike, metadata: dict
         Target ``.safetensors`` path; the JSON goes next to it.
     metadata
         At least ``threshold``, ``quantile``, ``bin_factor``, ``patch_px``,
-        ``asinh_soft_sigma``, ``residual_clip`` and ``score_ref``.
+        ``score_params`` (:meth:`ScoreParams.to_dict`) and ``score_ref``.
     """
     path = Path(path)
     if path.suffix != ".safetensors":
@@ -117,9 +117,7 @@ def scorer_from(model: ConvAutoencoder, meta: dict[str, Any]) -> Scorer:
     table = meta.get("reference_quantiles") or {}
     return Scorer(model=model.eval(), threshold=float(meta["threshold"]),
                   quantile=float(meta["quantile"]), bin_factor=int(meta["bin_factor"]),
-                  patch_px=int(meta["patch_px"]),
-                  asinh_soft_sigma=float(meta["asinh_soft_sigma"]),
-                  residual_clip=float(meta["residual_clip"]),
+                  patch_px=int(meta["patch_px"]), params=ScoreParams(**meta["score_params"]),
                   score_ref=float(meta["score_ref"]),
                   ref_quantiles=np.asarray(table.get("quantile", []), dtype=np.float64),
                   ref_scores=np.asarray(table.get("score", []), dtype=np.float64),

@@ -1,12 +1,19 @@
 """Autoencoder quality maps and masks (after Jia et al. 2024): pure stages.
 
 An autoencoder trained only on good frames reconstructs what good sky looks like. A
-detector is binned, normalised so that the network sees sky structure in units of the
-noise (not absolute levels), cut into patches and reconstructed; each patch's
-reconstruction error is its score. Patches scoring above a threshold taken from the
-scores of good reference frames (a quantile, stored with the weights: no hand tuning)
-form the mask of regions hurt by clouds, gradients or scattered light, cleaned by
-morphology so that isolated bright stars do not punch holes in it.
+detector is binned; the most common sky level (the half-sample mode of cell medians) is
+subtracted and the result divided by the larger of the noise and a small share of the
+sky, then compressed with asinh, so that the network sees sky structure, not absolute
+levels. The frame is cut into patches and reconstructed. The network cannot copy a
+patch's own level through (see :mod:`survey_qa.models.components.autoencoder`), so sky
+raised or lowered by clouds, gradients or scattered light stays in the residual, while
+the stars and galaxies that good frames hold are reconstructed. A patch's score is the
+mean absolute cell median of its residual: the reconstruction error at the scale of sky
+structure, blind to pixel noise and to the cores of stars.
+
+Patches scoring above a threshold taken from the scores of good reference frames (a
+quantile, stored with the weights: no hand tuning) form the mask, cleaned by morphology
+so that isolated bright stars do not punch holes in it.
 
 Geometry: patch ``(i, j)`` of the score map covers full-resolution rows
 ``[i * B, (i + 1) * B)`` and columns ``[j * B, (j + 1) * B)`` with
@@ -25,12 +32,44 @@ from scipy import ndimage
 from survey_qa.config import AutoencoderConfig
 from survey_qa.pipeline.errors import QualityError
 
-ASINH_SOFT_SIGMA = 3.0
-"""Default softening of the asinh compression, in noise units: linear below, log above."""
 
-RESIDUAL_CLIP = 3.0
-"""Default per-pixel cap on the absolute residual (compressed units) in a patch score,
-so that a few badly reconstructed star pixels cannot dominate a patch."""
+@dataclass(frozen=True)
+class ScoreParams:
+    """Normalisation and scoring constants; the weights store the ones they were trained
+    with, and scoring must use the same.
+
+    Attributes
+    ----------
+    cell_px
+        Side (binned pixels) of the cells on which the sky level is taken and residuals
+        are summarised; a patch side must be a multiple of it.
+    rel_floor
+        The normalisation unit is the larger of the pixel noise and this share of the sky
+        level: on a bright sky a defect is judged by its size relative to the sky (as the
+        classes are defined), on a faint sky by its significance.
+    asinh_soft
+        Softening of the asinh compression, in normalisation units: linear below,
+        logarithmic above (stars).
+    residual_clip
+        Cap on each pixel's absolute residual (compressed units) before cells are
+        summarised.
+    """
+
+    cell_px: int = 8
+    rel_floor: float = 0.05
+    asinh_soft: float = 3.0
+    residual_clip: float = 5.0
+
+    def __post_init__(self):
+        if self.cell_px < 1 or self.rel_floor < 0 or self.asinh_soft <= 0 \
+                or self.residual_clip <= 0:
+            raise ValueError(f"invalid score parameters {self}")
+
+    def to_dict(self) -> dict:
+        """Plain mapping for the weights' JSON metadata."""
+        return {"cell_px": self.cell_px, "rel_floor": self.rel_floor,
+                "asinh_soft": self.asinh_soft, "residual_clip": self.residual_clip}
+
 
 MIN_GOOD_FRACTION = 0.05
 """Fewer unmasked binned pixels than this share and the detector cannot be scored."""
@@ -52,8 +91,8 @@ class Scorer:
         Binning of the detector before scoring (pixels per binned pixel, per axis).
     patch_px
         Patch side on the binned frame.
-    asinh_soft_sigma, residual_clip
-        Normalisation and score constants used in training; scoring must use the same.
+    params
+        Normalisation and score constants used in training.
     score_ref
         Median reference patch score; ``ae_score`` is the mean patch score in these units.
     ref_quantiles, ref_scores
@@ -68,8 +107,7 @@ class Scorer:
     quantile: float
     bin_factor: int
     patch_px: int
-    asinh_soft_sigma: float = ASINH_SOFT_SIGMA
-    residual_clip: float = RESIDUAL_CLIP
+    params: ScoreParams = field(default_factory=ScoreParams)
     score_ref: float = 1.0
     ref_quantiles: np.ndarray = field(default_factory=lambda: np.empty(0), repr=False)
     ref_scores: np.ndarray = field(default_factory=lambda: np.empty(0), repr=False)
@@ -110,6 +148,8 @@ class AEResult:
         The patch-score threshold that made the mask.
     block_px
         Full-resolution side of one patch, ``bin_factor * patch_px``.
+    sky_adu, scale_adu
+        The sky level subtracted and the normalisation unit (binned-pixel ADU).
     """
 
     score_map: np.ndarray
@@ -118,6 +158,8 @@ class AEResult:
     mask_fraction: float
     threshold: float
     block_px: int
+    sky_adu: float = math.nan
+    scale_adu: float = math.nan
 
 
 # ---------------------------------------------------------------------------- preparation
@@ -175,8 +217,7 @@ def robust_noise(image: np.ndarray, mask: np.ndarray | None = None) -> float:
     """
     d = np.diff(image, axis=1)
     if mask is not None:
-        ok = ~(mask[:, 1:] | mask[:, :-1])
-        d = d[ok]
+        d = d[~(mask[:, 1:] | mask[:, :-1])]
     d = d[np.isfinite(d)]
     if d.size == 0:
         return math.nan
@@ -184,18 +225,63 @@ def robust_noise(image: np.ndarray, mask: np.ndarray | None = None) -> float:
     return float(1.4826 * mad / math.sqrt(2.0))
 
 
-def normalize_frame(binned: np.ndarray, mask: np.ndarray, asinh_soft_sigma: float
-                    ) -> tuple[np.ndarray, float, float]:
-    """Subtract the median sky, divide by the noise, compress with asinh.
+def half_sample_mode(values: np.ndarray) -> float:
+    """The half-sample mode (Bickel & Fruehwirth 2006): a robust estimate of the mode.
 
-    ``out = s * asinh((x - sky) / (noise * s))`` with ``s = asinh_soft_sigma``: linear
-    (in noise units) for sky and faint structure, logarithmic for stars, so the network
-    sees the structure of the sky and not its absolute level. Masked pixels read as sky
-    (0).
+    Repeatedly keeps the half of the sorted sample with the narrowest range.
+    """
+    v = np.sort(np.asarray(values, dtype=np.float64).ravel())
+    v = v[np.isfinite(v)]
+    if v.size == 0:
+        return math.nan
+    while v.size > 3:
+        h = (v.size + 1) // 2
+        widths = v[h - 1:] - v[:v.size - h + 1]
+        start = int(np.argmin(widths))
+        v = v[start:start + h]
+    return float(np.median(v))
+
+
+def cell_medians(image: np.ndarray, mask: np.ndarray, cell_px: int) -> np.ndarray:
+    """Medians of the unmasked pixels of each whole ``cell_px`` x ``cell_px`` cell (1-D).
+
+    Cells with fewer than half their pixels unmasked are left out.
+    """
+    ny, nx = (image.shape[0] // cell_px) * cell_px, (image.shape[1] // cell_px) * cell_px
+    if ny == 0 or nx == 0:
+        return image[~mask].astype(np.float64)
+    shape = (ny // cell_px, cell_px, nx // cell_px, cell_px)
+    if not mask[:ny, :nx].any():
+        vals = image[:ny, :nx].reshape(shape).transpose(0, 2, 1, 3)
+        return np.median(vals.reshape(-1, cell_px * cell_px), axis=1)
+    vals = np.where(mask[:ny, :nx], np.nan, image[:ny, :nx]).reshape(shape)
+    vals = vals.transpose(0, 2, 1, 3).reshape(-1, cell_px * cell_px)
+    keep = np.isfinite(vals).sum(axis=1) >= cell_px * cell_px / 2
+    return np.nanmedian(vals[keep], axis=1) if keep.any() else np.empty(0)
+
+
+def sky_reference(binned: np.ndarray, mask: np.ndarray, cell_px: int) -> float:
+    """The most common sky level of a binned frame (ADU).
+
+    The half-sample mode of cell medians: on a frame partly covered by cloud or glow it
+    is the level of the undisturbed part, where the median would fall between the two.
+    """
+    cells = cell_medians(binned, mask, cell_px)
+    return half_sample_mode(cells) if cells.size else math.nan
+
+
+def normalize_frame(binned: np.ndarray, mask: np.ndarray, params: ScoreParams | None = None
+                    ) -> tuple[np.ndarray, float, float]:
+    """Subtract the sky, divide by the normalisation unit, compress with asinh.
+
+    ``out = a * asinh((x - sky) / (unit * a))`` with ``a = params.asinh_soft`` and
+    ``unit = max(noise, params.rel_floor * |sky|)``: linear for sky structure, logarithmic
+    for stars, so the network sees the structure of the sky and not its absolute level.
+    Masked pixels read as sky (0).
 
     Returns
     -------
-    image, sky_adu, noise_adu
+    image, sky_adu, unit_adu
         The normalised frame (float32) and the two constants used.
 
     Raises
@@ -203,19 +289,21 @@ def normalize_frame(binned: np.ndarray, mask: np.ndarray, asinh_soft_sigma: floa
     QualityError
         When too few pixels are unmasked or the noise is zero or undefined.
     """
-    good = ~mask
-    if good.mean() < MIN_GOOD_FRACTION:
+    params = params or ScoreParams()
+    good_fraction = float(1.0 - mask.mean())
+    if good_fraction < MIN_GOOD_FRACTION:
         raise QualityError("autoencoder: too few unmasked pixels to score",
-                           good_fraction=float(good.mean()))
-    sky = float(np.median(binned[good]))
+                           good_fraction=good_fraction)
+    sky = sky_reference(binned, mask, params.cell_px)
     noise = robust_noise(binned, mask)
-    if not (math.isfinite(noise) and noise > 0):
+    if not (math.isfinite(noise) and noise > 0 and math.isfinite(sky)):
         raise QualityError("autoencoder: sky noise is zero or undefined", noise=noise)
-    s = float(asinh_soft_sigma)
-    x = (binned - np.float32(sky)) / np.float32(noise * s)
-    out = np.float32(s) * np.arcsinh(x, dtype=np.float32)
+    unit = max(noise, params.rel_floor * abs(sky))
+    a = float(params.asinh_soft)
+    x = (binned - np.float32(sky)) / np.float32(unit * a)
+    out = np.float32(a) * np.arcsinh(x, dtype=np.float32)
     out[mask] = 0.0
-    return out.astype(np.float32, copy=False), sky, noise
+    return out.astype(np.float32, copy=False), sky, unit
 
 
 def patchify(image: np.ndarray, patch_px: int) -> tuple[np.ndarray, tuple[int, int]]:
@@ -243,28 +331,37 @@ def patchify(image: np.ndarray, patch_px: int) -> tuple[np.ndarray, tuple[int, i
 # ---------------------------------------------------------------------------- scoring
 
 
-def patch_errors(x: torch.Tensor, recon: torch.Tensor, residual_clip: float
+def patch_errors(x: torch.Tensor, recon: torch.Tensor, params: ScoreParams | None = None
                  ) -> torch.Tensor:
-    """Per-patch reconstruction error: the mean of ``min(|x - recon|, residual_clip)``.
+    """Per-patch reconstruction error: the mean absolute cell median of the residual.
+
+    The residual ``x - recon`` is clipped at ``params.residual_clip``; its median over
+    each ``cell_px`` x ``cell_px`` cell measures the sky structure left unexplained there
+    (pixel noise and star cores average away); the patch score is the mean of their
+    absolute values.
 
     Parameters
     ----------
     x, recon
-        Tensors (N, 1, p, p).
-    residual_clip
-        Cap on each pixel's absolute residual (same units as ``x``).
+        Tensors (N, 1, p, p); ``p`` must be a multiple of ``params.cell_px``.
 
     Returns
     -------
     torch.Tensor
         Shape (N,).
     """
-    return (x - recon).abs().clamp_max(residual_clip).mean(dim=(1, 2, 3))
+    params = params or ScoreParams()
+    c = params.cell_px
+    n, _, h, w = x.shape
+    if h % c or w % c:
+        raise ValueError(f"patch side {h}x{w} is not a multiple of cell_px={c}")
+    r = (x - recon).clamp(-params.residual_clip, params.residual_clip)
+    cells = r.reshape(n, h // c, c, w // c, c).permute(0, 1, 3, 2, 4).reshape(n, -1, c * c)
+    return cells.median(dim=2).values.abs().mean(dim=1)
 
 
 def score_patches(model: torch.nn.Module, patches: np.ndarray, *,
-                  residual_clip: float = RESIDUAL_CLIP, batch_size: int = 1024
-                  ) -> np.ndarray:
+                  params: ScoreParams | None = None, batch_size: int = 1024) -> np.ndarray:
     """Reconstruction error of every patch (N, 1, p, p) -> (N,) float32."""
     out = np.empty(len(patches), dtype=np.float32)
     was_training = model.training
@@ -273,14 +370,14 @@ def score_patches(model: torch.nn.Module, patches: np.ndarray, *,
         with torch.inference_mode():
             for start in range(0, len(patches), batch_size):
                 x = torch.from_numpy(patches[start:start + batch_size])
-                out[start:start + len(x)] = patch_errors(x, model(x), residual_clip).numpy()
+                out[start:start + len(x)] = patch_errors(x, model(x), params).numpy()
     finally:
         model.train(was_training)
     return out
 
 
 def score_map(model: torch.nn.Module, binned: np.ndarray, patch_px: int, *,
-              residual_clip: float = RESIDUAL_CLIP, batch_size: int = 1024) -> np.ndarray:
+              params: ScoreParams | None = None, batch_size: int = 1024) -> np.ndarray:
     """Per-patch reconstruction error of a normalised binned frame.
 
     Parameters
@@ -291,6 +388,8 @@ def score_map(model: torch.nn.Module, binned: np.ndarray, patch_px: int, *,
         Normalised binned frame (:func:`normalize_frame`).
     patch_px
         Patch side (binned pixels).
+    params
+        Score constants (the cell size and residual cap).
 
     Returns
     -------
@@ -298,21 +397,43 @@ def score_map(model: torch.nn.Module, binned: np.ndarray, patch_px: int, *,
         float32 map of shape ``(ceil(ny / patch_px), ceil(nx / patch_px))``.
     """
     patches, grid = patchify(binned, patch_px)
-    return score_patches(model, patches, residual_clip=residual_clip,
-                         batch_size=batch_size).reshape(grid)
+    return score_patches(model, patches, params=params, batch_size=batch_size).reshape(grid)
 
 
 def _structure(radius: int) -> np.ndarray:
-    return ndimage.iterate_structure(ndimage.generate_binary_structure(2, 1), radius)
+    return ndimage.iterate_structure(ndimage.generate_binary_structure(2, 2), radius)
+
+
+def open_scores(score_map: np.ndarray, close_px: int) -> np.ndarray:
+    """Grey-level opening of a score map with the structuring element of :func:`make_mask`.
+
+    Thresholding the result at ``t`` gives the opening of ``score_map > t``: it is the
+    score a patch keeps once isolated high patches are removed, and what the threshold is
+    calibrated on. The map is extended by edge replication, so that regions touching the
+    detector edge are not eroded there. NaN (not scored) counts as the lowest score.
+    """
+    smap = np.nan_to_num(np.asarray(score_map, dtype=np.float64), nan=-np.inf)
+    if close_px <= 0:
+        return smap
+    return _extended(ndimage.grey_opening, smap, int(close_px))
+
+
+def _extended(operation, image: np.ndarray, radius: int) -> np.ndarray:
+    """A morphological ``operation`` on ``image`` extended without end by edge
+    replication (a margin of twice the radius makes the inside exact)."""
+    m = 2 * radius
+    out = operation(np.pad(image, m, mode="edge"), footprint=_structure(radius))
+    return out[m:-m, m:-m]
 
 
 def make_mask(score_map: np.ndarray, threshold: float, close_px: int) -> np.ndarray:
-    """Threshold a score map and clean it by binary opening then closing.
+    """Threshold a score map and clean it by opening then closing.
 
-    Opening removes masked regions narrower than ``2 * close_px + 1`` patches (an
-    isolated bright star or galaxy); closing then fills holes of that size inside a
-    masked region. The map is padded by edge replication first, so that regions touching
-    the detector edge are neither eroded nor grown there.
+    Opening removes masked regions smaller than ``2 * close_px + 1`` patches on a side
+    (an isolated bright star or galaxy); closing then fills holes of up to ``2 *
+    close_px`` patches inside a masked region. The structuring element is a square; the
+    map is extended by edge replication, so that regions touching the detector edge are
+    neither eroded nor grown there.
 
     Parameters
     ----------
@@ -321,23 +442,17 @@ def make_mask(score_map: np.ndarray, threshold: float, close_px: int) -> np.ndar
     threshold
         Patches scoring above it are candidates.
     close_px
-        Radius (patches) of the diamond-shaped structuring element; 0: no cleaning.
+        Radius (patches) of the structuring element; 0: no cleaning.
 
     Returns
     -------
     numpy.ndarray
         bool, same shape as ``score_map``.
     """
-    raw = np.nan_to_num(np.asarray(score_map, dtype=np.float64), nan=-np.inf) > threshold
-    if close_px <= 0 or not raw.any():
-        return raw
-    r = int(close_px)
-    s = _structure(r)
-    padded = np.pad(raw, r, mode="edge")
-    padded = ndimage.binary_opening(padded, structure=s)
-    padded = ndimage.binary_closing(np.pad(padded[r:-r, r:-r], 2 * r, mode="edge"),
-                                    structure=s)
-    return padded[2 * r:-2 * r, 2 * r:-2 * r].copy()
+    opened = open_scores(score_map, close_px) > threshold
+    if close_px <= 0 or not opened.any():
+        return opened
+    return _extended(ndimage.grey_closing, opened.astype(np.uint8), int(close_px)) > 0
 
 
 def upsample_mask(patch_mask: np.ndarray, block_px: int, shape: tuple[int, int]
@@ -399,13 +514,12 @@ def score_detector(data: np.ndarray, mask: np.ndarray | None, scorer: Scorer,
     """
     threshold = scorer.threshold_at(cfg.threshold_quantile)
     binned, bmask = bin_frame(data, mask, scorer.bin_factor)
-    image, _, _ = normalize_frame(binned, bmask, scorer.asinh_soft_sigma)
-    smap = score_map(scorer.model, image, scorer.patch_px,
-                     residual_clip=scorer.residual_clip)
+    image, sky, unit = normalize_frame(binned, bmask, scorer.params)
+    smap = score_map(scorer.model, image, scorer.patch_px, params=scorer.params)
     patch_mask = make_mask(smap, threshold, cfg.close_px)
     block = scorer.bin_factor * scorer.patch_px
     shape = np.shape(data)
     return AEResult(score_map=smap, mask=patch_mask,
                     ae_score=float(np.mean(smap) / scorer.score_ref),
                     mask_fraction=masked_fraction(patch_mask, block, shape),
-                    threshold=threshold, block_px=block)
+                    threshold=threshold, block_px=block, sky_adu=sky, scale_adu=unit)

@@ -36,7 +36,9 @@ OVERFLOW_MESSAGES = ("internal pixel buffer full", "deblending overflow")
 MAX_RETRIES = 4
 THRESH_FACTOR_PER_RETRY = 2.0
 KRON_FACTOR = 2.5
-MIN_KRON_RADIUS_PX = 1.75  # SExtractor's minimum AUTO aperture (3.5 px diameter)
+MIN_KRON_RADIUS_PX = 1.75
+"""Detections whose Kron radius (kron x sqrt(a b), pixels) is under this get a circular
+aperture of KRON_FACTOR times it instead (as sep's documentation does for FLUX_AUTO)."""
 
 COLUMNS = [n for n in SOURCE_SCHEMA.names if n not in ("exposure", "detector")]
 

@@ -417,6 +417,7 @@ def test_flows_train_and_evaluate(nights, tmp_path):
     assert cnn.n_any_confounder > 0 and "optics" in cnn.accuracy_by_confounder
     assert (tmp_path / "eval" / "evaluation.png").stat().st_size > 10_000
     assert "macro F1" in report.text()
+    assert [s.n for s in report.measured_scores] == [cnn.n] * 3  # every PSF measured here
     print(report.text())
 
 
