@@ -70,7 +70,8 @@ def night(tmp_path_factory):
 
 def config(raw, out, **run):
     return load_config(overrides={
-        "run": {"raw_root": str(raw), "out_root": str(out), "progress": False, **run},
+        "run": {"raw_root": str(raw), "out_root": str(out), "progress": False,
+                "classifier": "rules", **run},
         "cluster": {"workers": 2, "dashboard_address": None},
         "psf": {"min_stars": 3}})
 
