@@ -51,6 +51,9 @@ FLUX_AUTO
 FLUX_MAX
 FLUX_RADIUS
 FWHM_IMAGE
+A_IMAGE
+B_IMAGE
+THETA_IMAGE
 ELONGATION
 SNR_WIN
 CLASS_STAR
@@ -188,12 +191,15 @@ def run_astromatic(path: str, work: Path) -> dict:
 
 def _sextractor_star_fwhm(cat) -> float:
     """Median FWHM_IMAGE of bright, unflagged detections on the stellar locus (the same
-    half-light-radius locus as survey-qa's star selection, fed SExtractor's FLUX_RADIUS)."""
-    from survey_qa.pipeline.psf import stellar_locus
+    cosmic-ray cut and half-light-radius locus as survey-qa's star selection, fed
+    SExtractor's FLUX_RADIUS and moments)."""
+    from survey_qa.pipeline.psf import cosmic_ray_like, stellar_locus
 
-    ok = (cat["FLAGS"] == 0) & (cat["SNR_WIN"] > 30) & (cat["FWHM_IMAGE"] > 0)
     rh = np.asarray(cat["FLUX_RADIUS"], float)
-    centre, tol = stellar_locus(rh[ok & (rh > 0.55)])
+    cr = cosmic_ray_like(rh, np.asarray(cat["A_IMAGE"], float), np.asarray(cat["B_IMAGE"], float),
+                         np.asarray(cat["THETA_IMAGE"], float))
+    ok = (cat["FLAGS"] == 0) & (cat["SNR_WIN"] > 30) & (cat["FWHM_IMAGE"] > 0) & ~cr
+    centre, tol = stellar_locus(rh[ok])
     if not math.isfinite(centre):
         return math.nan
     with np.errstate(divide="ignore", invalid="ignore"):
