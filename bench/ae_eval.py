@@ -197,7 +197,7 @@ def mask_quality(scorer, cfg, size: int, n_frames: int) -> dict:
                 if e.size else math.nan,
                 "median_abs": float(np.median(np.abs(e))) if e.size else math.nan}
 
-    return {"frames": rows, "mean_iou": float(ious.mean()), "median_iou": float(np.median(ious)),
+    return {"size_px": size, "frames": rows, "mean_iou": float(ious.mean()), "median_iou": float(np.median(ious)),
             "pooled_iou": float(pooled), "share_iou_ge_0.7": float(np.mean(ious >= 0.7)),
             "iou_by_kind": {k: float(np.mean(v)) for k, v in by_kind.items()},
             "photometry_inside": robust(e_in), "photometry_outside": robust(e_out),
@@ -246,17 +246,32 @@ def plots(res: dict) -> list[Path]:
 
     OUT.mkdir(parents=True, exist_ok=True)
     paths = []
-    s = res["seeing"]
+    if "seeing" in res:
+        paths.append(_plot_seeing(res["seeing"]))
+    if "strength" in res:
+        paths.append(_plot_strength(res["strength"]))
+    if "masks" in res:
+        paths += _plot_masks(res["masks"])
+    return paths
+
+
+def _plot_seeing(s: dict) -> Path:
+    import matplotlib.pyplot as plt
+
     fig, ax = plt.subplots(figsize=(5, 3.5))
     for row in s["ae_score"]:
         ax.plot(s["seeing_arcsec"], row, color="0.7", lw=1)
     ax.plot(s["seeing_arcsec"], s["median"], "o-", color="C0", label="median")
     ax.set(xlabel="seeing FWHM (arcsec)", ylabel="ae_score", title="AE score vs seeing")
     ax.legend()
-    paths.append(_save(fig, "ae_score_vs_seeing.png"))
+    return _save(fig, "ae_score_vs_seeing.png")
+
+
+def _plot_strength(strength: dict) -> Path:
+    import matplotlib.pyplot as plt
 
     fig, axes = plt.subplots(1, 2, figsize=(9, 3.5))
-    for k, (kind, d) in enumerate(res["strength"].items()):
+    for k, (kind, d) in enumerate(strength.items()):
         x = np.array(d["strength"])
         axes[0].plot(x, d["median"], "o-", color=f"C{k}", label=kind)
         axes[1].plot(x, np.median(d["mask_fraction"], axis=0), "o-", color=f"C{k}",
@@ -266,9 +281,12 @@ def plots(res: dict) -> list[Path]:
     axes[1].set(xlabel="defect strength (u; k in mag for cloud)", ylabel="masked share",
                 title="mask vs background defect")
     axes[0].legend()
-    paths.append(_save(fig, "ae_score_vs_background.png"))
+    return _save(fig, "ae_score_vs_background.png")
 
-    m = res["masks"]
+
+def _plot_masks(m: dict) -> list[Path]:
+    import matplotlib.pyplot as plt
+
     fig, ax = plt.subplots(figsize=(5, 3.5))
     kinds = sorted({r["kind"] for r in m["frames"]})
     for k, kind in enumerate(kinds):
@@ -278,7 +296,7 @@ def plots(res: dict) -> list[Path]:
     ax.set_xticks(range(len(kinds)), kinds)
     ax.set(ylabel="mask IoU", ylim=(0, 1),
            title=f"mask IoU (mean {m['mean_iou']:.2f}, pooled {m['pooled_iou']:.2f})")
-    paths.append(_save(fig, "ae_mask_iou.png"))
+    paths = [_save(fig, f"ae_mask_iou_{m['size_px']}px.png")]
 
     e_in, e_out = m["_errors"]
     fig, ax = plt.subplots(figsize=(5, 3.5))
@@ -290,7 +308,7 @@ def plots(res: dict) -> list[Path]:
     ax.set(xlabel="relative flux error", ylabel="density",
            title="aperture photometry of true stars")
     ax.legend()
-    paths.append(_save(fig, "ae_photometry_inside_outside.png"))
+    paths.append(_save(fig, f"ae_photometry_inside_outside_{m['size_px']}px.png"))
     return paths
 
 
@@ -313,8 +331,13 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--size", type=int, default=2048, help="detector side of the sweeps")
     p.add_argument("--iou-frames", type=int, default=40)
     p.add_argument("--fields", type=int, default=3, help="fields per sweep")
+    p.add_argument("--iou-size", type=int, help="detector side of the IoU frames "
+                                                 "(default: --size)")
+    p.add_argument("--sections", default="timing,seeing,strength,masks",
+                   help="comma-separated subset of timing, seeing, strength, masks")
     p.add_argument("--quick", action="store_true", help="a few frames of each, to try it")
     a = p.parse_args(argv)
+    sections = set(a.sections.split(","))
     if a.quick:
         a.size, a.iou_frames, a.fields = 1024, 6, 1
 
@@ -333,28 +356,52 @@ def main(argv: list[str] | None = None) -> int:
     t0 = time.perf_counter()
     res = {"weights": scorer.version, "threshold": scorer.threshold,
            "quantile": scorer.quantile}
-    res["timing"] = timing(scorer, cfg)
-    res["seeing"] = seeing_sweep(scorer, cfg, a.size, a.fields)
-    res["strength"] = strength_sweep(scorer, cfg, a.size, a.fields)
-    res["masks"] = mask_quality(scorer, cfg, a.size, a.iou_frames)
+    if "timing" in sections:
+        res["timing"] = timing(scorer, cfg)
+    if "seeing" in sections:
+        res["seeing"] = seeing_sweep(scorer, cfg, a.size, a.fields)
+    if "strength" in sections:
+        res["strength"] = strength_sweep(scorer, cfg, a.size, a.fields)
+    if "masks" in sections:
+        res["masks"] = mask_quality(scorer, cfg, a.iou_size or a.size, a.iou_frames)
     paths = plots(res)
-
-    t, s, m = res["timing"], res["seeing"], res["masks"]
     print(f"weights {res['weights']}: threshold {scorer.threshold:.3f} "
           f"(reference quantile {scorer.quantile})")
-    print(f"scoring time, 4096x4096 frame, 1 CPU thread: {t['seconds_per_4096_frame']:.2f} s "
-          f"({', '.join(f'{k} {v:.2f}' for k, v in t['stages_s'].items())})")
-    print(f"ae_score vs seeing {s['seeing_arcsec']}: median "
-          f"{[round(v, 2) for v in s['median']]}; monotonic (median) "
-          f"{s['monotonic_median']}, fields monotonic {s['monotonic_fields']}/{a.fields}, "
-          f"Spearman {s['spearman']:.2f}")
-    for kind, d in res["strength"].items():
+    report(res, a)
+    print("plots: " + ", ".join(str(p) for p in paths))
+    print(f"done in {time.perf_counter() - t0:.0f} s")
+    if "masks" in res:
+        res["masks"].pop("_errors")
+    name = "ae_eval.json" if sections == {"timing", "seeing", "strength", "masks"} else \
+        "ae_eval_" + "_".join(sorted(sections)) + ".json"
+    (OUT / name).write_text(json.dumps(res, indent=1, default=float))
+    return 0
+
+
+def report(res: dict, a: argparse.Namespace) -> None:
+    """Print the numbers of the sections that ran."""
+    if "timing" in res:
+        t = res["timing"]
+        print(f"scoring time, 4096x4096 frame, 1 CPU thread: "
+              f"{t['seconds_per_4096_frame']:.2f} s "
+              f"({', '.join(f'{k} {v:.2f}' for k, v in t['stages_s'].items())})")
+    if "seeing" in res:
+        s = res["seeing"]
+        print(f"ae_score vs seeing {s['seeing_arcsec']}: median "
+              f"{[round(v, 2) for v in s['median']]}; monotonic (median) "
+              f"{s['monotonic_median']}, fields monotonic {s['monotonic_fields']}/{a.fields}, "
+              f"Spearman {s['spearman']:.2f}")
+    for kind, d in res.get("strength", {}).items():
         print(f"ae_score vs {kind} strength {d['strength']}: median "
               f"{[round(v, 2) for v in d['median']]}; monotonic (median) "
               f"{d['monotonic_median']}, fields {d['monotonic_fields']}/{a.fields}, "
               f"Spearman {d['spearman']:.2f}; masked share "
-              f"{[round(v, 2) for v in np.median(d['mask_fraction'], axis=0)]}")
-    print(f"mask IoU on {len(m['frames'])} background-issue frames ({a.size}px): mean "
+              f"{[round(float(v), 2) for v in np.median(d['mask_fraction'], axis=0)]}")
+    if "masks" not in res:
+        return
+    m = res["masks"]
+    print(f"mask IoU on {len(m['frames'])} background-issue frames "
+          f"({a.iou_size or a.size}px): mean "
           f"{m['mean_iou']:.3f}, median {m['median_iou']:.3f}, pooled {m['pooled_iou']:.3f}, "
           f"share >= 0.7: {m['share_iou_ge_0.7']:.2f}; by kind "
           + ", ".join(f"{k} {v:.2f}" for k, v in sorted(m["iou_by_kind"].items())))
@@ -362,11 +409,6 @@ def main(argv: list[str] | None = None) -> int:
     print(f"photometry (flux / true - 1), inside mask: n {pi['n']}, median {pi['median']:+.3f},"
           f" scatter {pi['mad_sigma']:.3f}; outside: n {po['n']}, median {po['median']:+.3f}, "
           f"scatter {po['mad_sigma']:.3f}")
-    print("plots: " + ", ".join(str(p) for p in paths))
-    print(f"done in {time.perf_counter() - t0:.0f} s")
-    m.pop("_errors")
-    (OUT / "ae_eval.json").write_text(json.dumps(res, indent=1, default=float))
-    return 0
 
 
 if __name__ == "__main__":

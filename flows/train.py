@@ -11,6 +11,7 @@ from __future__ import annotations
 import os
 import shlex
 import sys
+import time
 import warnings
 from datetime import datetime, timezone
 from pathlib import Path
@@ -39,6 +40,14 @@ _QUIET = (r".*does not have many workers.*", r".*The number of training batches.
           r".*Total length of .* across ranks is zero.*",
           r".*The `srun` command is available on your system but is not used.*",
           r".*isinstance\(treespec, LeafSpec\)` is deprecated.*")  # lightning 2.6, torch 2.13
+
+
+def _command_line() -> str:
+    """The command that runs this training, as a user would type it."""
+    program = Path(sys.argv[0]).name
+    if program in ("cli.py", "__main__.py", "survey-qa"):
+        program = "survey-qa"
+    return shlex.join([program, *sys.argv[1:]])
 
 
 def checkpoint_dir(cfg: Config, out_root: str | os.PathLike) -> Path:
@@ -90,23 +99,28 @@ def train_autoencoder(cfg: Config, out_root: str | os.PathLike,
     model = ConvAutoencoder(AutoencoderArch(base_channels=a.base_channels,
                                             latent_channels=a.latent_channels))
     model.check_patch_px(a.patch_px)
+    params = aescore.ScoreParams()
+    if a.patch_px % params.cell_px:
+        raise ValueError(f"autoencoder.patch_px={a.patch_px} must be a multiple of the "
+                         f"score cell ({params.cell_px} binned pixels)")
     data = PatchDataModule(out_root, nights, a, t, cfg.io)
     data.setup("fit")
-    system = AutoencoderSystem(model, learning_rate=t.learning_rate)
+    system = AutoencoderSystem(model, learning_rate=t.learning_rate, cell_px=params.cell_px)
     ckpt_dir = checkpoint_dir(cfg, out_root)
     last = ckpt_dir / "last.ckpt"
+    t_start = time.perf_counter()
     with warnings.catch_warnings():
         for pattern in _QUIET:
             warnings.filterwarnings("ignore", message=pattern)
         trainer = make_trainer(cfg, ckpt_dir, bool(data.split.val_frames))
         trainer.fit(system, datamodule=data, ckpt_path=str(last) if last.is_file() else None)
+    train_s = time.perf_counter() - t_start
     if not trainer.is_global_zero:
         return None
 
     split = data.split
     held_out = bool(split.val_frames)
     frames = split.val_frames if held_out else split.train_frames
-    params = aescore.ScoreParams()
     maps = reference_maps(model.eval(), frames, a.patch_px, params)
     metadata = calibrate(maps, a.threshold_quantile, a.close_px)
     metadata.update(
@@ -126,9 +140,9 @@ def train_autoencoder(cfg: Config, out_root: str | os.PathLike,
                   "batch_size": t.batch_size, "learning_rate": t.learning_rate,
                   "seed": t.seed, "devices": t.devices, "num_nodes": t.num_nodes,
                   "strategy": t.strategy, "precision": t.precision,
-                  "accelerator": t.accelerator},
-        command=shlex.join([Path(sys.argv[0]).name, *sys.argv[1:]]),
-        recipe=os.environ.get(RECIPE_ENV, ""),
+                  "accelerator": t.accelerator, "train_s": round(train_s, 1)},
+        command=_command_line(),
+        recipe=os.environ.get(RECIPE_ENV, "").strip(),
         pipeline_version=survey_qa.__version__,
         trained_at=datetime.now(timezone.utc).replace(microsecond=0).isoformat())
     return save_weights(model, output or packaged_weights(), metadata)

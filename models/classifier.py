@@ -56,9 +56,10 @@ FEATURE_NAMES = (
     "ellipticity_grid_std",   # its spread over the field (optics vary, tracking does not)
     "log_moffat_beta",        # PSF wing shape, ln(beta)
     "mask_fraction",          # share of the detector the autoencoder masks
+    "log_ae_score",           # ln of the autoencoder score (1: like the reference frames)
 )
 OPTIONAL_FEATURES = ("fwhm_grid_spread", "ellipticity_grid_mean", "ellipticity_grid_std",
-                     "log_moffat_beta", "mask_fraction")
+                     "log_moffat_beta", "mask_fraction", "log_ae_score")
 """Features that some instruments or runs cannot give (no autoencoder weights, too few
 stars per region): training reports them missing at random so the model copes."""
 
@@ -113,6 +114,7 @@ def feature_vector(row: dict, cfg: ClassifyConfig) -> np.ndarray:
     trail = _num(row, "trail_ratio")
     sky_u = _num(row, "sky_nonuniformity")
     beta = _num(row, "moffat_beta")
+    ae_score = _num(row, "ae_score")
     fwhm_grid, ell_grid = _grid(row, "fwhm_grid_px"), _grid(row, "ellipticity_grid")
     spread = math.nan
     if len(fwhm_grid) >= 2 and np.median(fwhm_grid) > 0:
@@ -130,6 +132,7 @@ def feature_vector(row: dict, cfg: ClassifyConfig) -> np.ndarray:
         "ellipticity_grid_std": float(ell_grid.std()) if len(ell_grid) >= 2 else math.nan,
         "log_moffat_beta": math.log(beta) if beta > 0 else math.nan,
         "mask_fraction": _num(row, "mask_fraction"),
+        "log_ae_score": math.log(ae_score) if ae_score > 0 else math.nan,
     }
     return np.array([values[n] for n in FEATURE_NAMES], dtype=np.float32)
 

@@ -62,6 +62,7 @@ def save_weights(model: ConvAutoencoder, path: str | os.PathLike, metadata: dict
     tensors = {k: v.detach().cpu().contiguous() for k, v in model.state_dict().items()}
     tmp = path.with_name(f".{path.name}.tmp")
     save_file(tensors, str(tmp), metadata={"format": "pt"})
+    os.chmod(tmp, 0o644)  # package data: readable by every user
     digest = hashlib.sha256(tmp.read_bytes()).hexdigest()[:10]
     meta = dict(metadata)
     meta.update(format_version=FORMAT_VERSION, architecture=model.arch.to_dict(),

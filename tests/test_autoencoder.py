@@ -427,7 +427,7 @@ def test_two_process_cpu_ddp_training(catalog, tmp_path):
            "--config", str(train_config(tmp_path)), "--out-root", str(catalog),
            "--devices", "2", "--strategy", "ddp", "--accelerator", "cpu",
            "--checkpoint-dir", str(tmp_path / "ck"), "--output", str(out)]
-    env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONWARNINGS="ignore")
+    env = dict(os.environ, OMP_NUM_THREADS="1")
     done = subprocess.run(cmd, capture_output=True, text=True, timeout=300, env=env)
     assert done.returncode == 0, done.stderr[-3000:]
     meta = read_metadata(out)

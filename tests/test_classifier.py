@@ -245,7 +245,8 @@ def test_datamodule_splits_by_exposure_and_standardises_on_train(nights, som):
     assert (both == 2).any()  # a mosaic keeps its two detectors together
     assert not dm.examples.table["ambiguous"].any()
     measured = np.isfinite(dm.train.features).any(axis=0)
-    assert not measured[FEATURE_NAMES.index("mask_fraction")]  # never measured here
+    for name in ("mask_fraction", "log_ae_score"):  # no autoencoder columns here
+        assert not measured[FEATURE_NAMES.index(name)]
     assert dm.feature_mean[~measured].tolist() == [0.0] * int((~measured).sum())
     expect = np.nanmean(dm.train.features[:, measured], axis=0)
     assert np.allclose(dm.feature_mean[measured], expect, atol=1e-5)
@@ -268,7 +269,7 @@ def test_augmentation_rotates_and_subsamples(nights, som):
     assert any(not torch.equal(v, plain[i][0]) for v in views)
     assert all(v.sum() == pytest.approx(1.0, abs=1e-5) for v in views)
     measured = ~torch.isnan(plain[i][1])
-    assert measured.sum() == len(FEATURE_NAMES) - 1  # all but mask_fraction
+    assert measured.sum() == len(FEATURE_NAMES) - 2  # all but the autoencoder's two
     feats = torch.stack([aug[i][1] for _ in range(20)])[:, measured]
     assert torch.isnan(feats).any()
 
