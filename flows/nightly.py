@@ -231,7 +231,7 @@ def process_exposure(path: str, cfg: Config, night: str, store: str,
         dets = [QualityError(e.reason, detector="ALL", **e.metadata)]
     t_read = time.perf_counter() - t
 
-    rows, source_tables = [], []
+    rows, source_tables, masks = [], [], {}
     for det in dets:
         if isinstance(det, QualityError):
             rows.append(failed_row(path, exposure, det.metadata.get("detector", "ALL"), det))
@@ -243,6 +243,10 @@ def process_exposure(path: str, cfg: Config, night: str, store: str,
             continue
         row["t_read_s"] = t_read / len(dets)
         rows.append(row)
+        if "ae_mask" in arrays and cfg.autoencoder.write_fits_masks:
+            masks[det.detector] = aescore.upsample_mask(
+                arrays["ae_mask"], models.scorer.bin_factor * models.scorer.patch_px,
+                det.data.shape)
         src = src.assign(exposure=exposure, detector=det.detector)
         source_tables.append(src)
         key = (exposure, det.detector)
@@ -263,6 +267,13 @@ def process_exposure(path: str, cfg: Config, night: str, store: str,
         if r["status"] == "ok":
             r["t_total_s"] = time.perf_counter() - t_start
 
+    if masks:
+        io.write_mask_fits(io.mask_fits_path(cfg.run.out_root, night, exposure), masks, {
+            "EXPOSURE": (exposure, "exposure the mask belongs to"),
+            "MASKVAL": (1, "1: damaged (autoencoder), 0: usable"),
+            "AEBLOCK": (models.scorer.bin_factor * models.scorer.patch_px,
+                        "mask cell side, pixels"),
+            "AEMODEL": (models.scorer.version, "autoencoder weights")})
     work = work_dir(cfg.run.out_root, night)
     src_all = (pd.concat(source_tables, ignore_index=True) if source_tables
                else SOURCE_SCHEMA.empty_table().to_pandas())

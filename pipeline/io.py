@@ -411,6 +411,42 @@ def consolidate(parts: pa.Table, out_root: str | os.PathLike, catalog: str, nigh
     return write_parquet_atomic(parts, target)
 
 
+# ---------------------------------------------------------------------------- FITS masks
+
+
+def mask_fits_path(out_root: str | os.PathLike, night: str, exposure: str) -> Path:
+    return Path(out_root) / "masks" / f"night={night}" / f"{exposure}.fits"
+
+
+def write_mask_fits(path: str | os.PathLike, masks: dict[str, np.ndarray],
+                    cards: dict[str, tuple]) -> Path:
+    """Write full-resolution masks, one PLIO-compressed uint8 HDU per detector, atomically.
+
+    Parameters
+    ----------
+    masks
+        ``{detector: (ny, nx) bool}``; each HDU is named after its detector.
+    cards
+        Header keywords of every HDU, ``{KEY: (value, comment)}``.
+    """
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    hdus = [fits.PrimaryHDU()]
+    for detector, mask in masks.items():
+        hdu = fits.CompImageHDU(np.asarray(mask, dtype=np.uint8), name=detector,
+                                compression_type="PLIO_1")
+        for key, (value, comment) in cards.items():
+            hdu.header[key] = (value, comment)
+        hdus.append(hdu)
+    tmp = path.parent / f".{path.name}.{uuid.uuid4().hex}.tmp"
+    try:
+        fits.HDUList(hdus).writeto(tmp)
+        os.replace(tmp, path)
+    finally:
+        tmp.unlink(missing_ok=True)
+    return path
+
+
 # ---------------------------------------------------------------------------- Zarr
 
 

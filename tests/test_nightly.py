@@ -73,6 +73,7 @@ def config(raw, out, **run):
         "run": {"raw_root": str(raw), "out_root": str(out), "progress": False,
                 "classifier": "rules", **run},
         "cluster": {"workers": 2, "dashboard_address": None},
+        "autoencoder": {"write_fits_masks": True},
         "psf": {"min_stars": 3}})
 
 
@@ -157,6 +158,27 @@ def test_sources_and_arrays(first_run):
     n = int(ds.n_stamps.sel(exposure="good0", detector="0"))
     stamps = ds.stamps.sel(exposure="good0", detector="0").values[:n]
     assert n >= 10 and np.allclose(stamps.sum(axis=(1, 2)), 1, atol=1e-3)
+
+
+def test_autoencoder_scores_and_fits_masks(first_run):
+    import xarray as xr
+
+    out, summary = first_run
+    rows = read_rows(out)
+    assert all(rows[(n, "0")]["ae_score"] > 0 for n in ("good0", "good1", "good2"))
+    assert "AE_UNAVAILABLE" not in decode_flags(rows[("good0", "0")]["qa_flags"])
+    with fits.open(Path(out) / "masks" / f"night={NIGHT}" / "mosaic.fits") as hdul:
+        assert [h.name for h in hdul[1:]] == ["CCD0", "CCD1"]  # CCD2 is a failed row
+        mask = hdul["CCD1"].data
+        block = hdul["CCD1"].header["AEBLOCK"]
+    assert mask.shape == (256, 256) and mask.dtype == np.uint8
+    ds = xr.open_zarr(summary.arrays, consolidated=False).set_index(
+        frame=["exposure", "detector"])
+    patches = ds.ae_mask.sel(exposure="mosaic", detector="CCD1").values
+    cells = mask[::block, ::block]  # one value per mask cell
+    assert np.array_equal(cells, patches[:cells.shape[0], :cells.shape[1]])
+    assert rows[("mosaic", "CCD1")]["mask_fraction"] == pytest.approx(mask.mean())
+    assert not (Path(out) / "masks" / f"night={NIGHT}" / "truncated.fits").exists()
 
 
 def test_contract_checker(first_run):
