@@ -75,6 +75,7 @@ def main(argv: list[str] | None = None) -> int:
     weights = Path(a.weights) if a.weights else default_weights_path()
     clf = load_classifier(weights)
     report = evaluate(cfg, out, raw, nights, weights=weights, train_out_root=work / "qa",
+                      train_truth_root=work / "raw",
                       report_dir=work / "evaluation")
     print(report.text())
     t = clf.meta.get("training", {})

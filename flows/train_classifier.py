@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import json
 import math
+import os
 import time
 import warnings
 from dataclasses import dataclass
@@ -25,7 +26,9 @@ from pathlib import Path
 
 import numpy as np
 
+import survey_qa
 from survey_qa.config import Config
+from survey_qa.flows.train import RECIPE_ENV
 from survey_qa.models import evaluation
 from survey_qa.models.classifier import (FEATURE_NAMES, ClassifierSystem, ExposureDataModule,
                                          Examples, class_weights, collect_logits,
@@ -202,7 +205,9 @@ def train_classifier(cfg: Config, out_root: str | Path, nights: list[str] | None
         "best_checkpoint": Path(checkpoint.best_model_path).name or None,
         "classify_limits": {"seeing_limit_arcsec": cfg.classify.seeing_limit_arcsec,
                             "seeing_limit_px": cfg.classify.seeing_limit_px},
-        **calib}}
+        **calib},
+        "recipe": os.environ.get(RECIPE_ENV, "").strip(),
+        "pipeline_version": survey_qa.__version__}
     return save_classifier(net, output, som, info=info)
 
 
@@ -255,8 +260,8 @@ class EvaluationReport:
 
 def evaluate(cfg: Config, out_root: str | Path, truth_root: str | Path, nights: list[str],
              *, weights: str | Path | None = None, train_nights: list[str] | None = None,
-             train_out_root: str | Path | None = None, report_dir: str | Path | None = None
-             ) -> EvaluationReport:
+             train_out_root: str | Path | None = None, train_truth_root: str | Path | None = None,
+             report_dir: str | Path | None = None) -> EvaluationReport:
     """Score the CNN, the rule classifier and gradient boosting on labelled nights.
 
     Parameters
@@ -269,9 +274,9 @@ def evaluate(cfg: Config, out_root: str | Path, truth_root: str | Path, nights: 
         not be training nights; a ``ValueError`` says so when they are).
     weights
         Classifier weights; None: the packaged ones.
-    train_nights, train_out_root
+    train_nights, train_out_root, train_truth_root
         Where the baseline is trained (the CNN's training split of these nights); default:
-        the nights recorded in the weights, under ``out_root``.
+        the nights recorded in the weights, under ``out_root`` and ``truth_root``.
     report_dir
         Where ``evaluation.json`` and ``evaluation.png`` go; None: ``<out_root>/evaluation``.
     """
@@ -298,7 +303,8 @@ def evaluate(cfg: Config, out_root: str | Path, truth_root: str | Path, nights: 
     probas.append(np.array([[r.probabilities[c] for c in CLASSES] for r in rules]))
     preds.append(np.array([CLASSES.index(r.quality_class) for r in rules])), names.append("rules")
     if train_nights:
-        train = _baseline_split(cfg, train_out_root or out_root, train_nights, truth_root, clf)
+        train = _baseline_split(cfg, train_out_root or out_root, train_nights,
+                                train_truth_root or truth_root, clf)
         gb = evaluation.train_gradient_boosting(train.features, train.table["label"],
                                                 seed=cfg.train.seed)
         p_gb = gb.proba(test.features)

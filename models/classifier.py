@@ -22,6 +22,7 @@ import functools
 import hashlib
 import json
 import math
+import os
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -57,6 +58,9 @@ FEATURE_NAMES = (
     "log_moffat_beta",        # PSF wing shape, ln(beta)
     "mask_fraction",          # share of the detector the autoencoder masks
     "log_ae_score",           # ln of the autoencoder score (1: like the reference frames)
+    "log_src_seeing_ratio",   # as log_seeing_ratio, from the detections' half-light radii
+    "src_ellipticity",        # median 1 - b/a of the bright detections (moments)
+    "src_coherent_ellipticity",  # src_ellipticity x their direction coherence
 )
 OPTIONAL_FEATURES = ("fwhm_grid_spread", "ellipticity_grid_mean", "ellipticity_grid_std",
                      "log_moffat_beta", "mask_fraction", "log_ae_score")
@@ -86,6 +90,15 @@ def _grid(row: dict, key: str) -> np.ndarray:
     return arr[np.isfinite(arr)]
 
 
+def _log_seeing_ratio(fwhm_px: float, pixscale_arcsec: float, cfg: ClassifyConfig) -> float:
+    """ln(FWHM / seeing limit), in arcsec, or in pixels when the scale is unknown."""
+    if fwhm_px > 0 and pixscale_arcsec > 0:
+        return math.log(fwhm_px * pixscale_arcsec / cfg.seeing_limit_arcsec)
+    if fwhm_px > 0 and cfg.seeing_limit_px:
+        return math.log(fwhm_px / cfg.seeing_limit_px)
+    return math.nan
+
+
 def feature_vector(row: dict, cfg: ClassifyConfig) -> np.ndarray:
     """The classifier's features of one exposure row, NaN where not measured.
 
@@ -103,13 +116,8 @@ def feature_vector(row: dict, cfg: ClassifyConfig) -> np.ndarray:
     numpy.ndarray
         ``(len(FEATURE_NAMES),)`` float32.
     """
-    fwhm_arcsec, fwhm_px = _num(row, "fwhm_arcsec"), _num(row, "fwhm_px")
-    if fwhm_arcsec > 0:
-        seeing = math.log(fwhm_arcsec / cfg.seeing_limit_arcsec)
-    elif fwhm_px > 0 and cfg.seeing_limit_px:
-        seeing = math.log(fwhm_px / cfg.seeing_limit_px)
-    else:
-        seeing = math.nan
+    scale = _num(row, "pixscale_arcsec")
+    src_ell = _num(row, "src_ellipticity")
     ell, coh = _num(row, "ellipticity"), _num(row, "elongation_coherence")
     trail = _num(row, "trail_ratio")
     sky_u = _num(row, "sky_nonuniformity")
@@ -120,7 +128,7 @@ def feature_vector(row: dict, cfg: ClassifyConfig) -> np.ndarray:
     if len(fwhm_grid) >= 2 and np.median(fwhm_grid) > 0:
         spread = float((fwhm_grid.max() - fwhm_grid.min()) / np.median(fwhm_grid))
     values = {
-        "log_seeing_ratio": seeing,
+        "log_seeing_ratio": _log_seeing_ratio(_num(row, "fwhm_px"), scale, cfg),
         "ellipticity": ell,
         "elongation_coherence": coh,
         "coherent_ellipticity": ell * coh,
@@ -133,6 +141,9 @@ def feature_vector(row: dict, cfg: ClassifyConfig) -> np.ndarray:
         "log_moffat_beta": math.log(beta) if beta > 0 else math.nan,
         "mask_fraction": _num(row, "mask_fraction"),
         "log_ae_score": math.log(ae_score) if ae_score > 0 else math.nan,
+        "log_src_seeing_ratio": _log_seeing_ratio(_num(row, "src_fwhm_px"), scale, cfg),
+        "src_ellipticity": src_ell,
+        "src_coherent_ellipticity": src_ell * _num(row, "src_elongation_coherence"),
     }
     return np.array([values[n] for n in FEATURE_NAMES], dtype=np.float32)
 
@@ -596,6 +607,7 @@ def save_classifier(net: DualInputClassifier, path: str | Path, som: SomModel,
     tensors = {k: v.detach().cpu().contiguous().clone() for k, v in net.state_dict().items()}
     tmp = path.with_name(f".{path.name}.tmp")
     save_file(tensors, str(tmp), metadata={"format": CLASSIFIER_FORMAT})
+    os.chmod(tmp, 0o644)  # package data: readable by every user
     tmp.replace(path)
     meta = {"format": CLASSIFIER_FORMAT, "classes": list(CLASSES),
             "feature_names": list(FEATURE_NAMES), "arch": net.arch,

@@ -24,6 +24,7 @@ WEIGHTS=${WEIGHTS:-$HERE/survey_qa/weights/classifier.safetensors}
 RAW=$WORK/raw
 OUT=$WORK/qa
 export OMP_NUM_THREADS=1 MKL_NUM_THREADS=1 OPENBLAS_NUM_THREADS=1 PYTHONWARNINGS=ignore
+export SURVEY_QA_TRAIN_RECIPE="models/train_shipped_classifier.sh $*"
 
 # night        seed  detector side (px)  exposures
 TRAINING_NIGHTS=(

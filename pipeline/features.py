@@ -12,7 +12,8 @@ import math
 import numpy as np
 import pandas as pd
 
-from survey_qa.pipeline.flags import bits
+from survey_qa.pipeline.flags import SOURCE_FLAGS, bits
+from survey_qa.pipeline.psf import FWHM_PER_HALF_LIGHT_RADIUS
 from survey_qa.pipeline.records import BackgroundResult, DetectorImage, FrameMeta, PSFResult
 from survey_qa.pipeline.schema import empty_exposure_row
 
@@ -78,6 +79,37 @@ def update_sources(row: dict, sources: pd.DataFrame, det: DetectorImage) -> dict
     return row
 
 
+SHAPE_MIN_SNR = 20.0
+"""Detections at least this bright enter the moment summary (``src_*`` columns)."""
+SHAPE_REJECT = bits("SATURATED", "TRUNCATED", "NEAR_EDGE", registry=SOURCE_FLAGS)
+
+
+def update_source_shapes(row: dict, sources: pd.DataFrame) -> dict:
+    """Size and elongation of the bright detections from their moments (sep ``a``, ``b``,
+    ``theta``, half-light radius), whether or not they pass the PSF-star cuts.
+
+    Coarser than the PSF fit but always there: trails, doubled and saturated stars that
+    leave no PSF star still have them. NaN with fewer than 3 such detections.
+    """
+    if len(sources) == 0:
+        return row
+    flags = sources["flags"].to_numpy(np.int64)
+    use = ((flags & SHAPE_REJECT) == 0) & (sources["snr"].to_numpy(float) >= SHAPE_MIN_SNR)
+    a, b = sources["a_px"].to_numpy(float)[use], sources["b_px"].to_numpy(float)[use]
+    ok = (a > 0) & (b > 0)
+    if ok.sum() < 3:
+        return row
+    e = 1.0 - b[ok] / a[ok]
+    theta = np.deg2rad(sources["theta_deg"].to_numpy(float)[use][ok])
+    rh = sources["flux_radius_px"].to_numpy(float)[use][ok]
+    spin2 = e * np.exp(2j * theta)
+    row.update(src_fwhm_px=float(FWHM_PER_HALF_LIGHT_RADIUS * np.nanmedian(rh)),
+               src_ellipticity=float(np.median(e)),
+               src_elongation_coherence=float(abs(spin2.sum()) / e.sum()) if e.sum() > 0
+               else math.nan)
+    return row
+
+
 def summarize(det: DetectorImage, background: BackgroundResult, sources: pd.DataFrame,
               psf: PSFResult) -> dict:
     """The exposure row of one detector (every schema column; class columns untouched).
@@ -101,5 +133,6 @@ def summarize(det: DetectorImage, background: BackgroundResult, sources: pd.Data
     update_meta(row, det.meta)
     update_background(row, background)
     update_sources(row, sources, det)
+    update_source_shapes(row, sources)
     update_psf(row, psf, det.meta.pixscale_arcsec)
     return row

@@ -45,6 +45,9 @@ EXPOSURE_SCHEMA = pa.schema([
     # what the measurement rests on
     ("n_sources", pa.int32()), ("n_stars_used", pa.int32()),
     ("saturated_fraction", pa.float64()),
+    # moments of the bright detections, PSF stars or not (there when the PSF fit is not)
+    ("src_fwhm_px", pa.float64()), ("src_ellipticity", pa.float64()),
+    ("src_elongation_coherence", pa.float64()),
     # autoencoder
     ("ae_score", pa.float64()), ("mask_fraction", pa.float64()),
     # outcome and provenance

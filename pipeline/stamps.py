@@ -12,15 +12,26 @@ import pandas as pd
 from scipy import ndimage
 
 from survey_qa.config import StampsConfig
+from survey_qa.pipeline.flags import SOURCE_FLAGS, bits
 from survey_qa.pipeline.records import BackgroundResult
 
 PAD_PX = 3
 """Extra pixels cut around a stamp so that the spline shift has data at its edges."""
+FALLBACK_REJECT = bits("SATURATED", "TRUNCATED", "NEAR_EDGE", registry=SOURCE_FLAGS)
+"""Detections never stamped, even on a detector without PSF stars."""
 
 
 def stamp_order(sources: pd.DataFrame, psf_star: np.ndarray, n: int) -> np.ndarray:
-    """Indices of the PSF stars that get a stamp: the ``n`` brightest by flux."""
-    idx = np.flatnonzero(np.asarray(psf_star, bool))
+    """Indices of the sources that get a stamp: the ``n`` brightest PSF stars by flux.
+
+    A detector without any PSF star (long trails, doubled or saturated stars) gets stamps
+    of its brightest clean detections instead, so that the SOM still sees what its stars
+    look like.
+    """
+    chosen = np.asarray(psf_star, bool)
+    if not chosen.any() and len(sources):
+        chosen = (sources["flags"].to_numpy(np.int64) & FALLBACK_REJECT) == 0
+    idx = np.flatnonzero(chosen)
     flux = sources["flux"].to_numpy(float)[idx]
     return idx[np.argsort(-np.nan_to_num(flux, nan=-np.inf), kind="stable")][:n]
 
@@ -57,7 +68,7 @@ def cut_stamps(data: np.ndarray, background: BackgroundResult, sources: pd.DataF
     -------
     numpy.ndarray
         (n, size, size) float32 with n <= ``cfg.per_detector``, in :func:`stamp_order`;
-        (0, size, size) when there is no PSF star. A stamp whose sum is not positive is
+        (0, size, size) when there is no source to stamp. A stamp whose sum is not positive is
         left unnormalised (it cannot be made to sum to one).
     """
     size = cfg.size_px

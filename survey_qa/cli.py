@@ -141,11 +141,16 @@ def evaluate_main(argv: list[str]) -> int:
     _common(p)
     p.add_argument("--weights", help="classifier weights (default: the packaged ones)")
     p.add_argument("--report-dir", help="where evaluation.json and evaluation.png go")
+    p.add_argument("--train-out-root", help="outputs of the training nights, for the "
+                                            "gradient-boosting baseline (default: --out-root)")
+    p.add_argument("--train-raw-root", help="raw root of the training nights' truth tables "
+                                            "(default: --raw-root)")
     a = p.parse_args(argv)
     cfg = load_config(a.config, _overrides(a))
     from survey_qa.flows.train_classifier import evaluate
 
     report = evaluate(cfg, cfg.run.out_root, cfg.run.raw_root, a.nights, weights=a.weights,
+                      train_out_root=a.train_out_root, train_truth_root=a.train_raw_root,
                       report_dir=a.report_dir)
     print(report.text())
     return 0

@@ -206,12 +206,14 @@ def test_component_shapes():
 
 
 def test_features_are_relative_to_the_survey_limit():
-    row = {"fwhm_arcsec": 1.4, "fwhm_px": 7.0, "trail_ratio": 0.0}
+    row = {"pixscale_arcsec": 0.2, "fwhm_px": 7.0, "src_fwhm_px": 14.0, "trail_ratio": 0.0}
     i = FEATURE_NAMES.index("log_seeing_ratio")
+    j = FEATURE_NAMES.index("log_src_seeing_ratio")
     assert feature_vector(row, ClassifyConfig())[i] == pytest.approx(0.0, abs=1e-6)
+    assert feature_vector(row, ClassifyConfig())[j] == pytest.approx(math.log(2.0), rel=1e-5)
     assert feature_vector(row, ClassifyConfig(seeing_limit_arcsec=0.7))[i] == \
         pytest.approx(math.log(2.0), rel=1e-5)
-    nopix = {"fwhm_arcsec": float("nan"), "fwhm_px": 7.0}
+    nopix = {"pixscale_arcsec": float("nan"), "fwhm_px": 7.0}
     assert np.isnan(feature_vector(nopix, ClassifyConfig())[i])
     assert feature_vector(nopix, ClassifyConfig(seeing_limit_px=3.5))[i] == \
         pytest.approx(math.log(2.0), rel=1e-5)
@@ -269,7 +271,9 @@ def test_augmentation_rotates_and_subsamples(nights, som):
     assert any(not torch.equal(v, plain[i][0]) for v in views)
     assert all(v.sum() == pytest.approx(1.0, abs=1e-5) for v in views)
     measured = ~torch.isnan(plain[i][1])
-    assert measured.sum() == len(FEATURE_NAMES) - 2  # all but the autoencoder's two
+    absent = {"mask_fraction", "log_ae_score", "log_src_seeing_ratio", "src_ellipticity",
+              "src_coherent_ellipticity"}  # columns these synthetic catalogs lack
+    assert measured.tolist() == [n not in absent for n in FEATURE_NAMES]
     feats = torch.stack([aug[i][1] for _ in range(20)])[:, measured]
     assert torch.isnan(feats).any()
 

@@ -49,3 +49,23 @@ def test_no_scale_and_no_stars():
     assert math.isnan(row["saturated_fraction"])
     assert {"NO_PIXSCALE", "NO_SOURCES", "FEW_STARS"} <= set(decode_flags(row["qa_flags"]))
     rows_to_table([row], EXPOSURE_SCHEMA)
+
+
+def test_source_shapes_from_moments_even_without_psf_stars():
+    import pandas as pd
+
+    from survey_qa.pipeline.features import update_source_shapes
+    from survey_qa.pipeline.flags import SOURCE_FLAGS
+
+    n = 12
+    src = pd.DataFrame({"a_px": np.full(n, 4.0), "b_px": np.full(n, 2.0),
+                        "theta_deg": np.full(n, 30.0), "flux_radius_px": np.full(n, 2.26),
+                        "snr": np.full(n, 50.0), "flags": np.zeros(n, np.int64)})
+    row = update_source_shapes({}, src)
+    assert row["src_ellipticity"] == pytest.approx(0.5)
+    assert row["src_elongation_coherence"] == pytest.approx(1.0)
+    assert row["src_fwhm_px"] == pytest.approx(4.0, rel=1e-3)
+    random = src.assign(theta_deg=np.linspace(0, 180, n, endpoint=False))
+    assert update_source_shapes({}, random)["src_elongation_coherence"] < 0.05
+    saturated = src.assign(flags=SOURCE_FLAGS["SATURATED"].value)
+    assert update_source_shapes({}, saturated) == {}  # too few usable: left unset (NaN)

@@ -6,6 +6,7 @@ import pytest
 
 from survey_qa.config import BackgroundConfig, PSFConfig, SourcesConfig, StampsConfig
 from survey_qa.pipeline.background import measure_background
+from survey_qa.pipeline.flags import SOURCE_FLAGS
 from survey_qa.pipeline.psf import select_psf_stars
 from survey_qa.pipeline.sources import extract_sources
 from survey_qa.pipeline.stamps import cut_stamps, stamp_order
@@ -42,9 +43,13 @@ def test_brightest_first_and_only_psf_stars(measured):
     assert few.shape == (5, 16, 16)
 
 
-def test_no_star_gives_an_empty_stack(measured):
+def test_without_psf_stars_the_brightest_clean_detections_are_stamped(measured):
     s, bkg, src, _ = measured
-    cut = cut_stamps(s.image, bkg, src, np.zeros(len(src), bool), StampsConfig(size_px=32))
+    none = np.zeros(len(src), bool)
+    order = stamp_order(src, none, 8)
+    assert len(order) == 8 and (np.diff(src.flux.to_numpy()[order]) <= 0).all()
+    src = src.assign(flags=src["flags"] | SOURCE_FLAGS["SATURATED"].value)  # nothing clean
+    cut = cut_stamps(s.image, bkg, src, none, StampsConfig(size_px=32))
     assert cut.shape == (0, 32, 32) and cut.dtype == np.float32
 
 
