@@ -79,7 +79,7 @@ for line in "${TRAINING_NIGHTS[@]}"; do
   fi
   echo "nightly job $night ($((SECONDS - start)) s so far)"
   "$PYTHON" -m survey_qa.cli --night "$night" --raw-root "$RAW" --out-root "$OUT" \
-      --workers "$WORKERS" --no-progress | tail -n 3
+      --workers "$WORKERS" --no-progress --classifier rules | tail -n 3
 done
 
 echo "train SOM and classifier on ${nights[*]} ($((SECONDS - start)) s so far)"
