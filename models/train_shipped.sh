@@ -77,6 +77,7 @@ for line in "${TRAINING_NIGHTS[@]}"; do
 done
 
 echo "train the autoencoder ($((SECONDS - start)) s so far)"
+rm -rf "$OUT/checkpoints-shipped"  # a fresh training, never a resumed one
 OMP_NUM_THREADS=$WORKERS "$PYTHON" -m survey_qa.cli train autoencoder --config "$WORK/train.yaml" \
     --out-root "$OUT" "${nights[@]}" --output "$WEIGHTS"
 echo "done in $((SECONDS - start)) s: $WEIGHTS"

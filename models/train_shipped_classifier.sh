@@ -7,12 +7,13 @@
 #    and seeds used for evaluation, bench/classifier_eval.py, are disjoint from these);
 #    every class in equal shares, every confounder, file format (single, .fz, .gz, mosaics),
 #    pixel scale (mostly 0.15-0.5"/px), sky level and star density the simulator draws;
-# 2. run the nightly job on each night;
+# 2. run the nightly job on each night (with the rule classifier: the labels come from the
+#    truth table, and the training must not depend on whatever weights are packaged);
 # 3. train the SOM on their star stamps;
 # 4. train the classifier (Lightning, CPU), calibrate it on the held-out night and write
 #    the weights into the package.
 #
-# About 20 minutes on 2 CPU cores. Deterministic for a given survey-qa version (seeds
+# About 35 minutes on 2 CPU cores. Deterministic for a given survey-qa version (seeds
 # fixed; single-threaded BLAS). Environment: PYTHON (default: python), WORKERS (default 2).
 set -euo pipefail
 
@@ -34,6 +35,10 @@ TRAINING_NIGHTS=(
   "2024-01-25  1004  1536                 60"
   "2024-02-01  1005  1024                100"
   "2024-02-08  1006  2048                 30"
+  "2024-02-15  1007  1024                100"
+  "2024-02-22  1008  1024                100"
+  "2024-02-29  1009  1536                 60"
+  "2024-03-07  1010  1024                100"
 )
 
 # Dask workers are spawned processes: the Python code is passed with -c, not on stdin.

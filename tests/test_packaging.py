@@ -57,8 +57,23 @@ def test_wheel_holds_one_package(tmp_path):
     (wheel,) = tmp_path.glob("survey_qa-*.whl")
     names = zipfile.ZipFile(wheel).namelist()
     for module in ("survey_qa/cli.py", "survey_qa/pipeline/io.py", "survey_qa/flows/nightly.py",
-                   "survey_qa/hpc/cluster.py", "survey_qa/models/__init__.py"):
+                   "survey_qa/hpc/cluster.py", "survey_qa/models/__init__.py",
+                   "survey_qa/weights/classifier.safetensors",
+                   "survey_qa/weights/autoencoder.safetensors"):
         assert module in names
     tops = {n.split("/")[0] for n in names}
     assert tops <= {"survey_qa", wheel.name.rsplit("-", 3)[0] + ".dist-info"} | {
         n.split("/")[0] for n in names if n.endswith(".dist-info/METADATA")}
+
+
+def test_shipped_weights_load_and_name_the_script_that_made_them():
+    from survey_qa.config import load_config
+    from survey_qa.flows.nightly import load_models
+    from survey_qa.models.weights import packaged_weights, read_metadata
+
+    models = load_models(load_config())  # the defaults: the packaged models
+    assert models.classifier is not None and models.scorer is not None
+    recipes = [models.classifier.meta["recipe"], read_metadata(packaged_weights())["recipe"]]
+    assert recipes[0].split()[0] == "models/train_shipped_classifier.sh"
+    assert recipes[1].split()[0] == "models/train_shipped.sh"
+    assert all((ROOT / r.split()[0]).is_file() for r in recipes)
