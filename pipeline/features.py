@@ -12,7 +12,7 @@ import math
 import numpy as np
 import pandas as pd
 
-from survey_qa.pipeline.flags import SOURCE_FLAGS, bits
+from survey_qa.pipeline.flags import CUT_SHORT, SOURCE_FLAGS, bits
 from survey_qa.pipeline.psf import FWHM_PER_HALF_LIGHT_RADIUS
 from survey_qa.pipeline.records import BackgroundResult, DetectorImage, FrameMeta, PSFResult
 from survey_qa.pipeline.schema import empty_exposure_row
@@ -81,20 +81,20 @@ def update_sources(row: dict, sources: pd.DataFrame, det: DetectorImage) -> dict
 
 SHAPE_MIN_SNR = 20.0
 """Detections at least this bright enter the moment summary (``src_*`` columns)."""
-SHAPE_REJECT = bits("SATURATED", "TRUNCATED", "NEAR_EDGE", registry=SOURCE_FLAGS)
 
 
 def update_source_shapes(row: dict, sources: pd.DataFrame) -> dict:
     """Size and elongation of the bright detections from their moments (sep ``a``, ``b``,
     ``theta``, half-light radius), whether or not they pass the PSF-star cuts.
 
-    Coarser than the PSF fit but always there: trails, doubled and saturated stars that
-    leave no PSF star still have them. NaN with fewer than 3 such detections.
+    Coarser than the PSF fit but there when it is not: long trails and doubled stars leave
+    no PSF star but still have moments. NaN with fewer than 3 such detections.
     """
     if len(sources) == 0:
         return row
     flags = sources["flags"].to_numpy(np.int64)
-    use = ((flags & SHAPE_REJECT) == 0) & (sources["snr"].to_numpy(float) >= SHAPE_MIN_SNR)
+    clean = (flags & bits(*CUT_SHORT, registry=SOURCE_FLAGS)) == 0
+    use = clean & (sources["snr"].to_numpy(float) >= SHAPE_MIN_SNR)
     a, b = sources["a_px"].to_numpy(float)[use], sources["b_px"].to_numpy(float)[use]
     ok = (a > 0) & (b > 0)
     if ok.sum() < 3:

@@ -53,6 +53,9 @@ SOURCE_FLAGS = {f.name: f for f in [
     Flag(8, "COMPACT", "smaller than the stellar locus (cosmic ray, hot pixel)"),
 ]}
 
+CUT_SHORT = ("SATURATED", "TRUNCATED", "NEAR_EDGE")
+"""Source flags of detections whose pixels are cut short: never stamped or summarised."""
+
 # sep's object flag values (sep.OBJ_MERGED, sep.OBJ_TRUNC), fixed by its C API.
 _SEP_MERGED = 0x0001
 _SEP_TRUNC = 0x0002

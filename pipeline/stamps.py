@@ -12,13 +12,11 @@ import pandas as pd
 from scipy import ndimage
 
 from survey_qa.config import StampsConfig
-from survey_qa.pipeline.flags import SOURCE_FLAGS, bits
+from survey_qa.pipeline.flags import CUT_SHORT, SOURCE_FLAGS, bits
 from survey_qa.pipeline.records import BackgroundResult
 
 PAD_PX = 3
 """Extra pixels cut around a stamp so that the spline shift has data at its edges."""
-FALLBACK_REJECT = bits("SATURATED", "TRUNCATED", "NEAR_EDGE", registry=SOURCE_FLAGS)
-"""Detections never stamped, even on a detector without PSF stars."""
 
 
 def stamp_order(sources: pd.DataFrame, psf_star: np.ndarray, n: int) -> np.ndarray:
@@ -30,7 +28,8 @@ def stamp_order(sources: pd.DataFrame, psf_star: np.ndarray, n: int) -> np.ndarr
     """
     chosen = np.asarray(psf_star, bool)
     if not chosen.any() and len(sources):
-        chosen = (sources["flags"].to_numpy(np.int64) & FALLBACK_REJECT) == 0
+        cut_short = bits(*CUT_SHORT, registry=SOURCE_FLAGS)
+        chosen = (sources["flags"].to_numpy(np.int64) & cut_short) == 0
     idx = np.flatnonzero(chosen)
     flux = sources["flux"].to_numpy(float)[idx]
     return idx[np.argsort(-np.nan_to_num(flux, nan=-np.inf), kind="stable")][:n]
