@@ -88,5 +88,6 @@ for line in "${TRAINING_NIGHTS[@]}"; do
 done
 
 echo "train SOM and classifier on ${nights[*]} ($((SECONDS - start)) s so far)"
+rm -rf "$OUT/checkpoints-shipped"  # a fresh training, never a resumed one
 "$PYTHON" -c "$TRAIN" "$OUT" "$RAW" "$WEIGHTS" "${nights[@]}"
 echo "done in $((SECONDS - start)) s: $WEIGHTS"
