@@ -142,8 +142,10 @@ def array_variables(cfg: Config, models: Models, max_shape: tuple[int, int]) -> 
         "n_stamps": ((), (), "int32", 0),
     }
     if models.classifier is not None:
-        gx, gy = models.classifier.som.grid
-        out["som_occupancy"] = ((gx, gy), ("som_x", "som_y"), "float32", np.nan)
+        som = models.classifier.som
+        out["som_occupancy"] = (tuple(som.grid), ("som_x", "som_y"), "float32", np.nan)
+        out["som_representatives"] = ((cfg.som.representatives, *som.stamp_shape),
+                                      ("representative", "y", "x"), "float32", np.nan)
     if models.scorer is not None:
         block = models.scorer.bin_factor * models.scorer.patch_px
         grid = (math.ceil(max_shape[0] / block), math.ceil(max_shape[1] / block))
@@ -198,6 +200,8 @@ def measure_detector(det: DetectorImage, cfg: Config, models: Models):
         occupancy = models.classifier.occupancy(cut)
         result = models.classifier.predict(row, occupancy)
         arrays["som_occupancy"] = occupancy
+        arrays["som_representatives"] = models.classifier.som.representatives(
+            cut, cfg.som.representatives)
     else:
         result = classify.classify_rules(row, cfg.classify)
     row = classify.apply_classification(row, result)

@@ -134,6 +134,9 @@ class SomConfig:
                         range=(100, None))
     augment: bool = F(True, "Rotate and flip the training stamps at random so that every "
                             "direction of elongation is represented.")
+    representatives: int = F(4, "Representative stamps stored per detector in the Zarr store: "
+                                "one real stamp of each of the busiest SOM nodes.",
+                             range=(1, 64))
 
 
 @dataclass

@@ -181,6 +181,28 @@ def test_autoencoder_scores_and_fits_masks(first_run):
     assert not (Path(out) / "masks" / f"night={NIGHT}" / "truncated.fits").exists()
 
 
+def test_by_default_the_shipped_models_classify(night, tmp_path):
+    import xarray as xr
+
+    summary = run_night(config(night, tmp_path, classifier="auto"), NIGHT,
+                        echo=lambda *a: None)
+    rows = read_rows(tmp_path)
+    ok = [r for r in rows.values() if r["status"] == "ok"]
+    assert ok and all(r["model_version"].startswith("cnn-") and "+ae1-" in r["model_version"]
+                      for r in ok)
+    for r in ok:
+        assert sum(r[f"p_{c}"] for c in ("good", "bad_tracking", "very_bad_tracking",
+                                         "bad_seeing", "background_issues")) == pytest.approx(1)
+    assert all(rows[(n, "0")]["quality_class"] == "good" for n in ("good0", "good1", "good2"))
+    assert rows[("trailed", "0")]["quality_class"] in ("bad_tracking", "very_bad_tracking")
+    ds = xr.open_zarr(summary.arrays, consolidated=False).set_index(
+        frame=["exposure", "detector"])
+    occupancy = ds.som_occupancy.sel(exposure="good0", detector="0").values
+    assert occupancy.sum() == pytest.approx(1.0, abs=1e-5)
+    representatives = ds.som_representatives.sel(exposure="good0", detector="0").values
+    assert representatives.shape[0] == 4 and np.isfinite(representatives[0]).all()
+
+
 def test_contract_checker(first_run):
     if not CHECKER.exists():
         pytest.skip("the shared contract checker is not beside this checkout")
