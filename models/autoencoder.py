@@ -299,8 +299,11 @@ class PatchDataModule(L.LightningDataModule):
             return
         refs = self.references()
         if refs["exposure"].nunique() < 1:
-            raise ValueError("no reference frames: the catalog has no good, confident "
-                             "detector for these nights")
+            raise ValueError(
+                "no reference frames: the catalog has no detector of class good with p_good "
+                f">= {self.ae_cfg.reference_min_p_good} for these nights (lower "
+                "autoencoder.reference_min_p_good, or measure the nights with --classifier "
+                "rules, whose good frames are confident)")
         train, val = split_references(refs, self.train_cfg.val_fraction, self.train_cfg.seed)
         a = self.ae_cfg
         train_frames = prepare_frames(train, a.bin_factor, self.io_cfg)

@@ -123,6 +123,7 @@ def _site_config(folder: Path, job_name: str) -> Path:
     path.write_text(f"""
 run:
   progress: false
+  classifier: rules   # its confident good frames are the autoencoder's references
 cluster:
   dashboard_address: null
   slurm:
