@@ -13,7 +13,7 @@
 # 4. train the classifier (Lightning, CPU), calibrate it on the held-out night and write
 #    the weights into the package.
 #
-# About 35 minutes on 2 CPU cores. Deterministic for a given survey-qa version (seeds
+# About an hour on 2 CPU cores. Deterministic for a given survey-qa version (seeds
 # fixed; single-threaded BLAS). Environment: PYTHON (default: python), WORKERS (default 2).
 set -euo pipefail
 
@@ -39,6 +39,12 @@ TRAINING_NIGHTS=(
   "2024-02-22  1008  1024                100"
   "2024-02-29  1009  1536                 60"
   "2024-03-07  1010  1024                100"
+  "2024-03-14  1011  1024                100"
+  "2024-03-21  1012  1024                100"
+  "2024-03-28  1013  1536                 60"
+  "2024-04-04  1014  1024                100"
+  "2024-04-11  1015  1024                100"
+  "2024-04-18  1016  1024                100"
 )
 
 # Dask workers are spawned processes: the Python code is passed with -c, not on stdin.
