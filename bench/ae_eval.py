@@ -197,7 +197,8 @@ def mask_quality(scorer, cfg, size: int, n_frames: int) -> dict:
                 if e.size else math.nan,
                 "median_abs": float(np.median(np.abs(e))) if e.size else math.nan}
 
-    return {"size_px": size, "frames": rows, "mean_iou": float(ious.mean()), "median_iou": float(np.median(ious)),
+    return {"size_px": size, "frames": rows, "mean_iou": float(ious.mean()),
+            "median_iou": float(np.median(ious)),
             "pooled_iou": float(pooled), "share_iou_ge_0.7": float(np.mean(ious >= 0.7)),
             "iou_by_kind": {k: float(np.mean(v)) for k, v in by_kind.items()},
             "photometry_inside": robust(e_in), "photometry_outside": robust(e_out),

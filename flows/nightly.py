@@ -147,7 +147,7 @@ def array_variables(cfg: Config, models: Models, max_shape: tuple[int, int]) -> 
         out["som_representatives"] = ((cfg.som.representatives, *som.stamp_shape),
                                       ("representative", "y", "x"), "float32", np.nan)
     if models.scorer is not None:
-        block = models.scorer.bin_factor * models.scorer.patch_px
+        block = models.scorer.block_px
         grid = (math.ceil(max_shape[0] / block), math.ceil(max_shape[1] / block))
         out["ae_score_map"] = (grid, ("patch_y", "patch_x"), "float32", np.nan)
         out["ae_mask"] = (grid, ("patch_y", "patch_x"), "uint8", 0)
@@ -249,8 +249,7 @@ def process_exposure(path: str, cfg: Config, night: str, store: str,
         rows.append(row)
         if "ae_mask" in arrays and cfg.autoencoder.write_fits_masks:
             masks[det.detector] = aescore.upsample_mask(
-                arrays["ae_mask"], models.scorer.bin_factor * models.scorer.patch_px,
-                det.data.shape)
+                arrays["ae_mask"], models.scorer.block_px, det.data.shape)
         src = src.assign(exposure=exposure, detector=det.detector)
         source_tables.append(src)
         key = (exposure, det.detector)
@@ -275,8 +274,7 @@ def process_exposure(path: str, cfg: Config, night: str, store: str,
         io.write_mask_fits(io.mask_fits_path(cfg.run.out_root, night, exposure), masks, {
             "EXPOSURE": (exposure, "exposure the mask belongs to"),
             "MASKVAL": (1, "1: damaged (autoencoder), 0: usable"),
-            "AEBLOCK": (models.scorer.bin_factor * models.scorer.patch_px,
-                        "mask cell side, pixels"),
+            "AEBLOCK": (models.scorer.block_px, "mask cell side, pixels"),
             "AEMODEL": (models.scorer.version, "autoencoder weights")})
     work = work_dir(cfg.run.out_root, night)
     src_all = (pd.concat(source_tables, ignore_index=True) if source_tables

@@ -50,12 +50,12 @@ def _command_line() -> str:
     return shlex.join([program, *sys.argv[1:]])
 
 
-def checkpoint_dir(cfg: Config, out_root: str | os.PathLike) -> Path:
-    """``cfg.train.checkpoint_dir/autoencoder``, relative paths under ``out_root``."""
+def checkpoint_dir(cfg: Config, out_root: str | os.PathLike, model: str) -> Path:
+    """``cfg.train.checkpoint_dir/<model>``, relative paths under ``out_root``."""
     base = Path(cfg.train.checkpoint_dir)
     if not base.is_absolute():
         base = Path(out_root) / base
-    return base / "autoencoder"
+    return base / model
 
 
 def make_trainer(cfg: Config, ckpt_dir: Path, has_validation: bool) -> L.Trainer:
@@ -106,7 +106,7 @@ def train_autoencoder(cfg: Config, out_root: str | os.PathLike,
     data = PatchDataModule(out_root, nights, a, t, cfg.io)
     data.setup("fit")
     system = AutoencoderSystem(model, learning_rate=t.learning_rate, cell_px=params.cell_px)
-    ckpt_dir = checkpoint_dir(cfg, out_root)
+    ckpt_dir = checkpoint_dir(cfg, out_root, "autoencoder")
     last = ckpt_dir / "last.ckpt"
     t_start = time.perf_counter()
     with warnings.catch_warnings():

@@ -28,7 +28,7 @@ import numpy as np
 
 import survey_qa
 from survey_qa.config import Config
-from survey_qa.flows.train import RECIPE_ENV
+from survey_qa.flows.train import RECIPE_ENV, checkpoint_dir
 from survey_qa.models import evaluation
 from survey_qa.models.classifier import (FEATURE_NAMES, ClassifierSystem, ExposureDataModule,
                                          Examples, class_weights, collect_logits,
@@ -55,12 +55,6 @@ def catalog_nights(out_root: str | Path) -> list[str]:
     """Every night with an exposure catalog under ``out_root``, sorted."""
     folder = Path(out_root) / "catalogs" / "exposures"
     return sorted(p.name.split("=", 1)[1] for p in folder.glob("night=*") if p.is_dir())
-
-
-def checkpoint_dir(cfg: Config, out_root: str | Path) -> Path:
-    """The classifier's checkpoint folder (see the module notes)."""
-    base = Path(cfg.train.checkpoint_dir)
-    return (base if base.is_absolute() else Path(out_root) / base) / "classifier"
 
 
 def _nights(out_root: str | Path, nights: list[str] | None) -> list[str]:
@@ -169,7 +163,7 @@ def train_classifier(cfg: Config, out_root: str | Path, nights: list[str] | None
     net = build_network(som, dm)
     system = ClassifierSystem(net, learning_rate=tc.learning_rate,
                               class_weights=class_weights(dm.class_counts))
-    ckpt_dir = checkpoint_dir(cfg, out_root)
+    ckpt_dir = checkpoint_dir(cfg, out_root, "classifier")
     has_val = len(dm.val) > 0
     checkpoint = ModelCheckpoint(dirpath=ckpt_dir, filename="classifier-{epoch:03d}",
                                  monitor="val_loss" if has_val else None, mode="min",
@@ -201,7 +195,8 @@ def train_classifier(cfg: Config, out_root: str | Path, nights: list[str] | None
         "class_counts_train": dict(zip(CLASSES, dm.class_counts.tolist())),
         "epochs": trainer.current_epoch, "train_s": time.perf_counter() - t0,
         "seed": tc.seed, "val_fraction": tc.val_fraction, "accelerator": tc.accelerator,
-        "devices": tc.devices, "num_nodes": tc.num_nodes, "strategy": tc.strategy, "precision": tc.precision,
+        "devices": tc.devices, "num_nodes": tc.num_nodes, "strategy": tc.strategy,
+        "precision": tc.precision,
         "best_checkpoint": Path(checkpoint.best_model_path).name or None,
         "classify_limits": {"seeing_limit_arcsec": cfg.classify.seeing_limit_arcsec,
                             "seeing_limit_px": cfg.classify.seeing_limit_px},

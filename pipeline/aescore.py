@@ -113,6 +113,11 @@ class Scorer:
     ref_scores: np.ndarray = field(default_factory=lambda: np.empty(0), repr=False)
     version: str = ""
 
+    @property
+    def block_px(self) -> int:
+        """Full-resolution side of one patch (and of one score or mask cell)."""
+        return self.bin_factor * self.patch_px
+
     def threshold_at(self, quantile: float) -> float:
         """Threshold for another reference quantile (the stored one when it is the same).
 
@@ -521,7 +526,7 @@ def score_detector(data: np.ndarray, mask: np.ndarray | None, scorer: Scorer,
     image, sky, unit = normalize_frame(binned, bmask, scorer.params)
     smap = score_map(scorer.model, image, scorer.patch_px, params=scorer.params)
     patch_mask = make_mask(smap, threshold, cfg.close_px)
-    block = scorer.bin_factor * scorer.patch_px
+    block = scorer.block_px
     shape = np.shape(data)
     return AEResult(score_map=smap, mask=patch_mask,
                     ae_score=float(np.mean(smap) / scorer.score_ref),
