@@ -17,13 +17,8 @@
 set -euo pipefail
 
 WORK=${1:-data/autoencoder-training}
-PYTHON=${PYTHON:-python}
-WORKERS=${WORKERS:-2}
 HERE=$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)
 WEIGHTS=${WEIGHTS:-$HERE/survey_qa/weights/autoencoder.safetensors}
-RAW=$WORK/raw
-OUT=$WORK/qa
-export OMP_NUM_THREADS=1 MKL_NUM_THREADS=1 OPENBLAS_NUM_THREADS=1 PYTHONWARNINGS=ignore
 export SURVEY_QA_TRAIN_RECIPE="models/train_shipped.sh $*"
 
 # night        seed  detector side (px)  exposures
@@ -33,15 +28,8 @@ TRAINING_NIGHTS=(
   "2023-01-12  3003  2048                 20"
 )
 
-SIMULATE='
-import sys
-from survey_qa.flows.simulate import simulate_night
-
-raw, night, frames, seed, size = sys.argv[1:]
-simulate_night(raw, night, int(frames), seed=int(seed), size_px=int(size), mix="realistic")
-'
-
-mkdir -p "$RAW" "$OUT"
+source "$HERE/models/training_nights.sh"
+mkdir -p "$WORK"
 cat >"$WORK/train.yaml" <<'EOF'
 autoencoder:
   bin_factor: 4
@@ -62,22 +50,10 @@ run:
   progress: false
 EOF
 
-start=$SECONDS
-nights=()
-for line in "${TRAINING_NIGHTS[@]}"; do
-  read -r night seed size frames <<<"$line"
-  nights+=(--night "$night")
-  if [[ ! -f $RAW/$night/_truth/truth.parquet ]]; then
-    echo "simulate $night: $frames exposures of ${size}px, seed $seed"
-    "$PYTHON" -c "$SIMULATE" "$RAW" "$night" "$frames" "$seed" "$size"
-  fi
-  echo "nightly job $night ($((SECONDS - start)) s so far)"
-  "$PYTHON" -m survey_qa.cli --night "$night" --raw-root "$RAW" --out-root "$OUT" \
-      --workers "$WORKERS" --no-progress --classifier rules | tail -n 3
-done
+measure_training_nights realistic
 
-echo "train the autoencoder ($((SECONDS - start)) s so far)"
+echo "train the autoencoder ($((SECONDS - START)) s so far)"
 rm -rf "$OUT/checkpoints-shipped"  # a fresh training, never a resumed one
 OMP_NUM_THREADS=$WORKERS "$PYTHON" -m survey_qa.cli train autoencoder --config "$WORK/train.yaml" \
-    --out-root "$OUT" "${nights[@]}" --output "$WEIGHTS"
-echo "done in $((SECONDS - start)) s: $WEIGHTS"
+    --out-root "$OUT" "${NIGHTS[@]/#/--night=}" --output "$WEIGHTS"
+echo "done in $((SECONDS - START)) s: $WEIGHTS"

@@ -18,13 +18,8 @@
 set -euo pipefail
 
 WORK=${1:-data/classifier-training}
-PYTHON=${PYTHON:-python}
-WORKERS=${WORKERS:-2}
 HERE=$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)
 WEIGHTS=${WEIGHTS:-$HERE/survey_qa/weights/classifier.safetensors}
-RAW=$WORK/raw
-OUT=$WORK/qa
-export OMP_NUM_THREADS=1 MKL_NUM_THREADS=1 OPENBLAS_NUM_THREADS=1 PYTHONWARNINGS=ignore
 export SURVEY_QA_TRAIN_RECIPE="models/train_shipped_classifier.sh $*"
 
 # night        seed  detector side (px)  exposures
@@ -47,18 +42,6 @@ TRAINING_NIGHTS=(
   "2024-04-18  1016  1024                100"
 )
 
-# Dask workers are spawned processes: the Python code is passed with -c, not on stdin.
-SIMULATE='
-import sys
-from distributed import Client, LocalCluster
-from survey_qa.flows.simulate import simulate_night
-
-raw, night, frames, seed, size, workers = sys.argv[1:]
-with LocalCluster(n_workers=int(workers), threads_per_worker=1, dashboard_address=None,
-                  processes=True) as cluster, Client(cluster) as client:
-    simulate_night(raw, night, int(frames), seed=int(seed), size_px=int(size),
-                   mix="balanced", client=client)
-'
 TRAIN='
 import sys
 import time
@@ -78,22 +61,10 @@ path = train_classifier(cfg, out, nights, raw, som_path=som, output=weights)
 print(f"classifier: {path} ({time.perf_counter() - t1:.0f} s)")
 '
 
-mkdir -p "$RAW" "$OUT"
-start=$SECONDS
-nights=()
-for line in "${TRAINING_NIGHTS[@]}"; do
-  read -r night seed size frames <<<"$line"
-  nights+=("$night")
-  if [[ ! -f $RAW/$night/_truth/truth.parquet ]]; then
-    echo "simulate $night: $frames exposures of ${size}px, seed $seed"
-    "$PYTHON" -c "$SIMULATE" "$RAW" "$night" "$frames" "$seed" "$size" "$WORKERS"
-  fi
-  echo "nightly job $night ($((SECONDS - start)) s so far)"
-  "$PYTHON" -m survey_qa.cli --night "$night" --raw-root "$RAW" --out-root "$OUT" \
-      --workers "$WORKERS" --no-progress --classifier rules | tail -n 3
-done
+source "$HERE/models/training_nights.sh"
+measure_training_nights balanced
 
-echo "train SOM and classifier on ${nights[*]} ($((SECONDS - start)) s so far)"
+echo "train SOM and classifier on ${NIGHTS[*]} ($((SECONDS - START)) s so far)"
 rm -rf "$OUT/checkpoints-shipped"  # a fresh training, never a resumed one
-"$PYTHON" -c "$TRAIN" "$OUT" "$RAW" "$WEIGHTS" "${nights[@]}"
-echo "done in $((SECONDS - start)) s: $WEIGHTS"
+"$PYTHON" -c "$TRAIN" "$OUT" "$RAW" "$WEIGHTS" "${NIGHTS[@]}"
+echo "done in $((SECONDS - START)) s: $WEIGHTS"

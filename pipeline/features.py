@@ -13,7 +13,7 @@ import numpy as np
 import pandas as pd
 
 from survey_qa.pipeline.flags import CUT_SHORT, SOURCE_FLAGS, bits
-from survey_qa.pipeline.psf import FWHM_PER_HALF_LIGHT_RADIUS
+from survey_qa.pipeline.psf import FWHM_PER_HALF_LIGHT_RADIUS, direction_coherence
 from survey_qa.pipeline.records import BackgroundResult, DetectorImage, FrameMeta, PSFResult
 from survey_qa.pipeline.schema import empty_exposure_row
 
@@ -105,8 +105,7 @@ def update_source_shapes(row: dict, sources: pd.DataFrame) -> dict:
     spin2 = e * np.exp(2j * theta)
     row.update(src_fwhm_px=float(FWHM_PER_HALF_LIGHT_RADIUS * np.nanmedian(rh)),
                src_ellipticity=float(np.median(e)),
-               src_elongation_coherence=float(abs(spin2.sum()) / e.sum()) if e.sum() > 0
-               else math.nan)
+               src_elongation_coherence=direction_coherence(e, spin2))
     return row
 
 

@@ -402,6 +402,13 @@ def _grid_medians(x, y, values, shape, grid) -> list[float]:
     return out
 
 
+def direction_coherence(e: np.ndarray, spin2: np.ndarray) -> float:
+    """``|sum spin2| / sum e`` with ``spin2 = e exp(2i theta)``: 1 when every star is
+    stretched the same way, near 0 when directions are random; NaN without elongation."""
+    total = float(np.sum(e))
+    return float(abs(np.sum(spin2)) / total) if total > 0 else math.nan
+
+
 def trail_ratio(coherent_ellipticity: float) -> float:
     """Trail length over seeing FWHM from the coherent ellipticity ``1 - b/a``.
 
@@ -741,7 +748,7 @@ def _measure_single(data, background, mask, sources, order, cfg) -> dict:
         return out
     e = shape["ellipticity"][good]
     spin2 = e * np.exp(2j * np.radians(shape["theta_deg"][good]))
-    coherence = float(abs(spin2.sum()) / e.sum()) if e.sum() > 0 else math.nan
+    coherence = direction_coherence(e, spin2)
     pa_deg = float(np.degrees(0.5 * np.angle(spin2.sum())) % 180.0)
     ratio = trail_ratio(float(abs(spin2.mean())))
     star_size = size[good] / trail_widening(ratio)

@@ -3,6 +3,7 @@
     survey-qa --night 2024-03-01 [--raw-root DIR] [--out-root DIR] [--config FILE]
               [--cluster local|slurm] [--workers N] [--force]
     survey-qa simulate --night 2024-03-01 --frames 100 [--seed S] [--size 4096]
+                       [--mix balanced|realistic] [--workers N]
     survey-qa train autoencoder|som|classifier --out-root DIR [--night N ...] [options]
     survey-qa evaluate --out-root DIR --raw-root DIR --night N [--night N ...]
     survey-qa config            # print the configuration in force, as YAML
@@ -10,6 +11,7 @@
 from __future__ import annotations
 
 import argparse
+import contextlib
 import sys
 from pathlib import Path
 
@@ -83,13 +85,29 @@ def simulate_main(argv: list[str]) -> int:
     p.add_argument("--size", type=int, default=4096, help="detector side in pixels")
     p.add_argument("--ambiguous-fraction", type=float, default=0.0,
                    help="share of frames drawn from the ambiguous zones of the spec")
+    p.add_argument("--mix", choices=("balanced", "realistic"), default="balanced",
+                   help="the five classes in equal shares, or mostly good frames")
+    p.add_argument("--workers", type=int,
+                   help="render on a Dask cluster of this many workers (the cluster block "
+                        "of the configuration); default: in this process")
     _common(p)
     a = p.parse_args(argv)
     cfg = load_config(a.config, _overrides(a))
     from survey_qa.flows.simulate import simulate_night
 
-    truth = simulate_night(Path(cfg.run.raw_root), a.night, a.frames, seed=a.seed,
-                           size_px=a.size, ambiguous_fraction=a.ambiguous_fraction)
+    with contextlib.ExitStack() as stack:
+        client = None
+        if a.workers:
+            from distributed import Client
+
+            from survey_qa.hpc.cluster import make_cluster, scale_for_night
+
+            cluster = stack.enter_context(make_cluster(cfg.cluster))
+            scale_for_night(cluster, cfg.cluster, a.frames)
+            client = stack.enter_context(Client(cluster))
+        truth = simulate_night(Path(cfg.run.raw_root), a.night, a.frames, seed=a.seed,
+                               size_px=a.size, mix=a.mix, client=client,
+                               ambiguous_fraction=a.ambiguous_fraction)
     print(f"wrote {truth['exposure'].nunique()} exposures to {Path(cfg.run.raw_root) / a.night}")
     print(truth.drop_duplicates("exposure")["quality_class"].value_counts().to_string())
     return 0

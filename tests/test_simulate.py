@@ -364,6 +364,20 @@ def test_simulate_night_with_a_dask_client(tmp_path):
         assert p.read_bytes() == (tmp_path / "par" / NIGHT / p.name).read_bytes()
 
 
+def test_simulate_command_with_workers_and_mix(tmp_path, capsys):
+    from survey_qa.cli import main
+
+    assert main(["simulate", "--night", NIGHT, "--frames", "3", "--seed", "4", "--size", "96",
+                 "--mix", "realistic", "--workers", "2", "--raw-root",
+                 str(tmp_path / "cli")]) == 0
+    assert "wrote 3 exposures" in capsys.readouterr().out
+    seq = flow.simulate_night(tmp_path / "seq", NIGHT, 3, seed=4, size_px=96, mix="realistic")
+    cli = pd.read_parquet(tmp_path / "cli" / NIGHT / "_truth" / "truth.parquet")
+    assert cli["exposure_class"].tolist() == seq["exposure_class"].tolist()
+    for p in (tmp_path / "seq" / NIGHT).glob("*.fits*"):
+        assert p.read_bytes() == (tmp_path / "cli" / NIGHT / p.name).read_bytes()
+
+
 def test_plan_night_is_balanced():
     plans = sim.plan_night(NIGHT, 50, seed=1, ambiguous_fraction=0.1)
     counts = pd.Series([p.quality_class for p in plans]).value_counts()
