@@ -30,11 +30,13 @@ EXPOSURE_SCHEMA = pa.schema([
     ("expnum", pa.string()), ("gain_e_per_adu", pa.float64()), ("read_noise_e", pa.float64()),
     ("saturate_adu", pa.float64()), ("pixscale_arcsec", pa.float64()),
     ("pixscale_source", pa.string()), ("nx", pa.int32()), ("ny", pa.int32()),
+    ("image_type", pa.string()),  # light | bias | dark | flat | ... (header or content)
     # the decision
     ("quality_class", pa.string()),
     *[(f"p_{c}", pa.float64()) for c in CLASSES],
     ("flag_bad_seeing", pa.bool_()), ("flag_tracking", pa.string()),
     ("flag_background", pa.bool_()), ("classifier", pa.string()),
+    ("reason", pa.string()),  # one line in words: the quantities and limits behind the class
     # PSF size and shape
     ("fwhm_arcsec", pa.float64()), ("fwhm_px", pa.float64()), ("moffat_beta", pa.float64()),
     ("ellipticity", pa.float64()), ("ellipticity_pa_deg", pa.float64()),
