@@ -39,6 +39,12 @@ EXPOSURE_FLAGS = {f.name: f for f in [
                               "measured on the pairs"),
     Flag(13, "FAINT_SKY", "sky level below its per-pixel noise (sky-subtracted or read-noise "
                           "dominated): sky_nonuniformity is NaN"),
+    Flag(14, "NO_STARS", "no star measured (no PSF fit, no bright detection): the class "
+                         "is background_issues at low confidence"),
+    Flag(15, "NO_PSF_FIT", "no PSF fit: the class rests on the bright detections' moments "
+                           "and its probabilities are drawn towards uniform"),
+    Flag(16, "CNN_OUT_OF_DOMAIN", "the row lies outside the learned model's training "
+                                  "domain: the rules decided"),
 ]}
 
 SOURCE_FLAGS = {f.name: f for f in [
