@@ -45,6 +45,13 @@ EXPOSURE_FLAGS = {f.name: f for f in [
                            "and its probabilities are drawn towards uniform"),
     Flag(16, "CNN_OUT_OF_DOMAIN", "the row lies outside the learned model's training "
                                   "domain: the rules decided"),
+    Flag(17, "SKY_FALLBACK", "the sep mesh sky failed its check against the source-free "
+                             "pixels: the sky is the sigma-clipped median of each mesh"),
+    Flag(18, "SKY_UNMEASURED", "too little source-free sky for a sky map: sky level and noise "
+                               "are clipped statistics of all pixels, sky_nonuniformity NaN"),
+    Flag(19, "FLAT_FIELDED", "divided by the configured flat field before measuring"),
+    Flag(20, "ILLUMINATION_NIGHT", "sky_nonuniformity measured after dividing the sky by the "
+                                   "illumination pattern learnt from the night's frames"),
 ]}
 
 SOURCE_FLAGS = {f.name: f for f in [

@@ -57,6 +57,8 @@ class BackgroundResult:
     nonuniformity: float  # (P99 - P1) / median of the smooth sky
     back: np.ndarray = field(repr=False)  # smooth sky, full size, float32
     rms: np.ndarray = field(repr=False)  # noise map, full size, float32
+    mesh_px: int = 0  # mesh size of the sky map (pixels); 0: no map (flat sky)
+    qa_flags: int = 0  # SKY_FALLBACK, SKY_UNMEASURED
 
 
 @dataclass
