@@ -25,8 +25,8 @@ import pyarrow as pa
 
 import survey_qa
 from survey_qa.config import Config
-from survey_qa.pipeline import (aescore, background, classify, features, io, psf, sources,
-                                stamps)
+from survey_qa.pipeline import (aescore, background, classify, decide, features, io, psf,
+                                sources, stamps)
 from survey_qa.pipeline.errors import QualityError
 from survey_qa.pipeline.flags import bits
 from survey_qa.pipeline.records import DetectorImage
@@ -196,15 +196,13 @@ def measure_detector(det: DetectorImage, cfg: Config, models: Models):
         row["qa_flags"] |= bits("AE_UNAVAILABLE")
     timings["t_ae_s"] = time.perf_counter() - t
     t = time.perf_counter()
+    occupancy = None
     if models.classifier is not None:
         occupancy = models.classifier.occupancy(cut)
-        result = models.classifier.predict(row, occupancy)
         arrays["som_occupancy"] = occupancy
         arrays["som_representatives"] = models.classifier.som.representatives(
             cut, cfg.som.representatives)
-    else:
-        result = classify.classify_rules(row, cfg.classify)
-    row = classify.apply_classification(row, result)
+    row = decide.classify_row(row, cfg.classify, models.classifier, occupancy)
     timings["t_classify_s"] = time.perf_counter() - t
     row.update(timings)
     return row, src, psf_result, cut, arrays

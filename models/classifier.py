@@ -12,8 +12,8 @@
 - :class:`ClassifierSystem` trains :class:`DualInputClassifier` with cross-entropy;
   :func:`fit_temperature` calibrates it afterwards on the validation split.
 - :func:`save_classifier` / :func:`load_classifier` write and read ``.safetensors``
-  weights with a JSON sidecar; :class:`LearnedClassifier` predicts a
-  :class:`~survey_qa.pipeline.records.ClassResult` for one row.
+  weights with a JSON sidecar; :class:`LearnedClassifier` decides one row through
+  :func:`survey_qa.pipeline.decide.classify_row`.
 """
 from __future__ import annotations
 
@@ -37,8 +37,8 @@ import survey_qa
 from survey_qa.config import ClassifyConfig
 from survey_qa.models.components.classifier import DualInputClassifier
 from survey_qa.models.som import SomModel, dihedral
-from survey_qa.pipeline.records import ClassResult
-from survey_qa.pipeline.schema import CLASSES, PRIORITY
+from survey_qa.pipeline.decide import classify_row
+from survey_qa.pipeline.schema import CLASSES
 
 CLASSIFIER_FORMAT = "survey-qa-classifier-1"
 WEIGHTS_DIR = Path(survey_qa.__file__).resolve().parent / "weights"
@@ -66,8 +66,6 @@ OPTIONAL_FEATURES = ("fwhm_grid_spread", "ellipticity_grid_mean", "ellipticity_g
                      "log_moffat_beta", "mask_fraction", "log_ae_score")
 """Features that some instruments or runs cannot give (no autoencoder weights, too few
 stars per region): training reports them missing at random so the model copes."""
-
-TRACKING_FLAG = {"very_bad_tracking": "very_bad", "bad_tracking": "bad"}
 
 
 # ---------------------------------------------------------------------------- features
@@ -672,58 +670,11 @@ class LearnedClassifier:
         probs = self.net.probabilities(torch.as_tensor(occ), torch.as_tensor(feats))
         return probs.double().numpy()
 
-    def predict(self, row: dict, occupancy: np.ndarray) -> ClassResult:
-        """Classify one detector.
-
-        Parameters
-        ----------
-        row
-            Its exposure catalog row (measured quantities).
-        occupancy
-            Its occupancy map, ``(gx, gy)`` (:meth:`occupancy`).
-
-        Returns
-        -------
-        ClassResult
-            ``classifier="cnn"``, calibrated probabilities summing to 1, the most probable
-            class, and defect flags: the class's own defect, plus defects of lower
-            priority that the measured quantities show (:func:`secondary_flags`).
-        """
-        p = self.probabilities([row], occupancy[None])[0]
-        p = p / p.sum()
-        cls = CLASSES[int(np.argmax(p))]
-        flags = secondary_flags(row, cls, self.classify_cfg)
-        return ClassResult(quality_class=cls,
-                           probabilities={c: float(v) for c, v in zip(CLASSES, p)},
-                           classifier="cnn", **flags)
-
-
-def secondary_flags(row: dict, quality_class: str, cfg: ClassifyConfig) -> dict:
-    """Defect flags consistent with a primary class.
-
-    The primary class's own defect is always flagged. Defects of lower priority
-    (quality-classes.md order) are flagged when the measured quantities pass the
-    survey's limits; defects of higher priority are not (the classifier ruled them out).
-
-    Returns
-    -------
-    dict
-        ``flag_bad_seeing``, ``flag_tracking`` and ``flag_background``.
-    """
-    rank = PRIORITY.index(quality_class)
-    below = set(PRIORITY[rank + 1:])
-    fwhm_arcsec, fwhm_px = _num(row, "fwhm_arcsec"), _num(row, "fwhm_px")
-    if fwhm_arcsec == fwhm_arcsec:
-        seeing = fwhm_arcsec > cfg.seeing_limit_arcsec
-    else:
-        seeing = bool(cfg.seeing_limit_px and fwhm_px > cfg.seeing_limit_px)
-    background = _num(row, "sky_nonuniformity") > cfg.nonuniformity_limit
-    tracking = TRACKING_FLAG.get(quality_class, "none")
-    return {"flag_bad_seeing": quality_class == "bad_seeing" or ("bad_seeing" in below
-                                                                  and seeing),
-            "flag_tracking": tracking,
-            "flag_background": quality_class == "background_issues" or (
-                "background_issues" in below and background)}
+    def predict(self, row: dict, occupancy: np.ndarray) -> dict:
+        """Classify one detector: its row with the decision of
+        :func:`~survey_qa.pipeline.decide.classify_row` written in (the rules decide
+        outside the training domain or where no star was measured)."""
+        return classify_row(row, self.classify_cfg, self, occupancy)
 
 
 def default_weights_path() -> Path:

@@ -191,6 +191,14 @@ def mosaic_class(classes: list[str]) -> str:
     return "good"
 
 
+def mosaic_reason(rows: list[dict], cls: str) -> str:
+    """Why a mosaic exposure got ``cls``: how many of its detectors hold which class."""
+    counts = {c: sum(r["quality_class"] == c for r in rows) for c in PRIORITY}
+    held = ", ".join(f"{n} {c}" for c, n in counts.items() if n)
+    return (f"{held} of {len(rows)} detectors; the exposure takes the worst class held by "
+            f"at least a quarter of them ({cls})")
+
+
 def _worst_tracking(flags: list[str]) -> str:
     """The worst tracking flag held by at least a quarter of the detectors."""
     n = len(flags)
@@ -243,6 +251,7 @@ def combine_detectors(rows: list[dict]) -> dict:
     for c in CLASSES:
         out[f"p_{c}"] = float(np.mean([r[f"p_{c}"] for r in rows]))
     out["quality_class"] = mosaic_class([r["quality_class"] for r in rows])
+    out["reason"] = mosaic_reason(rows, out["quality_class"])
     out["flag_tracking"] = _worst_tracking([r["flag_tracking"] for r in rows])
     for key in ("flag_bad_seeing", "flag_background"):
         out[key] = 4 * sum(bool(r[key]) for r in rows) >= len(rows)

@@ -28,7 +28,9 @@ from survey_qa.models.classifier import (FEATURE_NAMES, ClassifierSystem, Exposu
 from survey_qa.models.components.classifier import DualInputClassifier
 from survey_qa.models.som import SomModel, dihedral, prepare_stamps, train_som
 from survey_qa.pipeline import io
-from survey_qa.pipeline.schema import CLASSES, PRIORITY, empty_exposure_row, rows_to_table
+from survey_qa.pipeline.classify import classify_rules
+from survey_qa.pipeline.flags import decode_flags
+from survey_qa.pipeline.schema import CLASSES, empty_exposure_row, rows_to_table
 
 STAMP = 16
 PER_DET = 12
@@ -373,17 +375,27 @@ def test_predict_returns_calibrated_result(som, tmp_path):
     rng = np.random.default_rng(5)
     for cls in CLASSES:
         row, stamps = synthetic_detector(rng, cls)
-        res = clf.predict(row, clf.occupancy(stamps))
-        p = np.array([res.probabilities[c] for c in CLASSES])
-        assert res.classifier == "cnn"
+        out = clf.predict(row, clf.occupancy(stamps))
+        p = np.array([out[f"p_{c}"] for c in CLASSES])
+        assert out["classifier"] == "cnn"
         assert p.sum() == pytest.approx(1.0, abs=1e-9) and np.all(p >= 0)
-        assert res.quality_class == CLASSES[int(np.argmax(p))]
-        flags = {"bad_seeing": res.flag_bad_seeing,
-                 "background_issues": res.flag_background,
-                 "bad_tracking": res.flag_tracking == "bad",
-                 "very_bad_tracking": res.flag_tracking == "very_bad"}
-        first = next((c for c in PRIORITY if flags.get(c)), "good")
-        assert first == res.quality_class  # flags agree with the primary class
+        assert out["quality_class"] == CLASSES[int(np.argmax(p))]
+        assert out["reason"]
+        rules = classify_rules(row, clf.classify_cfg)  # flags follow the limits, always
+        assert (out["flag_bad_seeing"], out["flag_tracking"], out["flag_background"]) == (
+            rules.flag_bad_seeing, rules.flag_tracking, rules.flag_background)
+
+
+def test_predict_defers_to_rules_outside_the_training_domain(som, tmp_path):
+    path = save_classifier(_trained_net(som, seed=3), tmp_path / "c.safetensors", som,
+                           info={"domain": {"pixscale_arcsec": [0.1, 0.6]}})
+    clf = load_classifier(path)
+    row, stamps = synthetic_detector(np.random.default_rng(6), "bad_seeing")
+    row["pixscale_arcsec"] = 3.0
+    out = clf.predict(row, clf.occupancy(stamps))
+    assert out["classifier"] == "rules"
+    assert "CNN_OUT_OF_DOMAIN" in decode_flags(out["qa_flags"])
+    assert "pixscale_arcsec 3 outside" in out["reason"]
 
 
 # ---------------------------------------------------------------------------- flows
