@@ -52,6 +52,10 @@ EXPOSURE_FLAGS = {f.name: f for f in [
     Flag(19, "FLAT_FIELDED", "divided by the configured flat field before measuring"),
     Flag(20, "ILLUMINATION_NIGHT", "sky_nonuniformity measured after dividing the sky by the "
                                    "illumination pattern learnt from the night's frames"),
+    Flag(21, "UNEXPOSED_MASKED", "rows or columns at the bias level (no light) found in the "
+                                 "data and masked"),
+    Flag(22, "ARRAYS_SKIPPED", "the detector is larger than the night's array store: its "
+                               "arrays were not written (the row is whole)"),
 ]}
 
 SOURCE_FLAGS = {f.name: f for f in [
