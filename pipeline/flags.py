@@ -56,6 +56,11 @@ EXPOSURE_FLAGS = {f.name: f for f in [
                                  "data and masked"),
     Flag(22, "ARRAYS_SKIPPED", "the detector is larger than the night's array store: its "
                                "arrays were not written (the row is whole)"),
+    Flag(23, "AE_OUT_OF_DOMAIN", "the frame is unlike the autoencoder's reference frames "
+                                 "almost everywhere and the night has too few frames to "
+                                 "calibrate it: ae_score and mask_fraction are NaN"),
+    Flag(24, "AE_NIGHT_THRESHOLD", "the autoencoder mask threshold was raised to the night's "
+                                   "best frames (an instrument unlike the reference frames)"),
 ]}
 
 SOURCE_FLAGS = {f.name: f for f in [
