@@ -13,7 +13,6 @@ from __future__ import annotations
 import collections
 import functools
 import math
-import shutil
 import time
 from dataclasses import dataclass, field
 from datetime import datetime, timezone
@@ -25,6 +24,9 @@ import pyarrow as pa
 
 import survey_qa
 from survey_qa.config import Config
+from survey_qa.flows import workdir
+from survey_qa.flows.workdir import work_dir  # noqa: F401 -- part of this module's API
+from survey_qa.flows.night_pass import finish_night
 from survey_qa.pipeline import (aescore, background, classify, decide, features, io, psf,
                                 sources, stamps)
 from survey_qa.pipeline.errors import QualityError
@@ -76,15 +78,9 @@ class NightSummary:
 # ---------------------------------------------------------------------------- paths
 
 
-def work_dir(out_root: str | Path, night: str) -> Path:
-    """Per-exposure results of a night before they are gathered into the catalogs."""
-    return Path(out_root) / "_work" / f"night={night}"
-
-
-def done_exposures(out_root: str | Path, night: str) -> set[str]:
-    """Exposures whose rows are written (their sources and arrays are written first)."""
-    folder = work_dir(out_root, night) / "exposures"
-    return {p.stem for p in folder.glob("*.parquet")}
+def done_exposures(out_root: str | Path, night: str, files: dict[str, Path]) -> set[str]:
+    """Exposures whose results are whole (see :func:`workdir.verified_done`)."""
+    return workdir.verified_done(out_root, night, files)
 
 
 # ---------------------------------------------------------------------------- models
@@ -154,14 +150,11 @@ def array_variables(cfg: Config, models: Models, max_shape: tuple[int, int]) -> 
     return out
 
 
-def plan_frames(path: str, cfg: Config) -> list[tuple[str, str, int, int]]:
-    """(exposure, detector, ny, nx) of every detector in a file, from its headers only."""
-    try:
-        with io._open(Path(path)) as hdul:
-            return [(io.exposure_id(path), io._detector_name(h, i), *h.shape[-2:])
-                    for i, h in enumerate(hdul) if io._is_image(h, cfg.io)]
-    except QualityError:
-        return []
+def plan_frames(path: str, cfg: Config, exposure: str | None = None
+                ) -> list[tuple[str, str, int, int]]:
+    """(exposure, detector, ny, nx) of every detector a file really holds, from its headers."""
+    exposure = io.exposure_id(path) if exposure is None else exposure
+    return [(exposure, *d) for d in io.plan_detectors(path, cfg.io)]
 
 
 def measure_detector(det: DetectorImage, cfg: Config, models: Models):
@@ -209,28 +202,46 @@ def measure_detector(det: DetectorImage, cfg: Config, models: Models):
 
 
 def failed_row(path: str, exposure: str, detector: str, error: QualityError) -> dict:
-    """The row of a detector (or a whole file: detector 'ALL') that could not be measured."""
+    """The row of a detector (or a whole file: detector 'ALL') that could not be measured.
+
+    The header facts read before the failure (``meta`` in the error's metadata) and the
+    image type are kept.
+    """
     row = empty_exposure_row()
+    meta = error.metadata.get("meta")
+    if meta is not None:
+        features.update_meta(row, meta)
+        row["image_type"] = meta.image_type
     row.update(exposure=exposure, detector=detector, path=str(path), status="failed",
                error=error.reason, hdu=int(error.metadata.get("hdu", -1)))
     return row
 
 
+def _internal_error(stage: str, e: Exception) -> QualityError:
+    """A bug met on one frame: that frame fails with the error; the night goes on."""
+    return QualityError(f"internal error while {stage}: {type(e).__name__}: {e}")
+
+
 def process_exposure(path: str, cfg: Config, night: str, store: str,
-                     frame_index: dict[tuple[str, str], int]) -> list[dict]:
+                     frame_index: dict[tuple[str, str], int],
+                     exposure: str | None = None) -> list[dict]:
     """Measure one exposure file and write its results; returns its exposure rows.
 
-    Never raises for bad data: an unreadable file or detector becomes a ``failed`` row.
+    Never raises for bad data: an unreadable file or detector becomes a ``failed`` row,
+    and so does a detector on which a stage meets a bug. Only a write error (a full or
+    read-only disk) raises.
     """
     t_start = time.perf_counter()
-    exposure = io.exposure_id(path)
+    exposure = io.exposure_id(path) if exposure is None else exposure
     sources.configure_sep(cfg.sources)
     models = load_models(cfg)
     t = time.perf_counter()
     try:
-        dets = io.read_detectors(path, cfg.io)
+        dets = io.read_detectors(path, cfg.io, exposure)
     except QualityError as e:
-        dets = [QualityError(e.reason, detector="ALL", **e.metadata)]
+        dets = [QualityError(e.reason, **{**e.metadata, "detector": "ALL"})]
+    except Exception as e:  # noqa: BLE001 -- one file never stops a night
+        dets = [QualityError(_internal_error("reading", e).reason, detector="ALL")]
     t_read = time.perf_counter() - t
 
     rows, source_tables, masks = [], [], {}
@@ -241,8 +252,15 @@ def process_exposure(path: str, cfg: Config, night: str, store: str,
         try:
             row, src, psf_result, cut, arrays = measure_detector(det, cfg, models)
         except QualityError as e:
+            e.metadata.setdefault("meta", det.meta)
             rows.append(failed_row(path, exposure, det.detector, e))
             continue
+        except Exception as e:  # noqa: BLE001 -- a bug on one frame never stops a night
+            error = _internal_error("measuring", e)
+            error.metadata.update(meta=det.meta, hdu=det.hdu)
+            rows.append(failed_row(path, exposure, det.detector, error))
+            continue
+        row["image_type"] = det.meta.image_type
         row["t_read_s"] = t_read / len(dets)
         rows.append(row)
         if "ae_mask" in arrays and cfg.autoencoder.write_fits_masks:
@@ -254,9 +272,13 @@ def process_exposure(path: str, cfg: Config, night: str, store: str,
         if key in frame_index:
             order = stamps.stamp_order(src, psf_result.psf_star, len(cut))
             xy = src[["x", "y"]].to_numpy(np.float32)[order]
-            io.write_frame(store, frame_index[key], {
+            written = io.write_frame(store, frame_index[key], {
                 "stamps": cut, "stamp_x": xy[:, 0], "stamp_y": xy[:, 1],
                 "n_stamps": np.int32(len(cut)), **arrays})
+        else:
+            written = False
+        if not written:
+            row["qa_flags"] |= bits("ARRAYS_SKIPPED")
 
     ok = [r for r in rows if r["status"] == "ok"]
     if len(dets) > 1 and ok:
@@ -293,6 +315,18 @@ def _sources_table(df: pd.DataFrame) -> pa.Table:
 def run_night(cfg: Config, night: str, *, echo=print) -> NightSummary:
     """Run the nightly job for one night and write its catalogs and arrays.
 
+    Before anything starts, the night folder is discovered, the models loaded, and the
+    out-root checked (writable, ``run.min_free_mb`` free); then the night is locked for
+    this run (:func:`workdir.night_lock`).
+
+    Raises
+    ------
+    ValueError
+        No night folder, or asked-for model weights missing (a wrong argument).
+    RunEnvironmentError
+        The out-root is not writable or is full, or another run holds the night
+        (:class:`~survey_qa.pipeline.errors.NightLocked`).
+
     Parameters
     ----------
     cfg
@@ -303,50 +337,87 @@ def run_night(cfg: Config, night: str, *, echo=print) -> NightSummary:
     echo
         Where live warnings and progress go.
     """
+    t0 = time.perf_counter()
+    files = io.night_exposures(cfg.run.raw_root, night)
+    models = load_models(cfg)  # fails early when asked-for weights are missing
+    workdir.check_out_root(cfg.run.out_root, cfg.run.min_free_mb)
+    with workdir.night_lock(cfg.run.out_root, night):
+        try:
+            return _run_locked(cfg, night, files, models, echo, t0)
+        except OSError as e:
+            env = workdir.environment_error(e, cfg.run.out_root)
+            if env is None:
+                raise
+            raise env from None
+
+
+def _run_locked(cfg: Config, night: str, files: dict[str, Path], models: Models, echo,
+                t0: float) -> NightSummary:
+    """The night, with its lock held: finish what is missing, then gather the catalogs."""
     from distributed import Client, as_completed
 
     from survey_qa.hpc.cluster import make_cluster, scale_for_night
 
-    t0 = time.perf_counter()
     out_root = Path(cfg.run.out_root)
-    paths = io.discover_night(cfg.run.raw_root, night)
-    if cfg.run.force:
-        shutil.rmtree(work_dir(out_root, night), ignore_errors=True)
-    done = done_exposures(out_root, night)
-    todo = [str(p) for p in paths if io.exposure_id(p) not in done]
     store = io.zarr_path(out_root, night)
-    models = load_models(cfg)  # fails early when asked-for weights are missing
+    if cfg.run.force:
+        workdir.forget_results(out_root, night)
+    damage = io.store_damage(store)
+    if damage:
+        echo(f"warning: {damage}: rebuilding it and redoing the night's exposures")
+        io.remove_store(store)
+        workdir.forget_results(out_root, night)
+    done = done_exposures(out_root, night, files)
+    todo = {e: str(p) for e, p in files.items() if e not in done}
 
     if todo:
         with make_cluster(cfg.cluster) as cluster, Client(cluster) as client:
             scale_for_night(cluster, cfg.cluster, len(todo))
-            plans = client.gather(client.map(plan_frames, todo, cfg=cfg, pure=False))
+            n = len(todo)
+            plans = client.gather(client.map(plan_frames, list(todo.values()), [cfg] * n,
+                                             list(todo), pure=False))
             frames = [f for plan in plans for f in plan]
             max_shape = tuple(max([f[i] for f in frames], default=1) for i in (2, 3))
             index = io.setup_zarr(store, [f[:2] for f in frames],
                                   array_variables(cfg, models, max_shape))
-            futures = client.map(process_exposure, todo, cfg=cfg, night=night,
-                                 store=str(store), frame_index=index, pure=False)
-            _follow(futures, as_completed, cfg, echo)
+            futures = client.map(process_exposure, list(todo.values()), [cfg] * n,
+                                 [night] * n, [str(store)] * n, [index] * n, list(todo),
+                                 pure=False)
+            _follow(futures, as_completed, cfg, echo, night, dict(zip(futures, todo.items())))
     elif not store.exists():
         io.setup_zarr(store, [], array_variables(cfg, models, (1, 1)))
 
     work = work_dir(out_root, night)
-    exposures = io.read_parquet_folder(work / "exposures", EXPOSURE_SCHEMA)
+    measured = workdir.read_results(out_root, night, "exposures", list(files), EXPOSURE_SCHEMA).to_pylist()
+    exposures = rows_to_table(finish_night(measured, cfg, models, store))
     exp_path = io.consolidate(exposures, out_root, "exposures", night)
-    src_path = io.consolidate(io.read_parquet_folder(work / "sources", SOURCE_SCHEMA),
+    src_path = io.consolidate(workdir.read_results(out_root, night, "sources", list(files),
+                                                   SOURCE_SCHEMA),
                               out_root, "sources", night)
-    return _summarize(night, exposures.to_pylist(), len(paths), len(todo), exp_path,
+    return _summarize(night, exposures.to_pylist(), len(files), len(todo), exp_path,
                       src_path, store, time.perf_counter() - t0)
 
 
-def _follow(futures, as_completed, cfg: Config, echo) -> None:
-    """Wait for every task, with a progress bar and a live line per bad frame."""
+def _follow(futures, as_completed, cfg: Config, echo, night: str = "",
+            files: dict | None = None) -> None:
+    """Wait for every task, with a progress bar and a live line per bad frame.
+
+    A file whose task kills its worker process every time it is tried (a crash in a
+    compiled library, memory exhausted) gets a ``failed`` row written here; a write error
+    (full or read-only disk) stops the night.
+    """
+    from distributed import KilledWorker
     from tqdm.auto import tqdm
 
+    files = files or {}
     bar = tqdm(total=len(futures), unit="exp", disable=not cfg.run.progress, leave=False)
     for fut in as_completed(futures):
-        rows = fut.result()  # a task only fails on a bug or a lost disk: let it raise
+        try:
+            rows = fut.result()
+        except KilledWorker:
+            exposure, path = files[fut]
+            rows = _write_failed(cfg, night, exposure, path, "the worker process died on this "
+                                 "file every time it was tried (a crash or memory exhausted)")
         bar.update()
         for r in _exposure_level(rows):
             if r["status"] == "failed":
@@ -354,6 +425,18 @@ def _follow(futures, as_completed, cfg: Config, echo) -> None:
             elif r["quality_class"] != "good":
                 bar.write(f"warning: {r['exposure']} is {r['quality_class']}")
     bar.close()
+
+
+def _write_failed(cfg: Config, night: str, exposure: str, path: str, reason: str) -> list[dict]:
+    """Write the results of a file that could not be processed at all: one failed row."""
+    row = failed_row(path, exposure, "ALL", QualityError(reason))
+    row.update(pipeline_version=survey_qa.__version__, model_version="",
+               processed_at=datetime.now(timezone.utc).replace(microsecond=0))
+    work = work_dir(cfg.run.out_root, night)
+    io.write_parquet_atomic(_sources_table(SOURCE_SCHEMA.empty_table().to_pandas()),
+                            work / "sources" / f"{exposure}.parquet")
+    io.write_parquet_atomic(rows_to_table([row]), work / "exposures" / f"{exposure}.parquet")
+    return [row]
 
 
 def _exposure_level(rows: list[dict]) -> list[dict]:

@@ -188,10 +188,14 @@ def _tracking_words(row: dict, cfg: ClassifyConfig) -> str:
 
 def _sky_words(row: dict, cfg: ClassifyConfig) -> str:
     u = row.get("sky_nonuniformity")
-    if not _finite(u):
-        return "sky non-uniformity not measured"
-    sign = ">=" if u >= cfg.nonuniformity_limit else "<"
-    return f"sky non-uniformity {u:.3f} {sign} {cfg.nonuniformity_limit:g}"
+    words = "sky non-uniformity not measured"
+    if _finite(u):
+        sign = ">=" if u >= cfg.nonuniformity_limit else "<"
+        words = f"sky non-uniformity {u:.3f} {sign} {cfg.nonuniformity_limit:g}"
+    if _finite(row.get("mask_fraction")) and row["mask_fraction"] > 0:
+        words += (f", autoencoder masks {100 * row['mask_fraction']:.0f}% "
+                  f"(score {row['ae_score']:.2f})")
+    return words
 
 
 def measured_reason(row: dict, cls: str, cfg: ClassifyConfig) -> str:
