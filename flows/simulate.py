@@ -15,6 +15,11 @@ Truth columns (per exposure and detector): identity (``night``, ``exposure``,
 ``ellipticity_true``, ``u_true``, ``k_true``, flags, counts, ``confounders``...) and every
 field of the exposure's :class:`~survey_qa.pipeline.simulate.ExposureSpec`.
 
+Raw frames (``raw`` true) are written as ``uint16`` with their bias level, prescan and
+overscan (``BIASSEC``, ``DATASEC``, ``TRIMSEC``); their true star positions and defect
+masks refer to the exposed pixels (``DATASEC``), the grid the reader measures. Bayer
+frames (``bayer_pattern``) are written at full resolution; the reader bins them 2x2.
+
 Every file is written under a hidden temporary name and renamed into place.
 """
 from __future__ import annotations
@@ -102,7 +107,7 @@ def write_night(raw_root: str | os.PathLike, night: str, plans: list[sim.FramePl
 
 def simulate_night(raw_root: str | os.PathLike, night: str, n_frames: int, *, seed: int = 0,
                    size_px: int = 4096, mix: str = "balanced", client=None,
-                   ambiguous_fraction: float = 0.0) -> pd.DataFrame:
+                   ambiguous_fraction: float = 0.0, domain: str = "default") -> pd.DataFrame:
     """Write a simulated night of ``n_frames`` exposures and return its truth table.
 
     ``mix="balanced"``: the five classes in equal shares; ``"realistic"``: mostly good.
@@ -110,9 +115,15 @@ def simulate_night(raw_root: str | os.PathLike, night: str, n_frames: int, *, se
     File formats are mixed (mostly single ``.fits``, some ``.fits.fz``, ``.fits.gz`` and
     mosaics of ``size_px // 2`` detectors). Deterministic for a given seed and night;
     ``client`` (a ``dask.distributed.Client``) renders exposures in parallel.
+
+    ``domain="wide"`` (:data:`survey_qa.pipeline.simulate.DOMAINS`) gives frames as wide
+    as real instruments: pixel scales 0.1-15"/px, FWHM 1.2-20 px, detectors of 500 px to
+    ``size_px`` (not square), raw frames with overscan, vignetting, dust donuts, Bayer
+    frames, sparse fields and defocused (donut) PSFs; ``"default"`` is unchanged.
     """
     plans = sim.plan_night(night, n_frames, seed=seed, mix=mix,
-                           ambiguous_fraction=ambiguous_fraction, size_px=size_px)
+                           ambiguous_fraction=ambiguous_fraction, size_px=size_px,
+                           domain=domain)
     return write_night(raw_root, night, plans, seed=seed, client=client)
 
 

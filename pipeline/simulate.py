@@ -12,7 +12,28 @@ Conventions
 - Position angles are degrees from +x towards +y, in [0, 180).
 - Images are calibrated frames in ADU: bias removed, sky kept, float32. Poisson noise
   (Gaussian approximation where the expected count exceeds ``POISSON_EXACT_BELOW_E``),
-  read noise, then clipping at ``SATURATE``.
+  read noise, then clipping at ``SATURATE``. A raw frame (``raw``) is written as the
+  camera writes it: ``uint16`` with its bias level, prescan and overscan
+  (``BIASSEC``/``DATASEC``/``TRIMSEC``); ``SimDetector.image`` is then its exposed
+  pixels less the bias, the grid the reader measures.
+
+Domains
+-------
+``default`` (survey telescopes: 0.15-0.5"/px, calibrated square detectors) draws what it
+always drew for a given seed. ``wide`` widens the draws to real instruments: pixel scales
+0.1-15"/px, FWHM 1.2-20 px, bad seeing up to tens of arcsec, detectors of 500 px to
+``size_px`` (aspect 1-1.5), and the :data:`WIDE_CONFOUNDERS` (raw frames, vignetting and
+dust donuts, Bayer frames, defocused donut PSFs, sparse fields of 12-30 stars).
+
+- **Illumination** (:func:`illumination`): vignetting and dust donuts multiply sky and
+  sources alike, as an uncorrected flat field does; so does the colour-filter response
+  of a Bayer frame. They are not light the sky adds: ``u_true`` is computed before them
+  and they change no class (``flat_nonuniformity`` records what they would add).
+- **Defocus**: the round PSF is the atmosphere convolved with the pupil's image (an
+  annulus with the central obstruction). The spec's seeing ``s`` is the FWHM of the round
+  PSF that atmosphere and optics give, so a defocused frame's truth ``s`` is the effective
+  FWHM of its donut PSF (:func:`effective_fwhm`: twice the outermost half-maximum
+  radius); the frame is ``bad_seeing`` only when that FWHM is past the seeing limit.
 
 Physical model of a detector
 ----------------------------
@@ -41,14 +62,17 @@ Physical model of a detector
 
 Truth classes
 -------------
-:func:`truth_class` applies the limits of the spec (``LIMITS``). Values inside a gap of the
+:func:`truth_class` applies the limits of the spec (``LIMITS``) with the pipeline's
+priority rule (:func:`survey_qa.pipeline.classify.primary_class`). Values inside a gap of the
 spec (e.g. 1.2" < s < 1.6") are decided at the middle of the gap and the detector is marked
 ``ambiguous`` when the value in the gap could change its primary class. A mosaic exposure
-takes the worst class held by at least a quarter of its detectors (:func:`exposure_class`).
+takes the pipeline's mosaic rule (:func:`exposure_class`: the worst class held by at least a
+quarter of its detectors, ``good`` when none reaches a quarter).
 """
 from __future__ import annotations
 
 import dataclasses
+import functools
 import math
 from dataclasses import dataclass, field
 from datetime import datetime, timedelta, timezone
@@ -58,9 +82,10 @@ import numpy as np
 import pandas as pd
 from astropy.io import fits
 from astropy.time import Time
-from scipy import ndimage, sparse
+from scipy import ndimage, optimize, sparse
 from scipy.signal import fftconvolve
 
+from survey_qa.pipeline.classify import mosaic_class, primary_class
 from survey_qa.pipeline.schema import CLASSES, PRIORITY
 
 TRAIL_KINDS = ("none", "linear", "periodic", "wind", "jump")
@@ -86,6 +111,41 @@ CONFOUNDERS: dict[str, float] = {
 }
 """Confounders (spec: 'What does NOT change the class') and the share of frames of every
 class that carry each of them when ``confounder_rate`` is 1."""
+
+DOMAINS = ("default", "wide")
+"""``default``: calibrated frames of survey telescopes (0.15-0.5"/px, square detectors).
+``wide``: frames as wide as real instruments give them (see :data:`WIDE`)."""
+
+WIDE_CONFOUNDERS: dict[str, float] = {
+    "raw": 0.5,          # as the telescope writes it: bias level, prescan/overscan, uint16
+    "vignetting": 0.5,   # uncorrected flat: multiplicative radial falloff (sky and stars)
+    "dust": 0.3,         # dust donuts: multiplicative rings of a few % (uncorrected flat)
+    "bayer": 0.12,       # one-shot colour camera: RGGB colour-filter array (single chips)
+    "defocus": 0.12,     # donut PSF (central obstruction); its FWHM is the seeing truth
+    "sparse": 0.15,      # a sparse field: 12-30 stars per detector
+}
+"""Confounders of the wide domain and the share of its frames that carry each of them.
+A frame of the default domain gets them only when they are asked for (``confounders=``).
+None of them changes the class: vignetting and dust multiply sky and sources alike (they
+are not light the sky adds), raw frames and Bayer frames are calibrated by the reader,
+and a defocused frame's seeing truth is the FWHM of its donut PSF."""
+
+
+@dataclass(frozen=True)
+class WideDomain:
+    """Ranges of the wide domain (issue: learned models that know their domain)."""
+
+    pixscale_arcsec: tuple[float, float] = (0.1, 15.0)
+    fwhm_px: tuple[float, float] = (1.2, 20.0)
+    min_side_px: int = 500
+    bad_seeing_arcsec: tuple[float, float] = (1.6, 60.0)  # coarse cameras: tens of arcsec
+    sparse_stars: tuple[int, int] = (12, 30)
+    stars_per_detector: tuple[float, float] = (300.0, 6000.0)  # most expected, per detector
+    defocus_min_fwhm_px: float = 4.0   # smaller donuts are not resolved
+    bayer_min_fwhm_px: float = 2.4     # binned 2x2 by the reader: at least 1.2 px after
+
+
+WIDE = WideDomain()
 
 SENSITIVE_KEYS = ("GAIN", "RDNOISE", "SATURATE", "AIRMASS", "FILTER", "OBJECT", "EXPNUM",
                   "MJD-OBS")
@@ -190,6 +250,22 @@ class ExposureSpec:
     dec_deg: float
     rotation_deg: float
     field_seed: int
+    # wide domain (defaults: a calibrated frame without them, as before)
+    domain: str = "default"
+    raw: bool = False            # bias level and overscan kept, uint16 with BZERO
+    bias_adu: float = 0.0
+    prescan_px: int = 0          # columns before the exposed area
+    overscan_px: int = 0         # columns after it (BIASSEC)
+    overscan_rows: int = 0       # rows above it
+    vignetting_corner: float = 0.0  # fractional loss of light at the focal-plane corner
+    vignetting_dx: float = 0.0   # optical axis offset from the focal-plane centre, in
+    vignetting_dy: float = 0.0   # units of its width and height
+    dust_per_detector: float = 0.0  # mean number of dust donuts per detector
+    bayer_pattern: str = ""      # e.g. RGGB: colour of pixels (0,0), (0,1), (1,0), (1,1)
+    bayer_red: float = 1.0       # response of the red and blue pixels relative to green
+    bayer_blue: float = 1.0
+    defocus_ratio: float = 0.0   # outer diameter of the geometric donut / seeing FWHM
+    obscuration: float = 0.0     # central obstruction (inner / outer diameter)
 
     @property
     def trail_ratio(self) -> float:
@@ -200,6 +276,19 @@ class ExposureSpec:
     def fwhm_px(self) -> float:
         """Seeing FWHM in pixels (round PSF, before image motion and pixelisation)."""
         return self.seeing_arcsec / self.pixscale_arcsec
+
+    @property
+    def atm_fwhm_arcsec(self) -> float:
+        """FWHM of the atmospheric (Moffat or Kolmogorov) part of the PSF.
+
+        Equal to ``seeing_arcsec`` unless the frame is defocused: then the donut of
+        ``defocus_ratio`` takes part of the effective FWHM, which stays ``seeing_arcsec``.
+        """
+        if self.defocus_ratio <= 0:
+            return self.seeing_arcsec
+        beta = self.moffat_beta if self.psf_profile == "moffat" else 0.0
+        return self.seeing_arcsec * _atm_ratio(self.psf_profile, beta, self.defocus_ratio,
+                                               self.obscuration)
 
     @property
     def sky_e(self) -> float:
@@ -223,11 +312,17 @@ class SimDetector:
 
     index: int
     name: str
-    image: np.ndarray = field(repr=False)        # float32 ADU
+    image: np.ndarray = field(repr=False)        # float32 ADU, bias removed, exposed pixels
     header: dict = field(repr=False)             # keyword -> (value, comment)
     truth: dict
     defect_mask: np.ndarray = field(repr=False)  # bool, see the module docstring
     stars: pd.DataFrame = field(repr=False)      # x, y (px), flux_adu, extinction_mag, saturated
+    raw: np.ndarray | None = field(default=None, repr=False)  # uint16 as written (raw frames)
+
+    @property
+    def pixels(self) -> np.ndarray:
+        """The array as it is written: ``raw`` for a raw frame, else ``image``."""
+        return self.raw if self.raw is not None else self.image
 
 
 # ----------------------------------------------------------------------------- truth classes
@@ -262,13 +357,7 @@ def truth_class(seeing_arcsec: float, trail_ratio: float, u: float, k_mag: float
     amb_b = not good_bg and not bad_bg
 
     def decide(s_bad: bool, t_flag: str, b_bad: bool) -> str:
-        if t_flag == "very_bad":
-            return "very_bad_tracking"
-        if t_flag == "bad":
-            return "bad_tracking"
-        if b_bad:
-            return "background_issues"
-        return "bad_seeing" if s_bad else "good"
+        return primary_class(t_flag, b_bad, s_bad)  # the pipeline's priority rule
 
     s_bad = seeing_arcsec >= 0.5 * (L.good_seeing_arcsec + L.bad_seeing_arcsec)
     if trail_ratio >= very_bad_at:
@@ -294,24 +383,12 @@ def truth_class(seeing_arcsec: float, trail_ratio: float, u: float, k_mag: float
 
 
 def exposure_class(detector_classes: list[str]) -> str:
-    """Class of a mosaic exposure: the worst class held by at least a quarter of detectors.
-
-    When no single class reaches a quarter (five or more detectors spread over many
-    classes), the worst class such that at least a quarter of the detectors are that bad
-    or worse is returned.
-    """
-    n = len(detector_classes)
-    if n == 0:
+    """Class of a mosaic exposure: the pipeline's rule,
+    :func:`survey_qa.pipeline.classify.mosaic_class` (the worst class held by at least a
+    quarter of the detectors; ``good`` when no class reaches a quarter)."""
+    if not detector_classes:
         raise ValueError("no detector classes")
-    for cls in PRIORITY:
-        if detector_classes.count(cls) >= n / 4:
-            return cls
-    worse = 0
-    for cls in PRIORITY:
-        worse += detector_classes.count(cls)
-        if worse >= n / 4:
-            return cls
-    return PRIORITY[-1]  # unreachable: the cumulative count reaches n
+    return mosaic_class(list(detector_classes))
 
 
 # ----------------------------------------------------------------------------- drawing specs
@@ -387,8 +464,8 @@ def draw_spec(rng: np.random.Generator, quality_class: str, *, exposure: str,
               confounder_rate: float = 1.0, extra_defects: bool = True,
               trail_kind: str | None = None, background_kind: str | None = None,
               header_style: str | None = None, seeing_arcsec: float | None = None,
-              trail_ratio: float | None = None, pixscale_arcsec: float | None = None
-              ) -> ExposureSpec:
+              trail_ratio: float | None = None, pixscale_arcsec: float | None = None,
+              domain: str = "default") -> ExposureSpec:
     """Sample the physical parameters of one exposure of a quality class.
 
     Parameters
@@ -402,7 +479,9 @@ def draw_spec(rng: np.random.Generator, quality_class: str, *, exposure: str,
     exposure
         Exposure id.
     size_px
-        Detector side in pixels (square detectors).
+        Detector side in pixels (square detectors); in the ``wide`` domain the longest
+        side is drawn between ``min(500, size_px)`` and ``size_px``, with aspect ratios
+        of 1 to 1.5.
     ambiguous
         Draw the defining quantity from the spec's gap instead: seeing 1.2-1.6" for
         ``good``/``bad_seeing``, trail ratio 0.5-1.0 for the tracking classes, u 0.03-0.10
@@ -414,11 +493,17 @@ def draw_spec(rng: np.random.Generator, quality_class: str, *, exposure: str,
     date_obs
         ISO UTC start of the exposure.
     confounders
-        Exactly these confounders (names of :data:`CONFOUNDERS`); None: each at random
-        with its share times ``confounder_rate``.
+        Exactly these confounders (names of :data:`CONFOUNDERS` or
+        :data:`WIDE_CONFOUNDERS`); None: each at random with its share times
+        ``confounder_rate`` (those of the wide domain only in that domain).
     trail_kind, background_kind, header_style, seeing_arcsec, trail_ratio, pixscale_arcsec
         Force a value instead of drawing it (tests, demo nights). A forced value is used
         as given, even if it moves the frame to another class.
+    domain
+        One of :data:`DOMAINS`. ``default`` draws exactly what it always drew (same seed,
+        same frame). ``wide`` draws pixel scales of 0.1-15"/px and FWHM of 1.2-20 px
+        (:data:`WIDE`), bad seeing up to tens of arcsec, frames of 500 px to ``size_px``
+        and the :data:`WIDE_CONFOUNDERS`.
 
     Returns
     -------
@@ -434,14 +519,23 @@ def draw_spec(rng: np.random.Generator, quality_class: str, *, exposure: str,
         raise ValueError(f"unknown background kind {background_kind!r}")
     if header_style is not None and header_style not in HEADER_STYLES:
         raise ValueError(f"unknown header style {header_style!r}")
-    if confounders is not None and set(confounders) - set(CONFOUNDERS):
-        raise ValueError(f"unknown confounders {sorted(set(confounders) - set(CONFOUNDERS))}")
+    known = set(CONFOUNDERS) | set(WIDE_CONFOUNDERS)
+    if confounders is not None and set(confounders) - known:
+        raise ValueError(f"unknown confounders {sorted(set(confounders) - known)}")
     if size_px < 32:
         raise ValueError("size_px must be at least 32")
+    if domain not in DOMAINS:
+        raise ValueError(f"unknown domain {domain!r}; expected one of {DOMAINS}")
+    wide = domain == "wide"
 
     seeing_zone, track_zone, bg_zone = _zones(rng, quality_class, ambiguous, extra_defects)
     chosen = _draw_confounders(rng, confounders, confounder_rate)
-    s = seeing_arcsec if seeing_arcsec is not None else _draw_seeing(rng, seeing_zone)
+    if wide and confounders is None:
+        chosen = tuple(sorted(set(chosen) | set(_draw_wide_confounders(rng, confounder_rate))))
+    if seeing_arcsec is not None:
+        s = seeing_arcsec
+    else:
+        s = _draw_seeing_wide(rng, seeing_zone) if wide else _draw_seeing(rng, seeing_zone)
     kind, r = _draw_tracking(rng, track_zone, trail_kind)
     if trail_ratio is not None:
         r = float(trail_ratio)
@@ -451,7 +545,8 @@ def draw_spec(rng: np.random.Generator, quality_class: str, *, exposure: str,
         bkind, strength = _draw_background(rng, "bad", background_kind)
     if bkind == "none":
         strength = 0.0
-    pixscale = pixscale_arcsec or _draw_pixscale(rng, s, "undersampled" in chosen)
+    draw_scale = _draw_pixscale_wide if wide else _draw_pixscale
+    pixscale = pixscale_arcsec or draw_scale(rng, s, "undersampled" in chosen)
     if s / pixscale < 2.0 and "undersampled" not in chosen:
         chosen = tuple(sorted(set(chosen) | {"undersampled"}))
     elif s / pixscale >= 2.0 and "undersampled" in chosen:
@@ -465,10 +560,15 @@ def draw_spec(rng: np.random.Generator, quality_class: str, *, exposure: str,
     if n_det not in (1, 2, 4, 8):
         raise ValueError("n_detectors must be 1, 2, 4 or 8")
     cols, rows = {1: (1, 1), 2: (2, 1), 4: (2, 2), 8: (4, 2)}[n_det]
+    nx, ny = _draw_shape(rng, size_px) if wide else (int(size_px), int(size_px))
 
     cam = _draw_camera(rng, pixscale, chosen)
     density = (_loguniform(rng, 100.0, 400.0) if "crowded" in chosen
                else _loguniform(rng, 1.0, 40.0))  # stars / arcmin^2, sparse to crowded
+    if wide:  # small apertures on wide fields reach few stars per arcmin^2
+        area_arcmin2 = nx * ny * pixscale**2 / 3600.0
+        most = _loguniform(rng, *WIDE.stars_per_detector) * (4.0 if "crowded" in chosen else 1.0)
+        density = min(density, most / area_arcmin2)
     gal_density = _loguniform(rng, 0.5, 5.0) if "galaxies" in chosen else 0.0
     # background details; thin cirrus and natural gradients keep good frames good
     if bkind == "cloud":
@@ -488,7 +588,7 @@ def draw_spec(rng: np.random.Generator, quality_class: str, *, exposure: str,
 
     t0 = Time(date_obs, format="isot", scale="utc")
     profile, beta = str(rng.choice(PSF_PROFILES)), float(rng.uniform(2.5, 5.0))
-    return ExposureSpec(
+    spec = ExposureSpec(
         exposure=exposure, target_class=quality_class, ambiguous=bool(ambiguous),
         seeing_arcsec=float(s),
         psf_profile=profile, moffat_beta=beta if profile == "moffat" else math.nan,
@@ -498,7 +598,7 @@ def draw_spec(rng: np.random.Generator, quality_class: str, *, exposure: str,
         background_kind=bkind, background_strength=float(strength),
         cloud_extinction_mag=float(cloud_k), cloud_emission=emission,
         transparency_mag=transparency, natural_gradient=float(rng.uniform(0.0, 0.015)),
-        pixscale_arcsec=float(pixscale), nx=int(size_px), ny=int(size_px),
+        pixscale_arcsec=float(pixscale), nx=nx, ny=ny,
         n_detectors=n_det, mosaic_cols=cols, mosaic_rows=rows,
         gap_px=int(rng.integers(20, 100)) if n_det > 1 else 0,
         file_format=file_format, sky_level_adu=cam["sky_e"] / cam["gain"],
@@ -525,8 +625,93 @@ def draw_spec(rng: np.random.Generator, quality_class: str, *, exposure: str,
         ra_deg=float(rng.uniform(0.0, 360.0)),
         dec_deg=float(np.degrees(np.arcsin(rng.uniform(-0.95, 0.95)))),
         rotation_deg=float(rng.choice([0.0, 90.0, 180.0, 270.0]) + rng.normal(0.0, 0.5)),
-        field_seed=int(rng.integers(0, 2**31 - 1)),
+        field_seed=int(rng.integers(0, 2**31 - 1)), domain=domain,
     )
+    if set(chosen) & set(WIDE_CONFOUNDERS):
+        spec = _with_wide_features(spec)
+    return spec
+
+
+def _draw_wide_confounders(rng: np.random.Generator, rate: float) -> tuple[str, ...]:
+    draws = {name: rng.random() for name in WIDE_CONFOUNDERS}
+    return tuple(sorted(n for n, p in WIDE_CONFOUNDERS.items() if draws[n] < p * rate))
+
+
+def _draw_seeing_wide(rng: np.random.Generator, zone: str) -> float:
+    """Seeing of the wide domain: bad seeing reaches the tens of arcsec of coarse cameras."""
+    if zone != "bad":
+        return _draw_seeing(rng, zone)
+    lo, hi = WIDE.bad_seeing_arcsec
+    mid = 4.0  # half of the frames as on survey telescopes, half optics-limited
+    return _loguniform(rng, lo, mid) if rng.random() < 0.5 else _loguniform(rng, mid, hi)
+
+
+def _draw_pixscale_wide(rng: np.random.Generator, seeing_arcsec: float,
+                        undersampled: bool) -> float:
+    """A pixel scale in ``WIDE.pixscale_arcsec`` giving an FWHM in ``WIDE.fwhm_px``
+    (under 2 px when ``undersampled``), log-uniform."""
+    (p_lo, p_hi), (f_lo, f_hi) = WIDE.pixscale_arcsec, WIDE.fwhm_px
+    fwhm_lo, fwhm_hi = (f_lo, 2.0) if undersampled else (2.0, f_hi)
+    lo, hi = max(p_lo, seeing_arcsec / fwhm_hi), min(p_hi, seeing_arcsec / fwhm_lo)
+    if lo >= hi:  # this sampling is out of reach at this seeing: any allowed FWHM
+        lo, hi = max(p_lo, seeing_arcsec / f_hi), min(p_hi, seeing_arcsec / f_lo)
+    return _loguniform(rng, lo, max(hi, lo))
+
+
+def _draw_shape(rng: np.random.Generator, size_px: int) -> tuple[int, int]:
+    """(nx, ny) of a wide-domain detector: longest side 500 px (or ``size_px`` when
+    smaller) to ``size_px``, aspect 1-1.5, even sides (Bayer cells)."""
+    lo = min(WIDE.min_side_px, size_px)
+    long_side = _loguniform(rng, lo, size_px)
+    aspect = float(rng.choice([1.0, 1.0, 4.0 / 3.0, 1.3, 1.5]))
+    portrait = bool(rng.random() < 0.3)
+    short = max(long_side / aspect, min(lo, long_side))
+
+    def even(v: float) -> int:
+        return max(32, 2 * int(round(v / 2.0)))
+    nx, ny = even(long_side), even(short)
+    return (ny, nx) if portrait else (nx, ny)
+
+
+def _with_wide_features(spec: ExposureSpec) -> ExposureSpec:
+    """The parameters of the wide-domain confounders of ``spec`` (from its field seed,
+    so that the main draws of a frame do not depend on them)."""
+    aux = np.random.default_rng([spec.field_seed, 601])
+    chosen = set(spec.confounders)
+    if "defocus" in chosen and spec.fwhm_px < WIDE.defocus_min_fwhm_px:
+        chosen.discard("defocus")  # a donut of a few pixels is not resolved
+    if "bayer" in chosen and (spec.n_detectors > 1 or spec.fwhm_px < WIDE.bayer_min_fwhm_px):
+        chosen.discard("bayer")  # colour cameras are single chips; binned 2x2 when read
+    if "sparse" in chosen:
+        chosen.discard("crowded")
+    # every draw is made whatever is chosen: each feature's values depend on the seed only
+    bias = float(min(aux.uniform(200.0, 2000.0), 65535.0 - spec.saturate_adu))
+    prescan = int(aux.choice([0, 0, 4, 8, 20, 50]))
+    overscan = int(aux.choice([16, 32, 50, 64, 100]))
+    over_rows = int(aux.choice([0, 0, 0, 8, 16]))
+    vig = _loguniform(aux, 0.05, 0.35)
+    vdx, vdy = (float(v) for v in aux.uniform(-0.1, 0.1, 2))
+    dust = float(aux.uniform(1.0, 6.0))
+    pattern = str(aux.choice(["RGGB", "BGGR", "GRBG", "GBRG"]))
+    red, blue = float(aux.uniform(0.35, 0.75)), float(aux.uniform(0.3, 0.7))
+    defocus, obsc = float(aux.uniform(0.6, 0.92)), float(aux.uniform(0.25, 0.5))
+    n_sparse = int(aux.integers(WIDE.sparse_stars[0], WIDE.sparse_stars[1] + 1))
+    out = {"confounders": tuple(sorted(chosen))}
+    if "raw" in chosen:
+        out.update(raw=True, bias_adu=round(bias, 1), prescan_px=prescan, overscan_px=overscan,
+                   overscan_rows=over_rows)
+    if "vignetting" in chosen:
+        out.update(vignetting_corner=vig, vignetting_dx=vdx, vignetting_dy=vdy)
+    if "dust" in chosen:
+        out["dust_per_detector"] = dust
+    if "bayer" in chosen:
+        out.update(bayer_pattern=pattern, bayer_red=red, bayer_blue=blue)
+    if "defocus" in chosen:
+        out.update(defocus_ratio=defocus, obscuration=obsc)
+    if "sparse" in chosen:
+        area_arcmin2 = spec.nx * spec.ny * spec.pixscale_arcsec**2 / 3600.0
+        out.update(star_density_per_arcmin2=n_sparse / area_arcmin2, cluster_fraction=0.0)
+    return dataclasses.replace(spec, **out)
 
 
 def _zones(rng: np.random.Generator, quality_class: str, ambiguous: bool,
@@ -661,10 +846,68 @@ def motion_kernel(spec: ExposureSpec, scale_arcsec: float) -> np.ndarray | None:
 
 
 def atmosphere_profile(spec: ExposureSpec, fwhm: float) -> galsim.GSObject:
-    """The round seeing profile (Moffat or Kolmogorov) with FWHM ``fwhm`` (any unit)."""
-    if spec.psf_profile == "moffat":
-        return galsim.Moffat(beta=spec.moffat_beta, fwhm=fwhm)
-    return galsim.Kolmogorov(fwhm=fwhm)
+    """The round PSF of atmosphere and optics, of FWHM ``fwhm`` (any unit).
+
+    A Moffat or Kolmogorov profile; on a defocused frame (``defocus_ratio > 0``) it is
+    convolved with the geometric donut (the pupil's image: an annulus of outer diameter
+    ``defocus_ratio * fwhm`` with the central obstruction) and narrowed so that the
+    donut PSF keeps the effective FWHM ``fwhm`` (:func:`effective_fwhm`).
+    """
+    return _round_psf(spec.psf_profile, spec.moffat_beta, fwhm, spec.defocus_ratio,
+                      spec.obscuration)
+
+
+def _round_psf(profile: str, beta: float, fwhm: float, defocus_ratio: float,
+               obscuration: float) -> galsim.GSObject:
+    atm_fwhm = fwhm
+    if defocus_ratio > 0:
+        atm_fwhm = fwhm * _atm_ratio(profile, beta if profile == "moffat" else 0.0,
+                                     defocus_ratio, obscuration)
+    atm = (galsim.Moffat(beta=beta, fwhm=atm_fwhm) if profile == "moffat"
+           else galsim.Kolmogorov(fwhm=atm_fwhm))
+    if defocus_ratio <= 0:
+        return atm
+    return galsim.Convolve(atm, _donut(defocus_ratio * fwhm, obscuration))
+
+
+def _donut(diameter: float, obscuration: float) -> galsim.GSObject:
+    """Uniform annulus of unit flux: outer ``diameter``, inner ``obscuration * diameter``."""
+    r, eps = diameter / 2.0, obscuration
+    if eps <= 0:
+        return galsim.TopHat(radius=r)
+    a = 1.0 / (1.0 - eps * eps)
+    return galsim.Add([galsim.TopHat(radius=r, flux=a),
+                       galsim.TopHat(radius=eps * r, flux=-eps * eps * a)])
+
+
+def effective_fwhm(profile: galsim.GSObject, scale: float, half_size: float) -> float:
+    """FWHM of a round profile, donuts included: twice the outermost radius at which its
+    azimuthal profile is half its maximum (for a Gaussian or Moffat, the usual FWHM; for
+    a donut, the width a person sees).
+
+    The profile is drawn without pixel on a grid of ``scale`` out to ``half_size``.
+    """
+    n = int(math.ceil(half_size / scale))
+    img = profile.drawImage(nx=2 * n + 1, ny=2 * n + 1, scale=scale, method="no_pixel").array
+    cut = 0.5 * (img[n, n:] + img[n:, n])  # along +x and +y from the centre
+    half = 0.5 * float(cut.max())
+    above = np.flatnonzero(cut >= half)
+    k = int(above[-1])
+    if k + 1 >= cut.size:
+        return math.inf
+    f = (cut[k] - half) / (cut[k] - cut[k + 1])
+    return float(2.0 * (k + f) * scale)
+
+
+@functools.lru_cache(maxsize=256)
+def _atm_ratio(profile: str, beta: float, defocus_ratio: float, obscuration: float) -> float:
+    """Atmospheric FWHM / effective FWHM of a defocused PSF (effective FWHM 1)."""
+    def excess(ratio: float) -> float:
+        psf = galsim.Convolve(_round_psf(profile, beta, ratio, 0.0, 0.0),
+                              _donut(defocus_ratio, obscuration))
+        return effective_fwhm(psf, 1.0 / 60.0, 2.5) - 1.0
+
+    return float(optimize.brentq(excess, 1e-3, 1.0, xtol=1e-5))
 
 
 def psf_ellipticity(spec: ExposureSpec) -> float:
@@ -1399,6 +1642,9 @@ def render_detector(spec: ExposureSpec, index: int, rng: np.random.Generator) ->
         light += diffuse
 
     total = smooth + light
+    flat, n_dust = illumination(spec, index)
+    if flat is not None:  # an uncorrected flat dims sky and sources alike
+        total *= flat
     cosmetics = _add_cosmetics(total, spec, rng)
     _bleed(total, spec.full_well_e)
     np.clip(total, 0.0, None, out=total)
@@ -1412,6 +1658,10 @@ def render_detector(spec: ExposureSpec, index: int, rng: np.random.Generator) ->
     n_cr = _add_cosmic_rays(image, spec, rng)
     image /= np.float32(gain)
     np.minimum(image, np.float32(spec.saturate_adu), out=image)
+    raw = None
+    if spec.raw:
+        raw = raw_frame(image, spec, rng)
+        image = (raw[_data_slices(spec)] - np.float32(spec.bias_adu)).astype(np.float32)
 
     mask = np.zeros((ny, nx), dtype=bool)
     if np.any(sky_nodes_.light > 0):
@@ -1426,6 +1676,8 @@ def render_detector(spec: ExposureSpec, index: int, rng: np.random.Generator) ->
     ixs = np.clip(np.round(stars["x"].to_numpy()).astype(int), 0, nx - 1)
     iys = np.clip(np.round(stars["y"].to_numpy()).astype(int), 0, ny - 1)
     stars["saturated"] = image[iys, ixs] >= spec.saturate_adu
+    stars["illumination"] = (flat[iys, ixs].astype(np.float64) if flat is not None
+                             else np.ones(len(stars)))
     name = detector_id(spec, index)
     truth = {
         "exposure": spec.exposure, "detector": name, "detector_index": index,
@@ -1440,9 +1692,93 @@ def render_detector(spec: ExposureSpec, index: int, rng: np.random.Generator) ->
         "n_galaxies": n_gal, "n_cosmic_rays": n_cr, **cosmetics,
         "defect_mask_fraction": float(mask.mean()),
         "sky_level_adu": spec.sky_level_adu, "pixscale_arcsec": spec.pixscale_arcsec,
+        "atm_fwhm_arcsec": spec.atm_fwhm_arcsec, "n_dust_donuts": n_dust,
+        "flat_nonuniformity": _nonuniformity(flat[::2, ::2]) if flat is not None else 0.0,
     }
     header = {**exposure_header(spec), **detector_header(spec, index)}
-    return SimDetector(index, name, image, header, truth, mask, stars)
+    return SimDetector(index, name, image, header, truth, mask, stars, raw)
+
+
+# ----------------------------------------------------------------------------- raw frames
+
+
+def illumination(spec: ExposureSpec, index: int) -> tuple[np.ndarray | None, int]:
+    """The detector's response to light that no flat field has corrected, and the number
+    of dust donuts on it.
+
+    The product of vignetting ``1 / (1 + c rho**2)**2`` (``rho``: distance from the optical
+    axis over the focal plane's half-diagonal; ``c`` such that the corner gets
+    ``1 - vignetting_corner``), dust donuts (shadows of dust on a window or filter: rings
+    of outer radius 8-60 px with the central obstruction, 1.5-12 % deep) and, on a Bayer
+    frame, the colour-filter response. None when the detector has none of them.
+    """
+    ny, nx = spec.ny, spec.nx
+    flat = None
+    if spec.vignetting_corner > 0:
+        x0, y0 = _detector_offset(spec, index)
+        fx, fy = _focal_plane_size(spec)
+        cx = (fx - 1) / 2.0 + spec.vignetting_dx * fx
+        cy = (fy - 1) / 2.0 + spec.vignetting_dy * fy
+        norm = (fx / 2.0) ** 2 + (fy / 2.0) ** 2
+        c = 1.0 / math.sqrt(1.0 - spec.vignetting_corner) - 1.0
+        dx2 = ((np.arange(nx, dtype=np.float32) + x0 - cx) ** 2 / norm)[None, :]
+        dy2 = ((np.arange(ny, dtype=np.float32) + y0 - cy) ** 2 / norm)[:, None]
+        flat = (1.0 / (1.0 + np.float32(c) * (dx2 + dy2)) ** 2).astype(np.float32)
+    n_dust = 0
+    if spec.dust_per_detector > 0:
+        rd = np.random.default_rng([spec.field_seed, 602, index])
+        n_dust = int(rd.poisson(spec.dust_per_detector))
+        if flat is None:
+            flat = np.ones((ny, nx), dtype=np.float32)
+        for _ in range(n_dust):
+            _dust_donut(flat, rd)
+    if spec.bayer_pattern:
+        response = {"R": spec.bayer_red, "G": 1.0, "B": spec.bayer_blue}
+        cell = np.array([[response[spec.bayer_pattern[0]], response[spec.bayer_pattern[1]]],
+                         [response[spec.bayer_pattern[2]], response[spec.bayer_pattern[3]]]],
+                        dtype=np.float32)
+        cfa = np.tile(cell, (ny // 2 + 1, nx // 2 + 1))[:ny, :nx]
+        flat = cfa if flat is None else flat * cfa
+    return flat, n_dust
+
+
+def _dust_donut(flat: np.ndarray, rng: np.random.Generator) -> None:
+    """Multiply ``flat`` by one dust donut at a random place (in place)."""
+    ny, nx = flat.shape
+    r_out = _loguniform(rng, 8.0, 60.0)
+    r_in = r_out * float(rng.uniform(0.3, 0.55))
+    depth = _loguniform(rng, 0.015, 0.12)
+    soft = float(rng.uniform(0.8, 2.5))
+    xc, yc = float(rng.uniform(0, nx - 1)), float(rng.uniform(0, ny - 1))
+    h = int(math.ceil(r_out + 4 * soft))
+    ys = slice(max(0, int(yc) - h), min(ny, int(yc) + h + 1))
+    xs = slice(max(0, int(xc) - h), min(nx, int(xc) + h + 1))
+    yy, xx = np.mgrid[ys, xs]
+    d = np.hypot(xx - xc, yy - yc)
+    ring = 1.0 / (1.0 + np.exp(-(r_out - d) / soft)) / (1.0 + np.exp(-(d - r_in) / soft))
+    flat[ys, xs] *= (1.0 - depth * ring).astype(np.float32)
+
+
+def raw_shape(spec: ExposureSpec) -> tuple[int, int]:
+    """(rows, columns) of a detector's array as written: exposed pixels plus prescan,
+    overscan columns and overscan rows."""
+    return spec.ny + spec.overscan_rows, spec.prescan_px + spec.nx + spec.overscan_px
+
+
+def _data_slices(spec: ExposureSpec) -> tuple[slice, slice]:
+    return slice(0, spec.ny), slice(spec.prescan_px, spec.prescan_px + spec.nx)
+
+
+def raw_frame(image_adu: np.ndarray, spec: ExposureSpec, rng: np.random.Generator
+              ) -> np.ndarray:
+    """The detector as the camera writes it: ``uint16`` ADU with the bias level, prescan
+    and overscan (bias plus read noise), rounded and clipped to the ADC range."""
+    rows, cols = raw_shape(spec)
+    full = rng.standard_normal((rows, cols), dtype=np.float32)
+    full *= np.float32(spec.read_noise_e / spec.gain_e_per_adu)
+    full[_data_slices(spec)] = image_adu
+    full += np.float32(spec.bias_adu)
+    return np.clip(np.round(full), 0, 65535).astype(np.uint16)
 
 
 # ----------------------------------------------------------------------------- headers, HDUs
@@ -1472,7 +1808,8 @@ def exposure_header(spec: ExposureSpec) -> dict:
         "DEC": (_sexagesimal(spec.dec_deg, False), "pointing declination"),
         "EQUINOX": (2000.0, "equinox of the pointing"),
         "IMAGETYP": ("object", "image type"),
-        "BUNIT": ("adu", "calibrated: bias removed, sky kept"),
+        "BUNIT": ("adu", "raw: bias level and overscan kept" if spec.raw
+                  else "calibrated: bias removed, sky kept"),
         "ORIGIN": ("survey-qa simulate", "simulated frame"),
     }
     return {k: v for k, v in h.items() if k not in spec.missing_keys}
@@ -1498,7 +1835,8 @@ def detector_header(spec: ExposureSpec, index: int) -> dict:
         h.update({
             "CTYPE1": ("RA---TAN", ""), "CTYPE2": ("DEC--TAN", ""),
             "CRVAL1": (spec.ra_deg, "[deg]"), "CRVAL2": (spec.dec_deg, "[deg]"),
-            "CRPIX1": ((fx - 1) / 2.0 - x0 + 1.0, "tangent point, 1-based pixel"),
+            "CRPIX1": ((fx - 1) / 2.0 - x0 + 1.0 + spec.prescan_px,
+                       "tangent point, 1-based pixel"),
             "CRPIX2": ((fy - 1) / 2.0 - y0 + 1.0, "tangent point, 1-based pixel"),
             "CD1_1": (-scale * math.cos(th), ""), "CD1_2": (scale * math.sin(th), ""),
             "CD2_1": (scale * math.sin(th), ""), "CD2_2": (scale * math.cos(th), ""),
@@ -1508,6 +1846,18 @@ def detector_header(spec: ExposureSpec, index: int) -> dict:
         h["PIXSCALE"] = (round(spec.pixscale_arcsec, 5), "[arcsec/px] pixel scale")
     elif spec.header_style == "secpix":
         h["SECPIX"] = (round(spec.pixscale_arcsec, 5), "[arcsec/px] pixel scale")
+    if spec.raw:
+        pre, nx, ny = spec.prescan_px, spec.nx, spec.ny
+        data = f"[{pre + 1}:{pre + nx},1:{ny}]"
+        h.update({
+            "SATURATE": (float(math.floor(spec.saturate_adu + spec.bias_adu)),
+                         "[adu] saturation level (raw, bias included)"),
+            "BIASSEC": (f"[{pre + nx + 1}:{pre + nx + spec.overscan_px},1:{ny}]",
+                        "overscan columns"),
+            "DATASEC": (data, "exposed pixels"), "TRIMSEC": (data, "exposed pixels"),
+        })
+    if spec.bayer_pattern:
+        h["BAYERPAT"] = (spec.bayer_pattern, "colour-filter array, first row first")
     return {k: v for k, v in h.items() if k not in spec.missing_keys}
 
 
@@ -1534,10 +1884,10 @@ def build_hdulist(spec: ExposureSpec, detectors: list[SimDetector]) -> fits.HDUL
     fmt = spec.file_format
     if fmt in ("fits", "fits.gz"):
         d = detectors[0]
-        return fits.HDUList([fits.PrimaryHDU(d.image, header=_to_header(d.header))])
+        return fits.HDUList([fits.PrimaryHDU(d.pixels, header=_to_header(d.header))])
     if fmt == "fits.fz":
         d = detectors[0]
-        comp = fits.CompImageHDU(d.image, header=_to_header(d.header),
+        comp = fits.CompImageHDU(d.pixels, header=_to_header(d.header),
                                  compression_type="RICE_1", dither_seed=_dither_seed(spec))
         return fits.HDUList([fits.PrimaryHDU(), comp])
     hdus: list = [fits.PrimaryHDU(header=_to_header(exposure_header(spec)))]
@@ -1545,9 +1895,9 @@ def build_hdulist(spec: ExposureSpec, detectors: list[SimDetector]) -> fits.HDUL
         hdr = _to_header(detector_header(spec, d.index))
         hdr.insert(0, ("EXTNAME", d.name, "detector"))  # set in the header: keeps its case
         if fmt == "mosaic":
-            hdus.append(fits.ImageHDU(d.image, header=hdr))
+            hdus.append(fits.ImageHDU(d.pixels, header=hdr))
         else:
-            hdus.append(fits.CompImageHDU(d.image, header=hdr, compression_type="RICE_1",
+            hdus.append(fits.CompImageHDU(d.pixels, header=hdr, compression_type="RICE_1",
                                           dither_seed=_dither_seed(spec) + d.index))
     return fits.HDUList(hdus)
 
@@ -1629,15 +1979,19 @@ def night_times(night: str, n: int, rng: np.random.Generator) -> list[str]:
 
 def plan_night(night: str, n_frames: int, *, seed: int = 0, mix: str = "balanced",
                ambiguous_fraction: float = 0.0, size_px: int = 4096,
-               format_shares: dict | None = None) -> list[FramePlan]:
+               format_shares: dict | None = None, domain: str = "default"
+               ) -> list[FramePlan]:
     """Composition of a simulated night: class, format and time of every exposure.
 
     ``balanced`` gives the five classes in equal shares (shuffled), ``realistic`` mostly
     good frames. A share ``ambiguous_fraction`` of the frames is drawn from the spec's gaps.
-    Mosaics have detectors of ``size_px // 2``.
+    Mosaics have detectors of ``size_px // 2``. ``domain`` (:data:`DOMAINS`) is passed to
+    :func:`draw_spec`: in the ``wide`` domain ``size_px`` is the largest detector side.
     """
     if mix not in MIXES:
         raise ValueError(f"unknown mix {mix!r}; expected one of {sorted(MIXES)}")
+    if domain not in DOMAINS:
+        raise ValueError(f"unknown domain {domain!r}; expected one of {DOMAINS}")
     if n_frames < 1:
         raise ValueError("n_frames must be at least 1")
     if not 0.0 <= ambiguous_fraction <= 1.0:
@@ -1662,7 +2016,8 @@ def plan_night(night: str, n_frames: int, *, seed: int = 0, mix: str = "balanced
         mosaic = formats[i].startswith("mosaic")
         plans.append(FramePlan(i, f"{stem}_{i + 1:04d}", classes[i], bool(ambiguous[i]),
                                formats[i], times[i], i + 1,
-                               size_px // 2 if mosaic else size_px))
+                               size_px // 2 if mosaic else size_px,
+                               overrides={"domain": domain} if domain != "default" else {}))
     return plans
 
 

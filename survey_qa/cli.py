@@ -3,7 +3,7 @@
     survey-qa --night 2024-03-01 [--raw-root DIR] [--out-root DIR] [--config FILE]
               [--cluster local|slurm] [--workers N] [--force]
     survey-qa simulate --night 2024-03-01 --frames 100 [--seed S] [--size 4096]
-                       [--mix balanced|realistic] [--workers N]
+                       [--mix balanced|realistic] [--domain default|wide] [--workers N]
     survey-qa train autoencoder|som|classifier --out-root DIR [--night N ...] [options]
     survey-qa evaluate --out-root DIR --raw-root DIR --night N [--night N ...]
     survey-qa config            # print the configuration in force, as YAML
@@ -87,6 +87,9 @@ def simulate_main(argv: list[str]) -> int:
                    help="share of frames drawn from the ambiguous zones of the spec")
     p.add_argument("--mix", choices=("balanced", "realistic"), default="balanced",
                    help="the five classes in equal shares, or mostly good frames")
+    p.add_argument("--domain", choices=("default", "wide"), default="default",
+                   help="wide: frames as wide as real instruments (0.1-15\"/px, FWHM 1.2-20 "
+                        "px, 500 px to --size, raw frames, vignetting, Bayer, defocus)")
     p.add_argument("--workers", type=int,
                    help="render on a Dask cluster of this many workers (the cluster block "
                         "of the configuration); default: in this process")
@@ -107,7 +110,7 @@ def simulate_main(argv: list[str]) -> int:
             client = stack.enter_context(Client(cluster))
         truth = simulate_night(Path(cfg.run.raw_root), a.night, a.frames, seed=a.seed,
                                size_px=a.size, mix=a.mix, client=client,
-                               ambiguous_fraction=a.ambiguous_fraction)
+                               ambiguous_fraction=a.ambiguous_fraction, domain=a.domain)
     print(f"wrote {truth['exposure'].nunique()} exposures to {Path(cfg.run.raw_root) / a.night}")
     print(truth.drop_duplicates("exposure")["quality_class"].value_counts().to_string())
     return 0

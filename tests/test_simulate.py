@@ -389,3 +389,210 @@ def test_plan_night_is_balanced():
     assert times[-1] < "2024-03-06T06"
     with pytest.raises(ValueError):
         sim.plan_night(NIGHT, 5, mix="weird")
+
+
+# ----------------------------------------------------------------------------- wide domain
+
+
+def test_truth_uses_the_pipelines_mosaic_and_priority_rules():
+    from survey_qa.pipeline.classify import mosaic_class, primary_class
+
+    spread = list(CLASSES)  # five detectors, five classes: no class reaches a quarter
+    assert sim.exposure_class(spread) == mosaic_class(spread) == "good"
+    assert sim.exposure_class(["good"] * 6 + ["bad_tracking"] * 2) == "bad_tracking"
+    t = sim.truth_class(2.0, 1.5, 0.2, 0.0, "linear")
+    assert t["quality_class"] == primary_class(t["flag_tracking"], t["flag_background"],
+                                               t["flag_bad_seeing"]) == "bad_tracking"
+
+
+def test_wide_confounders_leave_the_main_draws_alone():
+    base = sim.draw_spec(np.random.default_rng(5), "good", exposure="e", size_px=256,
+                         confounders=("cosmic_rays",))
+    more = sim.draw_spec(np.random.default_rng(5), "good", exposure="e", size_px=256,
+                         confounders=("cosmic_rays", "vignetting", "raw", "dust"))
+    for key in ("seeing_arcsec", "pixscale_arcsec", "sky_level_adu", "field_seed", "nx"):
+        assert getattr(base, key) == getattr(more, key)
+    assert not base.raw and base.vignetting_corner == 0 and base.domain == "default"
+    assert more.raw and more.bias_adu > 0 and more.vignetting_corner > 0
+    assert more.dust_per_detector > 0 and more.overscan_px > 0
+    with pytest.raises(ValueError):
+        sim.draw_spec(np.random.default_rng(5), "good", exposure="e", domain="huge")
+
+
+def test_wide_domain_spans_real_instruments():
+    rng = np.random.default_rng(12)
+    specs = [sim.draw_spec(rng, CLASSES[i % 5], exposure="e", size_px=4096, domain="wide")
+             for i in range(300)]
+    scale = np.array([s.pixscale_arcsec for s in specs])
+    fwhm = np.array([s.fwhm_px for s in specs])
+    sides = np.array([(s.nx, s.ny) for s in specs])
+    assert scale.min() >= 0.1 and scale.max() <= 15.0
+    assert scale.min() < 0.15 and scale.max() > 8.0
+    assert fwhm.min() >= 1.2 - 1e-9 and fwhm.max() <= 20.0 + 1e-9
+    assert fwhm.min() < 1.5 and fwhm.max() > 15.0
+    assert sides.max() <= 4096 and sides.max(axis=1).min() >= 500
+    assert (sides[:, 0] != sides[:, 1]).any() and (sides % 2 == 0).all()
+    conf = [set(s.confounders) for s in specs]
+    for name in sim.WIDE_CONFOUNDERS:
+        assert sum(name in c for c in conf) >= 10, name
+    for s in specs:  # the class-defining quantities keep the spec's clean ranges
+        if s.target_class == "good":
+            assert s.seeing_arcsec <= 1.2 and s.trail_ratio <= 0.5
+        if s.target_class == "bad_seeing":
+            assert s.seeing_arcsec >= 1.6
+    assert max(s.seeing_arcsec for s in specs) > 15.0  # coarse cameras: tens of arcsec
+
+
+def test_vignetting_is_multiplicative_and_leaves_truth_u_unchanged():
+    spec = clean_spec(seed=21, trail_kind="none", trail_ratio=0.0, fwhm_px=3.0,
+                      stars_per_frame=150)
+    vig = dataclasses.replace(spec, vignetting_corner=0.3, vignetting_dx=0.05,
+                              confounders=("vignetting",))
+    flat, n_dust = sim.illumination(vig, 0)
+    assert n_dust == 0 and flat.max() <= 1.0 and flat.min() < 0.8
+    assert sim.illumination(spec, 0)[0] is None
+    a = sim.render_detector(spec, 0, np.random.default_rng(2))
+    b = sim.render_detector(vig, 0, np.random.default_rng(2))
+    # the truth of the sky is the light the sky adds: the same, and so is the class
+    assert b.truth["u_true"] == a.truth["u_true"] <= 0.03
+    assert b.truth["quality_class"] == a.truth["quality_class"] == "good"
+    assert b.truth["flat_nonuniformity"] > 0.2 and not b.defect_mask.any()
+    # sky: block medians scale with the flat
+    blocks = (slice(0, 32), slice(0, 32)), (slice(112, 144), slice(112, 144))
+    for ys, xs in blocks:
+        ratio = np.median(b.image[ys, xs]) / np.median(a.image[ys, xs])
+        assert ratio == pytest.approx(float(flat[ys, xs].mean()), rel=0.03)
+    # stars: bright pixels scale with the flat too (multiplicative, not added light)
+    bright = a.image > 50 * a.truth["sky_level_adu"] ** 0.5 + np.median(a.image)
+    bright &= a.image < 0.5 * spec.saturate_adu
+    assert bright.sum() > 20
+    np.testing.assert_allclose((b.image / a.image)[bright], flat[bright], rtol=0.05)
+    np.testing.assert_allclose(b.stars.illumination, flat[b.stars.y.round().astype(int).clip(0, 255),
+                                                          b.stars.x.round().astype(int).clip(0, 255)],
+                               rtol=1e-6)
+
+
+def test_dust_donuts_are_shallow_multiplicative_rings():
+    spec = dataclasses.replace(clean_spec(seed=22, size=512), dust_per_detector=5.0,
+                               confounders=("dust",))
+    flat, n_dust = sim.illumination(spec, 0)
+    assert n_dust >= 1
+    assert flat.max() <= 1.0 and 0.85 < flat.min() < 0.99
+    det = sim.render_detector(spec, 0, np.random.default_rng(1))
+    assert det.truth["n_dust_donuts"] == n_dust and det.truth["quality_class"] == "good"
+    assert (flat < 0.999).mean() < 0.2  # local rings, not a sky pattern
+    assert det.truth["u_true"] <= 0.03 and det.truth["flat_nonuniformity"] < 0.1
+
+
+def test_raw_frame_parses_with_the_pipeline_reader_and_is_trimmed(tmp_path):
+    from survey_qa.config import IOConfig
+    from survey_qa.pipeline import io as pio
+    from survey_qa.pipeline.flags import decode_flags
+
+    spec = sim.draw_spec(np.random.default_rng(4), "good", exposure="r", size_px=200,
+                         confounders=("raw", "hot_pixels"))
+    spec = dataclasses.replace(spec, ny=160, prescan_px=8, overscan_px=32, overscan_rows=6)
+    det = sim.render_detector(spec, 0, np.random.default_rng(3))
+    assert det.raw.dtype == np.uint16 and det.raw.shape == (166, 240)
+    assert det.image.shape == (160, 200)
+    path = tmp_path / "raw.fits"
+    sim.build_hdulist(spec, [det]).writeto(path)
+    with fits.open(path, do_not_scale_image_data=True) as h:
+        hdr = h[0].header
+        assert hdr["BITPIX"] == 16 and hdr["BZERO"] == 32768
+        assert hdr["DATASEC"] == hdr["TRIMSEC"] == "[9:208,1:160]"
+        assert hdr["BIASSEC"] == "[209:240,1:160]"
+        assert hdr["SATURATE"] == math.floor(spec.saturate_adu + spec.bias_adu)
+    overscan = det.raw[:160, 208:].astype(float)
+    assert np.median(overscan) == pytest.approx(spec.bias_adu, abs=1.0)
+    [read] = pio.read_detectors(path, IOConfig())
+    assert read.data.shape == (160, 200)
+    assert "OVERSCAN_TRIMMED" in decode_flags(read.qa_flags)
+    np.testing.assert_allclose(read.data, det.image, atol=1.01)  # overscan median vs bias
+    assert abs(np.median(read.data) - spec.sky_level_adu) < 0.1 * spec.sky_level_adu + 5
+
+
+def test_bayer_frame_is_binned_by_the_reader(tmp_path):
+    from survey_qa.config import IOConfig
+    from survey_qa.pipeline import io as pio
+    from survey_qa.pipeline.flags import decode_flags
+
+    spec = clean_spec(seed=23, fwhm_px=5.0, header_style="pixscale")
+    spec = dataclasses.replace(spec, confounders=("bayer",), bayer_pattern="RGGB",
+                               bayer_red=0.5, bayer_blue=0.4)
+    det = sim.render_detector(spec, 0, np.random.default_rng(1))
+    img = det.image  # RGGB: red pixels at (0, 0) of each cell, blue at (1, 1)
+    red, green, blue = (np.median(img[0::2, 0::2]), np.median(img[0::2, 1::2]),
+                        np.median(img[1::2, 1::2]))
+    assert red / green == pytest.approx(0.5, rel=0.05)
+    assert blue / green == pytest.approx(0.4, rel=0.05)
+    assert det.header["BAYERPAT"][0] == "RGGB" and det.truth["u_true"] <= 0.03
+    path = tmp_path / "bayer.fits"
+    sim.build_hdulist(spec, [det]).writeto(path)
+    [read] = pio.read_detectors(path, IOConfig())
+    assert "BAYER_BINNED" in decode_flags(read.qa_flags)
+    assert read.data.shape == (128, 128)
+    assert read.meta.pixscale_arcsec == pytest.approx(2 * spec.pixscale_arcsec, rel=1e-3)
+
+
+def test_donut_truth_fwhm_is_the_effective_fwhm():
+    spec = clean_spec("bad_seeing", seed=24, trail_kind="none", trail_ratio=0.0,
+                      fwhm_px=12.0, stars_per_frame=150, size=512)
+    spec = dataclasses.replace(spec, confounders=("defocus",), defocus_ratio=0.9,
+                               obscuration=0.45, psf_profile="moffat", moffat_beta=3.5)
+    assert spec.atm_fwhm_arcsec < 0.6 * spec.seeing_arcsec
+    det = sim.render_detector(spec, 0, np.random.default_rng(3))
+    t = det.truth
+    assert t["fwhm_px_true"] == pytest.approx(12.0)
+    assert t["quality_class"] == "bad_seeing" and t["seeing_arcsec"] >= 1.6
+    assert t["ellipticity_true"] < 0.02
+    stars = isolated_bright_stars(det, spec, radius_px=20, n=3)
+    assert len(stars) >= 2
+    sky = float(np.median(det.image))
+    widths, holes = [], []
+    for _, s in stars.iterrows():
+        img, xx, yy = stamp(det, s.x, s.y, 20)
+        r = np.hypot(xx - s.x, yy - s.y).ravel()
+        v = (img - sky).ravel()
+        idx = np.floor(r).astype(int)  # 1-px rings; every one holds pixels
+        prof = np.array([v[idx == k].mean() for k in range(20)])
+        rc = np.array([r[idx == k].mean() for k in range(20)])
+        half = 0.5 * prof.max()
+        k = np.flatnonzero(prof >= half)[-1]
+        f = (prof[k] - half) / (prof[k] - prof[k + 1])
+        widths.append(2 * (rc[k] + f * (rc[k + 1] - rc[k])))
+        holes.append(prof[0] / prof.max())
+    # pixels and the radial binning widen the measured width a little
+    assert np.median(widths) == pytest.approx(12.0, rel=0.07)
+    assert np.median(holes) < 0.9  # a donut: the centre is dimmer than the ring
+
+
+def test_defocus_truth_follows_the_seeing_limit():
+    for cls, expect in (("good", "good"), ("bad_seeing", "bad_seeing")):
+        spec = sim.draw_spec(np.random.default_rng(25), cls, exposure="d", size_px=128,
+                             confounders=("defocus",), extra_defects=False,
+                             pixscale_arcsec=0.1)
+        assert spec.defocus_ratio > 0 and spec.fwhm_px >= 4
+        t = sim.truth_class(spec.seeing_arcsec, spec.trail_ratio, 0.0, 0.0, spec.trail_kind)
+        assert t["quality_class"] == expect
+
+
+def test_sparse_field_has_few_stars():
+    spec = sim.draw_spec(np.random.default_rng(26), "good", exposure="s", size_px=600,
+                         confounders=("sparse",))
+    det = sim.render_detector(spec, 0, np.random.default_rng(2))
+    assert 5 <= det.truth["n_stars"] <= 45 and det.truth["quality_class"] == "good"
+
+
+def test_wide_night_is_deterministic_and_the_command_takes_domain(tmp_path, capsys):
+    from survey_qa.cli import main
+
+    assert main(["simulate", "--night", NIGHT, "--frames", "4", "--seed", "5", "--size", "160",
+                 "--domain", "wide", "--raw-root", str(tmp_path / "cli")]) == 0
+    assert "wrote 4 exposures" in capsys.readouterr().out
+    seq = flow.simulate_night(tmp_path / "seq", NIGHT, 4, seed=5, size_px=160, domain="wide")
+    assert (seq.domain == "wide").all()
+    cli = pd.read_parquet(tmp_path / "cli" / NIGHT / "_truth" / "truth.parquet")
+    pd.testing.assert_frame_equal(cli.drop(columns="night"), seq.drop(columns="night"))
+    for p in (tmp_path / "seq" / NIGHT).glob("*.fits*"):
+        assert p.read_bytes() == (tmp_path / "cli" / NIGHT / p.name).read_bytes()
