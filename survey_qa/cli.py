@@ -7,6 +7,9 @@
     survey-qa train autoencoder|som|classifier --out-root DIR [--night N ...] [options]
     survey-qa evaluate --out-root DIR --raw-root DIR --night N [--night N ...]
     survey-qa config            # print the configuration in force, as YAML
+    survey-qa report --night N  # the night's HTML report
+    survey-qa watch --night N [--until HH:MM] [--on-bad CMD]   # rate frames as they land
+    survey-qa select --night N [--where EXPR | --class C] [--copy-to DIR | --link-to DIR]
 """
 from __future__ import annotations
 
@@ -72,6 +75,9 @@ def night_main(argv: list[str]) -> int:
 
     summary = run_night(cfg, a.night)
     print(summary.report())
+    from survey_qa.flows.report import write_report
+
+    print(f"night report:      {write_report(cfg, a.night)}")
     return 0
 
 
@@ -187,8 +193,75 @@ def config_main(argv: list[str]) -> int:
     return 0
 
 
+def report_main(argv: list[str]) -> int:
+    p = argparse.ArgumentParser(prog="survey-qa report",
+                                description="Write the night's HTML report (one file that "
+                                            "opens offline) from its catalogs and arrays.")
+    p.add_argument("--night", required=True)
+    _common(p)
+    p.add_argument("--output", help="the HTML file (default: <out-root>/reports/<night>.html)")
+    a = p.parse_args(argv)
+    cfg = load_config(a.config, _overrides(a))
+    from survey_qa.flows.report import write_report
+
+    print(f"night report: {write_report(cfg, a.night, a.output)}")
+    return 0
+
+
+def watch_main(argv: list[str]) -> int:
+    p = argparse.ArgumentParser(
+        prog="survey-qa watch",
+        description="Watch <raw-root>/<night>/ and rate each frame as soon as it is written: "
+                    "a verdict line, the night's catalogs and report updated.")
+    p.add_argument("--night", required=True)
+    _common(p)
+    p.add_argument("--until", help="stop at this time: HH:MM (UTC) or an ISO date-time")
+    p.add_argument("--on-bad", metavar="CMD",
+                   help="shell command run for each frame that is not good: the row as JSON "
+                        "on stdin and as SURVEY_QA_* environment variables")
+    p.add_argument("--no-report", dest="report", action="store_false",
+                   help="do not rewrite the HTML report after each frame")
+    p.add_argument("--classifier", choices=("auto", "cnn", "rules"))
+    a = p.parse_args(argv)
+    cfg = load_config(a.config, _overrides(a) | {"run": {**_overrides(a)["run"],
+                                                           "progress": False}})
+    from survey_qa.flows.watch import parse_until, watch
+
+    summary = watch(cfg, a.night, until=parse_until(a.until), on_bad=a.on_bad,
+                    report=a.report, echo=lambda line: print(line, flush=True))
+    print(summary.report(), flush=True)
+    return 0
+
+
+def select_main(argv: list[str]) -> int:
+    p = argparse.ArgumentParser(
+        prog="survey-qa select",
+        description="Choose a night's frames to stack and write them as a plain list, a CSV "
+                    "with weights, and lists for Siril, PixInsight and DeepSkyStacker.")
+    p.add_argument("--night", required=True)
+    _common(p)
+    p.add_argument("--where", help="pandas expression over catalog columns, e.g. "
+                                   "\"quality_class == 'good' and fwhm_arcsec < 2.0\"")
+    p.add_argument("--class", dest="classes", action="append",
+                   help="keep this class (repeat for several)")
+    p.add_argument("--output", help="folder for the lists (default: "
+                                    "<out-root>/selections/night=<night>)")
+    p.add_argument("--copy-to", help="also copy the chosen files into this folder")
+    p.add_argument("--link-to", help="also link (symlink) the chosen files into this folder")
+    a = p.parse_args(argv)
+    cfg = load_config(a.config, _overrides(a))
+    from survey_qa.flows.select import select_frames
+
+    chosen = select_frames(cfg, a.night, where=a.where, classes=a.classes, out_dir=a.output,
+                           copy_to=a.copy_to, link_to=a.link_to)
+    print(chosen.report())
+    return 0
+
+
 COMMANDS = {"simulate": simulate_main, "train": train_main, "evaluate": evaluate_main,
             "config": config_main}
+
+COMMANDS.update(report=report_main, watch=watch_main, select=select_main)
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -1,0 +1,190 @@
+"""``survey-qa select``: the frames of a night worth stacking, as lists stackers load.
+
+Reads the night's catalogs, keeps the exposures that pass ``--where`` / ``--class``,
+weighs them (:mod:`survey_qa.pipeline.selection`) and writes, into one folder:
+
+- ``frames.txt``: one path per line;
+- ``frames.csv``: path, class, weight and the main measurements;
+- ``frames.dssfilelist``: DeepSkyStacker's file list (chosen frames checked, the others
+  of the night unchecked);
+- ``frames.xpsm``: a PixInsight ImageIntegration process icon with the frames (the
+  others disabled);
+- ``siril/survey_qa_.seq`` with ``siril/survey_qa_00001.fit`` ... links to every light
+  frame of the night: a Siril sequence whose selection is the chosen frames.
+
+Originals are never moved or changed: ``--copy-to`` copies, ``--link-to`` makes symbolic
+links, and the Siril sequence is made of links.
+"""
+from __future__ import annotations
+
+import os
+import shutil
+import uuid
+from dataclasses import dataclass
+from pathlib import Path
+
+import pandas as pd
+
+from survey_qa.config import Config
+from survey_qa.pipeline import selection
+
+SIRIL_NAME = "survey_qa_"
+
+
+@dataclass
+class Selection:
+    """What ``select`` chose and wrote."""
+
+    night: str
+    chosen: pd.DataFrame  # exposure rows with weight and star_flux_adu, best weight first
+    pool: pd.DataFrame  # every measured light frame of the night (the unchosen included)
+    outputs: dict[str, Path]
+
+    def report(self) -> str:
+        lines = [f"night {self.night}: {len(self.chosen)} of {len(self.pool)} frames chosen"]
+        for kind, path in self.outputs.items():
+            lines.append(f"  {kind:<11} {path}")
+        return "\n".join(lines)
+
+
+def read_night(out_root: str | Path, night: str) -> tuple[pd.DataFrame, pd.DataFrame]:
+    """The night's exposure and source catalogs (raises ValueError when absent)."""
+    base = Path(out_root) / "catalogs"
+    exp = base / "exposures" / f"night={night}" / "part-0.parquet"
+    if not exp.is_file():
+        raise ValueError(f"no exposure catalog for night {night} under {base} "
+                         f"(run: survey-qa --night {night})")
+    src = base / "sources" / f"night={night}" / "part-0.parquet"
+    sources = (pd.read_parquet(src, columns=["exposure", "flux", "flags"]) if src.is_file()
+               else pd.DataFrame({"exposure": [], "flux": [], "flags": []}))
+    return pd.read_parquet(exp), sources
+
+
+def weighted_rows(exposures: pd.DataFrame, sources: pd.DataFrame) -> pd.DataFrame:
+    """Exposure-level rows with ``star_flux_adu`` and ``weight`` (relative to the night)."""
+    rows = selection.exposure_rows(exposures)
+    flux = selection.star_flux(sources)
+    rows["star_flux_adu"] = rows["exposure"].map(flux).astype(float)
+    rows["weight"] = selection.frame_weights(rows, flux)
+    return rows
+
+
+def select_frames(cfg: Config, night: str, *, where: str | None = None,
+                  classes: list[str] | None = None, out_dir: str | Path | None = None,
+                  copy_to: str | Path | None = None, link_to: str | Path | None = None
+                  ) -> Selection:
+    """Choose a night's frames and write every list format.
+
+    Parameters
+    ----------
+    where
+        A pandas expression over exposure columns, plus ``weight`` and ``star_flux_adu``,
+        e.g. ``"quality_class == 'good' and fwhm_arcsec < 2.0"``.
+    classes
+        Keep only these quality classes.
+    out_dir
+        Where the lists go (default ``<out-root>/selections/night=<night>``).
+    copy_to, link_to
+        Also copy the chosen files, or link them (symbolic links), into this folder.
+
+    Raises ``ValueError`` on an unknown class, a bad expression or a missing catalog.
+    """
+    from survey_qa.pipeline.schema import CLASSES
+
+    for c in classes or []:
+        if c not in CLASSES:
+            raise ValueError(f"--class: {c!r} is not one of {', '.join(CLASSES)}")
+    if copy_to and link_to:
+        raise ValueError("--copy-to and --link-to: choose one")
+    exposures, sources = read_night(cfg.run.out_root, night)
+    rows = weighted_rows(exposures, sources)
+    light = rows["image_type"].str.lower().isin(["light", "object", "science", ""])
+    pool = rows[(rows["status"] == "ok") & light]
+    chosen = selection.apply_filter(pool, where, classes)
+    chosen = chosen.sort_values("date_obs", kind="stable")
+    out = Path(out_dir) if out_dir else (Path(cfg.run.out_root) / "selections"
+                                         / f"night={night}")
+    outputs = write_lists(out, pool, chosen)
+    if copy_to or link_to:
+        outputs["files"] = place_files(chosen["path"].tolist(), Path(copy_to or link_to),
+                                       link=bool(link_to))
+    return Selection(night=night, chosen=chosen.reset_index(drop=True),
+                     pool=pool.reset_index(drop=True), outputs=outputs)
+
+
+def write_lists(out: Path, pool: pd.DataFrame, chosen: pd.DataFrame) -> dict[str, Path]:
+    """Write the plain list, the CSV, and the DeepSkyStacker, PixInsight and Siril lists."""
+    out.mkdir(parents=True, exist_ok=True)
+    paths = [str(Path(p).resolve()) for p in chosen["path"]]
+    all_paths = [str(Path(p).resolve()) for p in pool["path"]]
+    picked = set(chosen["exposure"])
+    checked = [e in picked for e in pool["exposure"]]
+    csv_rows = chosen.assign(path=paths)
+    written = {
+        "list": _write(out / "frames.txt", selection.plain_list(paths)),
+        "csv": _write(out / "frames.csv", selection.csv_text(csv_rows)),
+        "dss": _write(out / "frames.dssfilelist", selection.dss_filelist(all_paths, checked)),
+        "pixinsight": _write(out / "frames.xpsm",
+                             selection.pixinsight_xpsm(all_paths, checked)),
+    }
+    if all_paths:
+        written["siril"] = write_siril_sequence(out / "siril", all_paths, checked)
+    return written
+
+
+def write_siril_sequence(folder: Path, paths: list[str], included: list[bool]) -> Path:
+    """Links ``survey_qa_00001.fit`` ... to the frames, and the sequence file selecting them.
+
+    Compressed frames (``.fz``) keep their compression: Siril reads them with fz_flag 1.
+    A sequence mixing compressed and uncompressed frames is not possible in Siril; then
+    only the uncompressed ones are listed.
+    """
+    fz = [selection.is_fz(p) for p in paths]
+    use_fz = all(fz)
+    keep = [i for i, f in enumerate(fz) if f == use_fz]
+    folder.mkdir(parents=True, exist_ok=True)
+    for old in folder.glob(f"{SIRIL_NAME}*"):
+        if old.is_symlink():
+            old.unlink()
+    for n, i in enumerate(keep, start=1):
+        _symlink(paths[i], folder / selection.siril_image_name(SIRIL_NAME, n, use_fz))
+    seq = selection.siril_seq(SIRIL_NAME, [included[i] for i in keep], fz=use_fz)
+    return _write(folder / f"{SIRIL_NAME}.seq", seq)
+
+
+def place_files(paths: list[str], folder: Path, *, link: bool) -> Path:
+    """Copy (or symlink) files into ``folder``; never touches the originals.
+
+    An existing file of the same name that is not the same frame is an error.
+    """
+    folder.mkdir(parents=True, exist_ok=True)
+    for p in paths:
+        src = Path(p).resolve()
+        dst = folder / src.name
+        if dst.is_symlink() and Path(os.readlink(dst)) == src:
+            continue
+        if dst.exists() or dst.is_symlink():
+            if not link and dst.is_file() and not dst.is_symlink() and \
+                    dst.stat().st_size == src.stat().st_size:
+                continue
+            raise ValueError(f"{dst} exists and is not {src}: choose an empty folder")
+        if link:
+            dst.symlink_to(src)
+        else:
+            tmp = folder / f".{dst.name}.{uuid.uuid4().hex}.tmp"
+            shutil.copy2(src, tmp)
+            os.replace(tmp, dst)
+    return folder
+
+
+def _symlink(target: str, link: Path) -> None:
+    if link.is_symlink() or link.exists():
+        link.unlink()
+    link.symlink_to(target)
+
+
+def _write(path: Path, text: str) -> Path:
+    tmp = path.parent / f".{path.name}.{uuid.uuid4().hex}.tmp"
+    tmp.write_text(text, encoding="utf-8")
+    os.replace(tmp, path)
+    return path
