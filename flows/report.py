@@ -1,0 +1,436 @@
+"""``survey-qa report``: one self-contained HTML page per night.
+
+The page holds the night's measurements over time (Plotly, its JavaScript inlined so the
+file opens without a network), class counts, a sortable and filterable table of every
+exposure and detector, a thumbnail of each detector with its autoencoder mask, median star
+stamp and SOM map (matplotlib, embedded as base64 PNG), the focal plane of each mosaic,
+and a summary to read in ten seconds. The page is laid out by a Jinja2 template
+(``survey_qa/templates/night_report.html.j2``).
+
+Thumbnails need the frames themselves; they are cached under
+``<out-root>/_work/night=<night>/report/`` so that the watch mode, which rewrites the page
+after every frame, reads only the new frame.
+"""
+from __future__ import annotations
+
+import base64
+import html
+import io as _io
+import json
+import math
+import os
+import uuid
+from dataclasses import dataclass
+from datetime import datetime, timezone
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+
+import survey_qa
+from survey_qa.config import Config
+from survey_qa.pipeline import io, nightview, selection
+from survey_qa.pipeline.flags import decode_flags
+from survey_qa.pipeline.schema import CLASSES, PRIORITY
+
+TEMPLATE = "night_report.html.j2"
+THUMB_SIDE_PX = 192
+
+TABLE_COLUMNS = [
+    # (column, header, decimals or None for text)
+    ("exposure", "exposure", None), ("detector", "det", None), ("date_obs", "DATE-OBS", None),
+    ("quality_class", "class", None),
+    *[(f"p_{c}", f"p {c.replace('_', ' ')}", 2) for c in CLASSES],
+    ("fwhm_arcsec", "FWHM \"", 2), ("fwhm_px", "FWHM px", 2), ("ellipticity", "e", 3),
+    ("trail_ratio", "trail T/s", 2), ("sky_level", "sky ADU", 1), ("sky_noise", "noise ADU", 2),
+    ("sky_nonuniformity", "non-unif.", 3), ("n_stars_used", "stars", 0),
+    ("ae_score", "AE score", 2), ("mask_fraction", "masked", 3),
+    ("flags", "flags", None), ("reason", "reason", None), ("path", "file", None),
+]
+
+
+def report_path(out_root: str | Path, night: str) -> Path:
+    """Where the night's page is written."""
+    return Path(out_root) / "reports" / f"{night}.html"
+
+
+def write_report(cfg: Config, night: str, out: str | Path | None = None) -> Path:
+    """Build the night's HTML page from its catalogs, arrays and frames; returns its path.
+
+    Raises ``ValueError`` when the night has no exposure catalog.
+    """
+    out_root = Path(cfg.run.out_root)
+    from survey_qa.flows.select import read_night, weighted_rows
+
+    exposures, sources = read_night(out_root, night)
+    level = weighted_rows(exposures, sources)
+    level["time"] = _times(level)
+    arrays = ArrayStore.open(io.zarr_path(out_root, night))
+    cache = out_root / "_work" / f"night={night}" / "report"
+    cards = [exposure_card(cfg, exposures[exposures["exposure"] == e], arrays, cache)
+             for e in level["exposure"]]
+    context = {
+        "night": night,
+        "generated": datetime.now(timezone.utc).strftime("%Y-%m-%d %H:%M UTC"),
+        "version": survey_qa.__version__,
+        "summary": nightview.summary_lines(
+            level["date_obs"].fillna("").tolist(), level["quality_class"].tolist(),
+            level["status"].tolist(), level["error"].fillna("").tolist()),
+        "counts": _counts(level),
+        "colours": nightview.CLASS_COLOURS,
+        "timeline": timeline_html(level, cfg, include_js=True),
+        "columns": TABLE_COLUMNS,
+        "rows": table_rows(exposures, level),
+        "classes": [*PRIORITY[::-1], "failed"],
+        "failed": failed_rows(exposures),
+        "cards": cards,
+        "n_exposures": len(level),
+        "n_untimed": int(level["time"].isna().sum()),
+        "paths": {"exposures": str(out_root / "catalogs" / "exposures" / f"night={night}"),
+                  "arrays": str(io.zarr_path(out_root, night))},
+    }
+    text = _template().render(**context)
+    target = Path(out) if out else report_path(out_root, night)
+    target.parent.mkdir(parents=True, exist_ok=True)
+    tmp = target.parent / f".{target.name}.{uuid.uuid4().hex}.tmp"
+    tmp.write_text(text, encoding="utf-8")
+    os.replace(tmp, target)
+    return target
+
+
+# ---------------------------------------------------------------------------- data
+
+
+def _times(rows: pd.DataFrame) -> pd.Series:
+    """DATE-OBS as UTC timestamps (MJD-OBS where DATE-OBS is missing; NaT when neither)."""
+    t = pd.to_datetime(rows["date_obs"].replace("", None), errors="coerce", utc=True,
+                       format="ISO8601")
+    mjd = pd.to_datetime(rows["mjd_obs"] - 40587.0, unit="D", utc=True, errors="coerce")
+    return t.fillna(mjd)
+
+
+def _counts(level: pd.DataFrame) -> list[tuple[str, int]]:
+    ok = level["status"] == "ok"
+    counts = [(c, int(((level["quality_class"] == c) & ok).sum())) for c in PRIORITY[::-1]]
+    return counts + [("failed", int((~ok).sum()))]
+
+
+def _fmt(value, decimals) -> tuple[str, str]:
+    """(shown text, sort key) of one cell."""
+    if decimals is None:
+        return ("" if value is None else str(value)), ("" if value is None else str(value))
+    try:
+        v = float(value)
+    except (TypeError, ValueError):
+        return "", ""
+    if not math.isfinite(v):
+        return "", ""
+    return f"{v:.{decimals}f}", repr(v)
+
+
+def table_rows(exposures: pd.DataFrame, level: pd.DataFrame) -> list[dict]:
+    """Rows of the page's table: each exposure, then its detectors when it is a mosaic."""
+    out = []
+    for _, top in level.iterrows():
+        group = exposures[exposures["exposure"] == top["exposure"]]
+        members = [top] + ([r for _, r in group.iterrows() if r["detector"] != "ALL"]
+                           if top["detector"] == "ALL" else [])
+        for i, r in enumerate(members):
+            cls = r["quality_class"] if r["status"] == "ok" else "failed"
+            cells = []
+            for col, _, dec in TABLE_COLUMNS:
+                if col == "flags":
+                    value = " ".join(decode_flags(r["qa_flags"]))
+                elif col == "reason":
+                    value = r["reason"] if r["status"] == "ok" else r["error"]
+                elif col == "quality_class":
+                    value = cls
+                else:
+                    value = r[col]
+                cells.append(_fmt(value, dec))
+            out.append({"level": "exposure" if i == 0 else "detector", "cls": cls,
+                        "anchor": _anchor(r["exposure"]), "cells": cells})
+    return out
+
+
+def failed_rows(exposures: pd.DataFrame) -> list[dict]:
+    bad = exposures[exposures["status"] != "ok"]
+    return [{"exposure": r["exposure"], "detector": r["detector"], "path": r["path"],
+             "error": r["error"]} for _, r in bad.iterrows()]
+
+
+def _anchor(exposure: str) -> str:
+    return "exp-" + "".join(ch if ch.isalnum() or ch in "-_" else "_" for ch in exposure)
+
+
+# ---------------------------------------------------------------------------- plots
+
+
+def timeline_html(level: pd.DataFrame, cfg: Config, *, include_js: bool) -> str:
+    """The night over time: one panel per quantity, markers coloured by class, limits drawn."""
+    import plotly.graph_objects as go
+    from plotly.subplots import make_subplots
+
+    c = cfg.classify
+    rows = level[level["time"].notna()].sort_values("time")
+    use_arcsec = bool(np.isfinite(rows["fwhm_arcsec"]).any()) if len(rows) else True
+    fwhm_col = "fwhm_arcsec" if use_arcsec else "fwhm_px"
+    fwhm_limit = c.seeing_limit_arcsec if use_arcsec else c.seeing_limit_px
+    flux = rows["star_flux_adu"] / rows["exptime_s"].where(rows["exptime_s"] > 0)
+    rel_flux = flux / flux.max() if np.isfinite(flux.max()) and flux.max() > 0 else flux * np.nan
+    panels = [
+        (fwhm_col, "FWHM (arcsec)" if use_arcsec else "FWHM (px, no pixel scale)",
+         rows[fwhm_col], [(fwhm_limit, "seeing limit")] if fwhm_limit else []),
+        ("ellipticity", "ellipticity", rows["ellipticity"], []),
+        ("trail_ratio", "trail ratio T/s", rows["trail_ratio"],
+         [(c.trail_ratio_bad, "bad tracking"), (c.trail_ratio_very_bad, "very bad tracking")]),
+        ("sky_level", "sky level (ADU)", rows["sky_level"], []),
+        ("sky_noise", "sky noise (ADU)", rows["sky_noise"], []),
+        ("sky_nonuniformity", "sky (P99-P1)/median", rows["sky_nonuniformity"],
+         [(c.nonuniformity_limit, "background limit")]),
+        ("transparency", "star flux per s, relative (same field: transparency)", rel_flux, []),
+    ]
+    n = len(panels) + 1
+    fig = make_subplots(rows=n, cols=1, shared_xaxes=True, vertical_spacing=0.02,
+                        subplot_titles=[p[1] for p in panels] + ["class"])
+    classes = np.where(rows["status"] == "ok", rows["quality_class"], "failed")
+    hover = [f"{e}<br>{k}<br>{html.escape(str(r))[:160]}" for e, k, r in
+             zip(rows["exposure"], classes, rows["reason"].where(rows["status"] == "ok",
+                                                                  rows["error"]))]
+    hover = np.array(hover, dtype=object)
+    for i, (_, _, y, limits) in enumerate(panels, start=1):
+        for k in [*PRIORITY[::-1], "failed"]:
+            sel = classes == k
+            if not sel.any():
+                continue
+            fig.add_trace(go.Scatter(
+                x=rows["time"][sel], y=np.asarray(y, float)[sel], mode="markers",
+                marker={"color": nightview.CLASS_COLOURS[k], "size": 7}, name=k,
+                legendgroup=k, showlegend=(i == 1), hovertext=hover[sel],
+                hoverinfo="text+y"), row=i, col=1)
+        for value, label in limits:
+            fig.add_hline(y=value, line_dash="dash", line_color="#444", row=i, col=1,
+                          annotation_text=f"{label} {value:g}", annotation_position="top left")
+    order = [*PRIORITY[::-1], "failed"]
+    for k in order:
+        sel = classes == k
+        if sel.any():
+            fig.add_trace(go.Scatter(
+                x=rows["time"][sel], y=[k] * int(sel.sum()), mode="markers",
+                marker={"color": nightview.CLASS_COLOURS[k], "size": 9, "symbol": "square"},
+                name=k, legendgroup=k, showlegend=False, hovertext=hover[sel],
+                hoverinfo="text"), row=n, col=1)
+    fig.update_yaxes(type="log", row=len(panels), col=1)
+    fig.update_yaxes(categoryorder="array", categoryarray=order, row=n, col=1)
+    fig.update_xaxes(title_text="DATE-OBS (UTC)", row=n, col=1)
+    fig.update_layout(height=170 * n + 80, margin={"l": 60, "r": 20, "t": 40, "b": 40},
+                      template="plotly_white", legend={"orientation": "h", "y": 1.02,
+                                                       "yanchor": "bottom"})
+    return fig.to_html(full_html=False, include_plotlyjs=include_js, div_id="timeline",
+                       config={"displaylogo": False, "responsive": True})
+
+
+# ---------------------------------------------------------------------------- images
+
+
+@dataclass
+class ArrayStore:
+    """The night's Zarr arrays, indexed by (exposure, detector); empty when absent."""
+
+    ds: object | None
+    index: dict[tuple[str, str], int]
+
+    @classmethod
+    def open(cls, path: Path) -> "ArrayStore":
+        if not path.exists():
+            return cls(None, {})
+        import xarray as xr
+
+        try:
+            ds = xr.open_zarr(path, consolidated=False)
+        except Exception:  # an empty or half-made store: no arrays to show
+            return cls(None, {})
+        if "exposure" not in ds.coords:
+            return cls(None, {})
+        keys = zip(ds["exposure"].values.tolist(), ds["detector"].values.tolist())
+        return cls(ds, {(str(e), str(d)): i for i, (e, d) in enumerate(keys)})
+
+    def get(self, name: str, exposure: str, detector: str) -> np.ndarray | None:
+        i = self.index.get((exposure, detector))
+        if self.ds is None or i is None or name not in self.ds:
+            return None
+        return np.asarray(self.ds[name][i].values)
+
+
+def exposure_card(cfg: Config, rows: pd.DataFrame, arrays: ArrayStore, cache: Path) -> dict:
+    """Images and text of one exposure: per detector a panel; a focal plane for a mosaic."""
+    top = selection.exposure_rows(rows).iloc[0]
+    dets = rows[rows["detector"] != "ALL"]
+    cls = top["quality_class"] if top["status"] == "ok" else "failed"
+    stamp = str(top["processed_at"]).replace(" ", "T").replace(":", "")
+    key = f"{top['exposure']}__{stamp}"
+    images = {}
+    pending = [r for _, r in dets.iterrows()
+               if r["status"] == "ok" and not (cache / f"{key}__{r['detector']}.png").is_file()]
+    previews = _previews(cfg, top["path"], pending) if pending else {}
+    for _, r in dets.iterrows():
+        if r["status"] != "ok":
+            continue
+        png = cache / f"{key}__{r['detector']}.png"
+        if not png.is_file():
+            data = previews.get(r["detector"])
+            _write_png(png, detector_panel(r, data, arrays, _block_px(cfg)))
+        images[r["detector"]] = _b64(png)
+    mosaic = None
+    if len(dets) > 1:
+        png = cache / f"{key}__focal_plane.png"
+        if not png.is_file():
+            _write_png(png, focal_plane_png(top["path"], dets, previews, cfg))
+        mosaic = _b64(png)
+    return {"exposure": top["exposure"], "anchor": _anchor(top["exposure"]), "cls": cls,
+            "date_obs": top["date_obs"], "path": top["path"],
+            "reason": top["reason"] if top["status"] == "ok" else top["error"],
+            "images": images, "mosaic": mosaic, "weight": top.get("weight", math.nan)}
+
+
+def _previews(cfg: Config, path: str, wanted: list) -> dict[str, np.ndarray]:
+    """Thumbnails of the wanted detectors of one file (empty when it cannot be read)."""
+    from survey_qa.pipeline.errors import QualityError
+
+    names = {r["detector"] for r in wanted}
+    try:
+        dets = io.read_detectors(path, cfg.io)
+    except (QualityError, OSError):
+        return {}
+    return {d.detector: nightview.preview(d.data, d.mask, THUMB_SIDE_PX)
+            for d in dets if not isinstance(d, QualityError) and d.detector in names}
+
+
+def _block_px(cfg: Config) -> int | None:
+    """Side of an autoencoder mask cell in detector pixels, from the weights' metadata."""
+    try:
+        from survey_qa.models.weights import packaged_weights, read_metadata
+
+        meta = read_metadata(cfg.autoencoder.weights or packaged_weights())
+        return int(meta["bin_factor"]) * int(meta["patch_px"])
+    except Exception:  # no weights: no mask to draw
+        return None
+
+
+def detector_panel(row: pd.Series, thumb: np.ndarray | None, arrays: ArrayStore,
+                   block_px: int | None):
+    """A matplotlib figure: thumbnail with the AE mask, median star stamp, SOM map."""
+    from matplotlib.figure import Figure
+
+    fig = Figure(figsize=(6.0, 2.3), dpi=80)
+    axes = fig.subplots(1, 3)
+    for ax in axes:
+        ax.set_xticks([])
+        ax.set_yticks([])
+    ax = axes[0]
+    if thumb is not None:
+        ax.imshow(thumb, cmap="gray", origin="lower", interpolation="nearest")
+        mask = arrays.get("ae_mask", row["exposure"], row["detector"])
+        if mask is not None and block_px and mask.any():
+            ny, nx = int(row["ny"]), int(row["nx"])
+            f = max(ny, nx) / max(thumb.shape)
+            gy, gx = mask.shape
+            ext = (-0.5, gx * block_px / f - 0.5, -0.5, gy * block_px / f - 0.5)
+            overlay = np.zeros((gy, gx, 4), np.float32)
+            overlay[mask.astype(bool)] = (1.0, 0.1, 0.1, 0.45)
+            ax.imshow(overlay, origin="lower", extent=ext, interpolation="nearest")
+            ax.set_xlim(-0.5, thumb.shape[1] - 0.5)
+            ax.set_ylim(-0.5, thumb.shape[0] - 0.5)
+        ax.set_title("frame + AE mask", fontsize=8)
+    else:
+        ax.text(0.5, 0.5, "frame not readable", ha="center", va="center", fontsize=8)
+    stamps = arrays.get("stamps", row["exposure"], row["detector"])
+    n = arrays.get("n_stamps", row["exposure"], row["detector"])
+    ax = axes[1]
+    if stamps is not None and n is not None and int(n) > 0:
+        med = np.nanmedian(stamps[: int(n)], axis=0)
+        ax.imshow(np.arcsinh(med / (np.nanmax(np.abs(med)) or 1) * 50), cmap="magma",
+                  origin="lower", interpolation="nearest")
+        ax.set_title(f"median of {int(n)} stars", fontsize=8)
+    else:
+        ax.text(0.5, 0.5, "no star stamps", ha="center", va="center", fontsize=8)
+    som = arrays.get("som_occupancy", row["exposure"], row["detector"])
+    ax = axes[2]
+    if som is not None and np.isfinite(som).any():
+        ax.imshow(som.T, cmap="viridis", origin="lower", interpolation="nearest")
+        ax.set_title("SOM occupancy", fontsize=8)
+    else:
+        ax.text(0.5, 0.5, "no SOM map", ha="center", va="center", fontsize=8)
+    fig.tight_layout(pad=0.6)
+    return fig
+
+
+def focal_plane_png(path: str, dets: pd.DataFrame, previews: dict, cfg: Config):
+    """A mosaic's detectors where they sit in the focal plane, framed in their class colour."""
+    from matplotlib.figure import Figure
+    from matplotlib.patches import Rectangle
+
+    headers = _detector_headers(path, cfg)
+    known = {d for d, _ in headers}
+    headers += [(d, {}) for d in dets["detector"] if d not in known]
+    placed, how = nightview.focal_plane(headers)
+    by_det = {r["detector"]: r for _, r in dets.iterrows()}
+    fig = Figure(figsize=(4.2, 4.2), dpi=80)
+    ax = fig.subplots()
+    for p in placed:
+        r = by_det.get(p.detector)
+        if r is None:
+            continue
+        cls = r["quality_class"] if r["status"] == "ok" else "failed"
+        colour = nightview.CLASS_COLOURS.get(cls, "#7f7f7f")
+        nx, ny = p.nx or 1, p.ny or 1
+        thumb = previews.get(p.detector)
+        if thumb is not None:
+            ax.imshow(thumb, cmap="gray", origin="lower",
+                      extent=(p.x0, p.x0 + nx, p.y0, p.y0 + ny))
+        ax.add_patch(Rectangle((p.x0, p.y0), nx, ny, facecolor=colour,
+                               alpha=0.25 if thumb is not None else 0.8, edgecolor=colour,
+                               linewidth=2))
+        ax.text(p.x0 + nx / 2, p.y0 + ny / 2, p.detector, ha="center", va="center",
+                fontsize=7, color="white", weight="bold")
+    ax.autoscale_view()
+    ax.set_aspect("equal")
+    ax.set_xticks([])
+    ax.set_yticks([])
+    ax.set_title(f"focal plane (placed by {how})", fontsize=8)
+    fig.tight_layout(pad=0.3)
+    return fig
+
+
+def _detector_headers(path: str, cfg: Config) -> list[tuple[str, dict]]:
+    from survey_qa.pipeline.errors import QualityError
+
+    try:
+        with io._open(Path(path)) as hdul:
+            return [(io._detector_name(h, i), dict(h.header)) for i, h in enumerate(hdul)
+                    if io._is_image(h, cfg.io)]
+    except (QualityError, OSError):
+        return []
+
+
+def _write_png(path: Path, fig) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    buf = _io.BytesIO()
+    fig.savefig(buf, format="png")
+    tmp = path.parent / f".{path.name}.{uuid.uuid4().hex}.tmp"
+    tmp.write_bytes(buf.getvalue())
+    os.replace(tmp, path)
+
+
+def _b64(path: Path) -> str:
+    return "data:image/png;base64," + base64.b64encode(path.read_bytes()).decode("ascii")
+
+
+def _template():
+    import jinja2
+
+    env = jinja2.Environment(loader=jinja2.PackageLoader("survey_qa", "templates"),
+                             autoescape=jinja2.select_autoescape(["html", "j2"]),
+                             trim_blocks=True, lstrip_blocks=True)
+    env.filters["tojson_attr"] = json.dumps
+    return env.get_template(TEMPLATE)

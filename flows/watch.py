@@ -1,0 +1,389 @@
+"""``survey-qa watch``: rate each frame of a night as it lands, at the telescope.
+
+The night folder is watched with watchdog (inotify on Linux). A new file is measured once
+it is whole: its FITS structure parses to the end of its last HDU and either the writer
+closed it (a close-after-write event) or its size has not changed for ``settle_s``
+seconds. Each frame goes through the nightly flow's own per-exposure function
+(:func:`survey_qa.flows.nightly.process_exposure`), so its results land in the same
+``_work/`` files a nightly run writes and reads. A verdict line is printed at once; then the
+night's catalogs and report are rewritten, and ``--on-bad CMD`` runs for a frame that is
+not good.
+
+Stop and start it at will: at start, every file of the night without whole results is
+measured (nothing is lost) and every file with them is skipped (nothing is measured
+twice). SIGINT and SIGTERM stop it after the frame in hand, as does ``--until``.
+"""
+from __future__ import annotations
+
+import json
+import math
+import os
+import queue
+import signal
+import subprocess
+import threading
+import time
+import warnings
+from dataclasses import dataclass, field
+from datetime import datetime, timedelta, timezone
+from pathlib import Path
+
+from survey_qa.config import Config
+from survey_qa.pipeline import io
+from survey_qa.pipeline.schema import EXPOSURE_SCHEMA, SOURCE_SCHEMA, rows_to_table
+
+SETTLE_S = 2.0
+"""Seconds a file's size must stay the same when no close-after-write event is seen."""
+
+COMPRESSED_STREAMS = (".gz", ".bz2")
+
+
+# ---------------------------------------------------------------------------- pure helpers
+
+
+def parse_until(text: str | None, now: datetime | None = None) -> datetime | None:
+    """The stop time of ``--until``: an ISO date-time (UTC unless it says), or ``HH:MM`` UTC
+    (the next such time from ``now``). Raises ``ValueError`` on anything else."""
+    if not text:
+        return None
+    now = now or datetime.now(timezone.utc)
+    try:
+        hh, mm = (int(v) for v in text.split(":")) if len(text) <= 5 else (None, None)
+    except ValueError:
+        hh = mm = None
+    if hh is not None:
+        if not (0 <= hh < 24 and 0 <= mm < 60):
+            raise ValueError(f"--until: {text!r} is not a time HH:MM")
+        t = now.replace(hour=hh, minute=mm, second=0, microsecond=0)
+        return t if t > now else t + timedelta(days=1)
+    try:
+        t = datetime.fromisoformat(text)
+    except ValueError:
+        raise ValueError(f"--until: {text!r} is neither HH:MM (UTC) nor an ISO date-time") from None
+    return t if t.tzinfo else t.replace(tzinfo=timezone.utc)
+
+
+def frame_complete(path: str | os.PathLike) -> bool:
+    """True when a FITS file parses to the end of its last HDU's data.
+
+    For a gzip or bzip2 stream every HDU's data are read (a cut stream raises); otherwise
+    the last HDU's data must end within the file (astropy's ``fileinfo``).
+    """
+    from astropy.io import fits
+
+    path = Path(path)
+    try:
+        size = path.stat().st_size
+        if size < 2880:
+            return False
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            with fits.open(path, memmap=False, lazy_load_hdus=False) as hdul:
+                if path.name.lower().endswith(COMPRESSED_STREAMS):
+                    for h in hdul:
+                        _ = h.data
+                    return True
+                info = hdul.fileinfo(len(hdul) - 1)
+                return info["datLoc"] + info["datSpan"] <= size
+    except Exception:  # noqa: BLE001 -- any parse error means: not whole yet
+        return False
+
+
+def is_frame_name(path: Path, folder: Path) -> bool:
+    """A FITS file the nightly discovery would take (suffix; no hidden or ``_`` parts)."""
+    try:
+        parts = path.relative_to(folder).parts
+    except ValueError:
+        return False
+    if any(p.startswith((".", "_")) for p in parts):
+        return False
+    return path.name.lower().endswith(io.FITS_SUFFIXES)
+
+
+def row_json(row: dict) -> str:
+    """A catalog row as JSON: NaN as null, times as ISO strings."""
+    def plain(v):
+        if isinstance(v, float) and not math.isfinite(v):
+            return None
+        if hasattr(v, "isoformat"):
+            return v.isoformat()
+        if hasattr(v, "item"):
+            return plain(v.item())
+        return v
+    return json.dumps({k: plain(v) for k, v in row.items()})
+
+
+def row_env(row: dict, night: str) -> dict[str, str]:
+    """``SURVEY_QA_*`` variables of a row, for ``--on-bad``."""
+    def text(v):
+        if isinstance(v, float):
+            return "" if not math.isfinite(v) else f"{v:.6g}"
+        return "" if v is None else str(v)
+    env = {"SURVEY_QA_NIGHT": night}
+    for key in ("exposure", "detector", "path", "status", "reason", "error", "date_obs",
+                "fwhm_arcsec", "fwhm_px", "ellipticity", "trail_ratio", "sky_level",
+                "sky_noise", "sky_nonuniformity", "n_stars_used", "p_good"):
+        env[f"SURVEY_QA_{key.upper()}"] = text(row.get(key))
+    env["SURVEY_QA_CLASS"] = "failed" if row.get("status") != "ok" else text(row["quality_class"])
+    return env
+
+
+def verdict_line(row: dict) -> str:
+    """One line per frame: class, FWHM, ellipticity, sky, reason."""
+    def num(v, fmt):
+        return "-" if v is None or not math.isfinite(float(v)) else format(float(v), fmt)
+    if row.get("status") != "ok":
+        return f"{row['exposure']}  FAILED  {row.get('error', '')}"
+    fwhm = (f"FWHM {num(row['fwhm_arcsec'], '.2f')}\"" if math.isfinite(row["fwhm_arcsec"])
+            else f"FWHM {num(row['fwhm_px'], '.2f')} px")
+    return (f"{row['exposure']}  {row['quality_class']}  {fwhm}  "
+            f"e {num(row['ellipticity'], '.3f')}  "
+            f"sky {num(row['sky_level'], '.1f')} ± {num(row['sky_noise'], '.1f')} ADU  "
+            f"| {row.get('reason', '')}")
+
+
+# ---------------------------------------------------------------------------- the loop
+
+
+@dataclass
+class _Pending:
+    size: int = -1
+    changed_at: float = 0.0
+    closed: bool = False
+
+
+@dataclass
+class WatchSummary:
+    """What a watch session did."""
+
+    night: str
+    measured: list[str] = field(default_factory=list)
+    skipped: int = 0
+    bad: list[str] = field(default_factory=list)
+    stopped_by: str = ""
+
+    def report(self) -> str:
+        return (f"watch {self.night}: {len(self.measured)} frames measured now "
+                f"({len(self.bad)} not good), {self.skipped} already done; "
+                f"stopped by {self.stopped_by}")
+
+
+class _Handler:
+    """watchdog event handler: file paths onto a queue, with the kind of event."""
+
+    def __init__(self, q: queue.Queue):
+        self.q = q
+
+    def dispatch(self, event) -> None:
+        if event.is_directory:
+            return
+        path = getattr(event, "dest_path", "") or event.src_path
+        self.q.put((event.event_type, os.fsdecode(path)))
+
+
+def watch(cfg: Config, night: str, *, until: datetime | None = None,
+          on_bad: str | None = None, report: bool = True, settle_s: float = SETTLE_S,
+          echo=print) -> WatchSummary:
+    """Watch ``<raw_root>/<night>/`` and measure each frame as it lands.
+
+    Parameters
+    ----------
+    until
+        Stop at this time (UTC); None: until SIGINT or SIGTERM.
+    on_bad
+        Shell command run for a frame that is not good (or failed): the frame's row as
+        JSON on its standard input and as ``SURVEY_QA_*`` environment variables.
+    report
+        Rewrite the night's HTML report after each batch of frames.
+    """
+    from watchdog.observers import Observer
+
+    from survey_qa.flows import nightly, workdir
+
+    folder = Path(cfg.run.raw_root) / night
+    folder.mkdir(parents=True, exist_ok=True)
+    out_root = Path(cfg.run.out_root)
+    models = nightly.load_models(cfg)
+    workdir.check_out_root(out_root, cfg.run.min_free_mb)
+    summary = WatchSummary(night)
+    events: queue.Queue = queue.Queue()
+    stop = threading.Event()
+    previous = {s: signal.signal(s, lambda *_: stop.set())
+                for s in (signal.SIGINT, signal.SIGTERM)}
+    children: list[subprocess.Popen] = []
+    observer = Observer()
+    observer.schedule(_Handler(events), str(folder), recursive=True)
+    observer.start()  # before the first scan: nothing that lands in between is missed
+    try:
+        with workdir.night_lock(out_root, night):
+            files = io.night_exposures(cfg.run.raw_root, night)
+            done = nightly.done_exposures(out_root, night, files)
+            summary.skipped = len(done)
+            pending = {Path(p): _Pending() for e, p in files.items() if e not in done}
+            echo(f"watching {folder} ({len(done)} frames already done, {len(pending)} to "
+                 f"measure){' until ' + until.isoformat() if until else ''}; Ctrl-C stops")
+            dirty = bool(pending) or not _catalog(out_root, night).exists()
+            while not stop.is_set():
+                if until and datetime.now(timezone.utc) >= until:
+                    summary.stopped_by = "--until"
+                    break
+                _drain(events, pending, folder, timeout=0.25 if pending else 1.0)
+                ready = _ready(pending, settle_s)
+                for path in ready:
+                    del pending[path]
+                    if stop.is_set():
+                        break
+                    rows = _measure(cfg, night, path, done, models)
+                    if rows is None:
+                        continue
+                    top = nightly._exposure_level(rows)[0]
+                    echo(verdict_line(top))
+                    summary.measured.append(top["exposure"])
+                    if top["status"] != "ok" or top["quality_class"] != "good":
+                        summary.bad.append(top["exposure"])
+                        if on_bad:
+                            children.append(_run_on_bad(on_bad, top, night))
+                    dirty = True
+                children = [c for c in children if c.poll() is None]
+                if dirty and not ready_soon(pending, events):
+                    _gather(cfg, night, models)
+                    if report:
+                        _report(cfg, night, echo)
+                    dirty = False
+            summary.stopped_by = summary.stopped_by or "signal"
+            if dirty:
+                _gather(cfg, night, models)
+                if report:
+                    _report(cfg, night, echo)
+    finally:
+        observer.stop()
+        observer.join(timeout=5)
+        for s, h in previous.items():
+            signal.signal(s, h)
+        for c in children:
+            try:
+                c.wait(timeout=30)
+            except subprocess.TimeoutExpired:
+                echo(f"--on-bad command still running after 30 s (pid {c.pid}): left running")
+    return summary
+
+
+def ready_soon(pending: dict, events: queue.Queue) -> bool:
+    """True when more frames are in flight: gather the catalogs once they are measured."""
+    return bool(pending) or not events.empty()
+
+
+def _drain(events: queue.Queue, pending: dict[Path, _Pending], folder: Path,
+           timeout: float) -> None:
+    """Take the file events that arrived; wait up to ``timeout`` for the first one."""
+    try:
+        item = events.get(timeout=timeout)
+    except queue.Empty:
+        return
+    while True:
+        kind, name = item
+        path = Path(name)
+        if kind != "stop" and kind != "deleted" and is_frame_name(path, folder):
+            p = pending.setdefault(path, _Pending())
+            if kind == "closed":
+                p.closed = True
+        elif kind == "deleted":
+            pending.pop(Path(name), None)
+        try:
+            item = events.get_nowait()
+        except queue.Empty:
+            return
+
+
+def _ready(pending: dict[Path, _Pending], settle_s: float) -> list[Path]:
+    """Pending files that are whole now, oldest first."""
+    now = time.monotonic()
+    out = []
+    for path, p in pending.items():
+        try:
+            size = path.stat().st_size
+        except OSError:
+            continue
+        if size != p.size:
+            p.size, p.changed_at = size, now
+            if not p.closed:
+                continue
+        if (p.closed or now - p.changed_at >= settle_s) and frame_complete(path):
+            out.append(path)
+        elif p.closed and not frame_complete(path):
+            p.closed = False  # closed early (written in several sessions): wait for more
+    return sorted(out, key=lambda q: pending[q].changed_at)
+
+
+def _measure(cfg: Config, night: str, path: Path, done: set[str], models) -> list[dict] | None:
+    """One frame through the nightly per-exposure function; None when already done."""
+    from survey_qa.flows import nightly
+
+    files = io.night_exposures(cfg.run.raw_root, night)
+    exposure = next((e for e, p in files.items() if Path(p) == path), None)
+    if exposure is None or exposure in done:
+        return None
+    store = io.zarr_path(cfg.run.out_root, night)
+    frames = nightly.plan_frames(str(path), cfg, exposure)
+    shape = _max_shape(store, frames, models)
+    index = io.setup_zarr(store, [f[:2] for f in frames],
+                          nightly.array_variables(cfg, models, shape))
+    rows = nightly.process_exposure(str(path), cfg, night, str(store), index, exposure)
+    done.add(exposure)
+    return rows
+
+
+def _max_shape(store: Path, frames: list, models) -> tuple[int, int]:
+    """The largest detector shape the store must hold: never smaller than it holds now."""
+    ny = max([f[2] for f in frames], default=1)
+    nx = max([f[3] for f in frames], default=1)
+    if models.scorer is not None and store.exists():
+        import zarr
+
+        root = zarr.open_group(str(store), mode="r")
+        if "ae_mask" in root:
+            gy, gx = root["ae_mask"].shape[1:]
+            block = models.scorer.block_px
+            ny, nx = max(ny, gy * block), max(nx, gx * block)
+    return ny, nx
+
+
+def _catalog(out_root: Path, night: str) -> Path:
+    return out_root / "catalogs" / "exposures" / f"night={night}" / "part-0.parquet"
+
+
+def _gather(cfg: Config, night: str, models) -> None:
+    """The night's catalogs from every whole per-exposure result, as a nightly run ends."""
+    from survey_qa.flows import workdir
+    from survey_qa.flows.night_pass import finish_night
+
+    out_root = cfg.run.out_root
+    files = io.night_exposures(cfg.run.raw_root, night)
+    store = io.zarr_path(out_root, night)
+    measured = workdir.read_results(out_root, night, "exposures", list(files),
+                                    EXPOSURE_SCHEMA).to_pylist()
+    io.consolidate(rows_to_table(finish_night(measured, cfg, models, store)), out_root,
+                   "exposures", night)
+    io.consolidate(workdir.read_results(out_root, night, "sources", list(files), SOURCE_SCHEMA),
+                   out_root, "sources", night)
+
+
+def _report(cfg: Config, night: str, echo) -> None:
+    from survey_qa.flows.report import write_report
+
+    try:
+        write_report(cfg, night)
+    except Exception as e:  # noqa: BLE001 -- the page is a view: never stop the watch for it
+        echo(f"warning: the night report could not be written: {type(e).__name__}: {e}")
+
+
+def _run_on_bad(command: str, row: dict, night: str) -> subprocess.Popen:
+    """Start the user's command with the row on stdin and in the environment."""
+    proc = subprocess.Popen(command, shell=True, stdin=subprocess.PIPE,
+                            env={**os.environ, **row_env(row, night)})
+    try:
+        proc.stdin.write(row_json(row).encode())
+        proc.stdin.close()
+    except BrokenPipeError:  # the command does not read its input: fine
+        pass
+    return proc

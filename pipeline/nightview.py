@@ -1,0 +1,169 @@
+"""What the night report shows, computed from arrays and rows: no files, no plotting.
+
+- :func:`preview` bins and stretches a detector for a thumbnail;
+- :func:`focal_plane` places a mosaic's detectors from their headers;
+- :func:`summary_lines` is the ten-second summary of a night;
+- :func:`class_runs` groups consecutive exposures of one class into time intervals.
+"""
+from __future__ import annotations
+
+import math
+import re
+from dataclasses import dataclass
+
+import numpy as np
+
+from survey_qa.pipeline.schema import PRIORITY
+
+CLASS_COLOURS = {
+    "good": "#2ca02c", "bad_seeing": "#ff7f0e", "background_issues": "#9467bd",
+    "bad_tracking": "#d62728", "very_bad_tracking": "#8c1515", "failed": "#7f7f7f",
+}
+"""One colour per class, shared by every plot of the report."""
+
+_SECTION = re.compile(r"^\[\s*(\d+)\s*:\s*(\d+)\s*,\s*(\d+)\s*:\s*(\d+)\s*\]$")
+
+
+def preview(data: np.ndarray, mask: np.ndarray | None = None, max_side_px: int = 256,
+            ) -> np.ndarray:
+    """A detector binned to at most ``max_side_px`` and stretched to [0, 1].
+
+    Binning is an integer block mean (masked pixels left out); the stretch is an asinh of
+    the sky-subtracted image in units of the sky noise (median and 1.48 MAD of the binned
+    image), so faint stars and sky structure show while bright stars do not saturate the
+    whole scale. Empty blocks are 0.
+    """
+    img = np.asarray(data, dtype=np.float32)
+    if mask is not None:
+        img = np.where(mask, np.nan, img)
+    factor = max(1, math.ceil(max(img.shape) / max_side_px))
+    ny, nx = (s // factor * factor for s in img.shape)
+    if ny == 0 or nx == 0:
+        factor, ny, nx = 1, *img.shape
+    blocks = img[:ny, :nx].reshape(ny // factor, factor, nx // factor, factor)
+    with np.errstate(invalid="ignore"):
+        finite = np.isfinite(blocks)
+        n = finite.sum(axis=(1, 3))
+        binned = np.where(n > 0, np.where(finite, blocks, 0).sum(axis=(1, 3)) / np.maximum(n, 1),
+                          np.nan)
+    good = binned[np.isfinite(binned)]
+    if good.size == 0:
+        return np.zeros(binned.shape, np.float32)
+    sky = float(np.median(good))
+    noise = float(1.4826 * np.median(np.abs(good - sky))) or float(np.std(good)) or 1.0
+    z = np.arcsinh((binned - sky) / (3 * noise))
+    lo, hi = -1.0, max(float(np.nanpercentile(z, 99.7)), 1.0)
+    out = np.clip((z - lo) / (hi - lo), 0, 1)
+    return np.nan_to_num(out, nan=0.0).astype(np.float32)
+
+
+@dataclass(frozen=True)
+class Placement:
+    """Where a detector lies in the focal plane (pixels, lower-left corner and size)."""
+
+    detector: str
+    x0: float
+    y0: float
+    nx: int
+    ny: int
+
+
+def _section(text) -> tuple[int, int, int, int] | None:
+    m = _SECTION.match(str(text or "").strip())
+    return tuple(int(v) for v in m.groups()) if m else None
+
+
+def focal_plane(headers: list[tuple[str, dict]]) -> tuple[list[Placement], str]:
+    """Place a mosaic's detectors from their header cards.
+
+    Parameters
+    ----------
+    headers
+        ``(detector, header)`` per detector in file order; a header is any mapping of
+        keywords (an astropy Header works).
+
+    Returns
+    -------
+    placements, how
+        ``how`` says what the layout rests on: ``"DETSEC"`` (each detector's section of
+        the mosaic), ``"CRPIX"`` (detectors sharing one tangent point, placed by where
+        that point falls on each), or ``"grid"`` (in file order on a near-square grid).
+    """
+    def size(h):
+        return int(h.get("NAXIS1", 0) or 0), int(h.get("NAXIS2", 0) or 0)
+
+    secs = [_section(h.get("DETSEC")) for _, h in headers]
+    if headers and all(secs):
+        out = []
+        for (det, _), (x1, x2, y1, y2) in zip(headers, secs):
+            out.append(Placement(det, min(x1, x2) - 1, min(y1, y2) - 1,
+                                 abs(x2 - x1) + 1, abs(y2 - y1) + 1))
+        return out, "DETSEC"
+    keys = ("CRPIX1", "CRPIX2", "CRVAL1", "CRVAL2")
+    if len(headers) > 1 and all(all(k in h for k in keys) for _, h in headers):
+        crval = {(round(float(h["CRVAL1"]), 6), round(float(h["CRVAL2"]), 6))
+                 for _, h in headers}
+        if len(crval) == 1:
+            out = [Placement(det, 1 - float(h["CRPIX1"]), 1 - float(h["CRPIX2"]), *size(h))
+                   for det, h in headers]
+            return out, "CRPIX"
+    n = len(headers)
+    cols = max(1, math.ceil(math.sqrt(n)))
+    side = max([max(size(h)) for _, h in headers] + [1])
+    out = [Placement(det, (i % cols) * side * 1.05, -(i // cols) * side * 1.05, *size(h))
+           for i, (det, h) in enumerate(headers)]
+    return out, "grid"
+
+
+def class_runs(times: list[str], classes: list[str]) -> list[tuple[str, str, str, int]]:
+    """Consecutive exposures (in time order) of one class: (class, first, last, count)."""
+    runs: list[list] = []
+    for t, c in zip(times, classes):
+        if runs and runs[-1][0] == c:
+            runs[-1][2] = t
+            runs[-1][3] += 1
+        else:
+            runs.append([c, t, t, 1])
+    return [tuple(r) for r in runs]
+
+
+def _hhmm(t: str) -> str:
+    return t[11:16] if len(t) >= 16 else (t or "?")
+
+
+def summary_lines(times: list[str], classes: list[str], statuses: list[str],
+                  errors: list[str]) -> list[str]:
+    """The night in a few sentences, one exposure per entry (in time order).
+
+    What share is usable, which defects and when (intervals of consecutive exposures), and
+    how many files failed and why.
+    """
+    n = len(classes)
+    if n == 0:
+        return ["No exposures measured yet."]
+    ok = [s == "ok" for s in statuses]
+    n_good = sum(1 for c, o in zip(classes, ok) if o and c == "good")
+    n_failed = n - sum(ok)
+    lines = [f"{n_good} of {n} exposures are usable (good), "
+             f"{100.0 * n_good / n:.0f}%."]
+    labels = [c if o else "failed" for c, o in zip(classes, ok)]
+    runs = class_runs(times, labels)
+    for cls in [*[c for c in PRIORITY if c != "good"], "failed"]:
+        spans = [r for r in runs if r[0] == cls]
+        if not spans:
+            continue
+        total = sum(r[3] for r in spans)
+        when = ", ".join(f"{_hhmm(a)}" if a == b else f"{_hhmm(a)}-{_hhmm(b)}"
+                         for _, a, b, _k in sorted(spans, key=lambda r: -r[3])[:4])
+        more = " ..." if len(spans) > 4 else ""
+        lines.append(f"{cls.replace('_', ' ')}: {total} exposure{'s' * (total > 1)} "
+                     f"(UTC {when}{more})")
+    if n_failed:
+        reasons: dict[str, int] = {}
+        for e, o in zip(errors, ok):
+            if not o:
+                key = (e or "unknown").split(":")[0]
+                reasons[key] = reasons.get(key, 0) + 1
+        top = "; ".join(f"{k} ({v})" for k, v in sorted(reasons.items(), key=lambda kv: -kv[1])[:3])
+        lines.append(f"{n_failed} could not be measured: {top}")
+    return lines
