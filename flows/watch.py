@@ -64,7 +64,7 @@ def parse_until(text: str | None, now: datetime | None = None) -> datetime | Non
 
 
 def frame_complete(path: str | os.PathLike) -> bool:
-    """True when a FITS file parses to the end of its last HDU's data.
+    """True when a FITS file holds an image and parses to the end of its last HDU's data.
 
     For a gzip or bzip2 stream every HDU's data are read (a cut stream raises); otherwise
     the last HDU's data must end within the file (astropy's ``fileinfo``).
@@ -74,11 +74,13 @@ def frame_complete(path: str | os.PathLike) -> bool:
     path = Path(path)
     try:
         size = path.stat().st_size
-        if size < 2880:
+        if size == 0:
             return False
         with warnings.catch_warnings():
             warnings.simplefilter("ignore")
             with fits.open(path, memmap=False, lazy_load_hdus=False) as hdul:
+                if not any(len(h.shape or ()) >= 2 for h in hdul if h.is_image):
+                    return False  # a frame holds an image: only headers came so far
                 if path.name.lower().endswith(COMPRESSED_STREAMS):
                     for h in hdul:
                         _ = h.data
