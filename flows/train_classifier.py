@@ -33,7 +33,8 @@ from survey_qa.models import evaluation
 from survey_qa.models.classifier import (FEATURE_NAMES, ClassifierSystem, ExposureDataModule,
                                          Examples, class_weights, collect_logits,
                                          fit_temperature, load_classifier, load_examples,
-                                         save_classifier, split_by_night_and_exposure)
+                                         save_classifier, split_by_night_and_exposure,
+                                         training_domain)
 from survey_qa.models.components.classifier import DualInputClassifier
 from survey_qa.models.som import SomModel
 from survey_qa.models.som import train_som as fit_som
@@ -190,6 +191,7 @@ def train_classifier(cfg: Config, out_root: str | Path, nights: list[str] | None
         system.load_state_dict(best["state_dict"])
     net = system.net.cpu().float()
     calib = calibrate(net, dm) if has_val else {"temperature": 1.0}
+    domain, domain_stats = training_domain(dm.train.table)
     info = {"training": {
         "nights": nights, "n_train": len(dm.train), "n_val": len(dm.val),
         "class_counts_train": dict(zip(CLASSES, dm.class_counts.tolist())),
@@ -201,6 +203,7 @@ def train_classifier(cfg: Config, out_root: str | Path, nights: list[str] | None
         "classify_limits": {"seeing_limit_arcsec": cfg.classify.seeing_limit_arcsec,
                             "seeing_limit_px": cfg.classify.seeing_limit_px},
         **calib},
+        "domain": domain, "domain_stats": domain_stats,
         "recipe": os.environ.get(RECIPE_ENV, "").strip(),
         "pipeline_version": survey_qa.__version__}
     return save_classifier(net, output, som, info=info)

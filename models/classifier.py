@@ -482,6 +482,34 @@ def class_weights(counts: np.ndarray) -> list[float]:
     return (w / w[counts > 0].mean()).tolist() if (counts > 0).any() else [1.0] * len(counts)
 
 
+# ---------------------------------------------------------------------------- domain
+
+DOMAIN_COLUMNS = ("pixscale_arcsec", "fwhm_px", "fwhm_arcsec", "nx", "ny", "n_sources")
+"""Measured quantities whose training range is saved with the weights."""
+
+
+def training_domain(table: pd.DataFrame, columns: tuple[str, ...] = DOMAIN_COLUMNS
+                    ) -> tuple[dict, dict]:
+    """The training domain of a classifier: the range of each quantity over its detectors.
+
+    Returns ``(domain, stats)``: ``domain`` maps a column to ``[min, max]`` of its finite
+    values (the form :func:`survey_qa.pipeline.decide.outside_domain` reads: outside it,
+    the rules decide); ``stats`` adds percentiles 1 and 99 and the counts.
+    """
+    domain, stats = {}, {}
+    for col in columns:
+        if col not in table:
+            continue
+        v = pd.to_numeric(table[col], errors="coerce").to_numpy(dtype=np.float64)
+        finite = v[np.isfinite(v)]
+        stats[col] = {"n_finite": int(finite.size), "n": int(v.size)}
+        if finite.size:
+            domain[col] = [float(finite.min()), float(finite.max())]
+            p01, p99 = np.percentile(finite, [1.0, 99.0])
+            stats[col].update(p01=float(p01), p99=float(p99))
+    return domain, stats
+
+
 # ---------------------------------------------------------------------------- training
 
 

@@ -398,6 +398,21 @@ def test_predict_defers_to_rules_outside_the_training_domain(som, tmp_path):
     assert "pixscale_arcsec 3 outside" in out["reason"]
 
 
+def test_training_domain_is_the_range_that_decide_reads():
+    from survey_qa.models.classifier import training_domain
+    from survey_qa.pipeline.decide import outside_domain
+
+    table = pd.DataFrame({"pixscale_arcsec": [0.2, 0.5, np.nan], "fwhm_px": [2.0, 9.0, 4.0],
+                          "nx": [500, 4096, 1024], "n_sources": [np.nan] * 3})
+    domain, stats = training_domain(table)
+    assert domain == {"pixscale_arcsec": [0.2, 0.5], "fwhm_px": [2.0, 9.0],
+                      "nx": [500.0, 4096.0]}
+    assert stats["pixscale_arcsec"]["n_finite"] == 2 and stats["n_sources"]["n_finite"] == 0
+    assert json.loads(json.dumps(domain)) == domain
+    assert outside_domain({"pixscale_arcsec": 0.3, "fwhm_px": 3.0}, domain) == ""
+    assert outside_domain({"pixscale_arcsec": 0.3, "fwhm_px": 15.0}, domain).startswith("fwhm_px")
+
+
 # ---------------------------------------------------------------------------- flows
 
 
@@ -415,6 +430,8 @@ def test_flows_train_and_evaluate(nights, tmp_path):
     meta = json.loads(weights.with_suffix(".json").read_text())
     t = meta["training"]
     assert t["nights"] == TRAIN_NIGHTS and t["n_val"] > 0 and t["epochs"] == 25
+    lo, hi = meta["domain"]["fwhm_px"]
+    assert 0 < lo <= hi and meta["domain_stats"]["fwhm_px"]["n_finite"] > 0
     assert 0.05 <= t["temperature"] <= 20 and t["val_nll_after"] <= t["val_nll_before"] + 1e-9
     assert (tmp_path / "ckpt" / "classifier" / "last.ckpt").exists()
     longer = small_cfg(tmp_path, max_epochs=27)  # resumes from last.ckpt: 2 more epochs
