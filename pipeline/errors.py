@@ -22,3 +22,19 @@ class QualityError(Exception):
         super().__init__(reason)
         self.reason = " ".join(str(reason).split())  # one line
         self.metadata = metadata
+
+
+class RunEnvironmentError(Exception):
+    """The run itself cannot be done here: an out-root that is not writable or is full.
+
+    Not a fault of the data nor of the configuration; the command line exits with
+    :attr:`exit_code` and the one-line message.
+    """
+
+    exit_code = 3
+
+
+class NightLocked(RunEnvironmentError):
+    """Another run is processing the same night into the same out-root."""
+
+    exit_code = 4

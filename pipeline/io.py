@@ -1,20 +1,27 @@
 """All file I/O of the pipeline: FITS in, Parquet and Zarr out.
 
-Reading turns a FITS file (single image, mosaic, tile-compressed ``.fz`` or ``.gz``) into
-:class:`~survey_qa.pipeline.records.DetectorImage` records: native float32 pixels, a bad-pixel
-mask and the header facts after configuration fallbacks. Anything wrong with the data raises
-:class:`~survey_qa.pipeline.errors.QualityError` with a one-line reason.
+Reading turns a FITS file (single image, mosaic, tile-compressed ``.fz``, ``.gz`` or
+``.bz2``) into :class:`~survey_qa.pipeline.records.DetectorImage` records: native float32
+pixels, a bad-pixel mask and the header facts after configuration fallbacks. Anything
+wrong with the data raises :class:`~survey_qa.pipeline.errors.QualityError` with a
+one-line reason: a damaged compressed stream, a file shorter than its headers announce,
+an image too small or too large, a calibration frame, a constant or non-finite frame.
 
 Writing is atomic: a file is written under a hidden temporary name in its final folder and
 renamed into place, so a reader never sees a half-written catalog.
 """
 from __future__ import annotations
 
+import bz2
+import gzip
+import io as _bytes_io
+import lzma
 import math
 import os
 import re
 import uuid
 import warnings
+import zlib
 from pathlib import Path
 
 import numpy as np
@@ -29,24 +36,53 @@ from survey_qa.pipeline.errors import QualityError
 from survey_qa.pipeline.flags import bits
 from survey_qa.pipeline.records import DetectorImage, FrameMeta
 
-FITS_SUFFIXES = (".fits.fz", ".fits.gz", ".fit.gz", ".fts.gz", ".fits", ".fit", ".fts")
+FITS_SUFFIXES = tuple(f".{base}{comp}" for comp in (".fz", ".gz", ".bz2", "")
+                      for base in ("fits", "fit", "fts"))
+"""File name endings of a night's frames (case-insensitive), compressed ones first."""
 
 # Header keywords tried in order for each quantity.
 KEYS = {
-    "exptime_s": ("EXPTIME", "EXPOSURE", "EXP_TIME"),
+    "exptime_s": ("EXPTIME", "EXPOSURE", "EXP_TIME", "ITIME"),
     "filter": ("FILTER", "FILTER1", "FILTNAME", "BAND"),
     "airmass": ("AIRMASS", "SECZ"),
     "gain_e_per_adu": ("GAIN", "EGAIN", "CCDGAIN"),
     "read_noise_e": ("RDNOISE", "READNOIS", "RON", "READNOISE"),
-    "saturate_adu": ("SATURATE", "SATLEVEL", "SATURATION"),
+    "saturate_adu": ("SATURATE", "DATAMAX", "SATLEVEL", "SATURATION", "MAXLIN"),
     "object": ("OBJECT",),
     "expnum": ("EXPNUM", "FRAMENUM", "EXPID"),
-    "pixscale_arcsec": ("PIXSCALE", "SECPIX", "PIXSCAL1", "SCALE"),
 }
+PIXSCALE_KEYS = ("IM_SCALE", "PIXSCALE", "SECPIX", "SECPIX1", "SECPIX2", "PIXSCAL1",
+                 "PIXSCAL2", "SCALE")
+"""Keywords that give the pixel scale directly in arcsec/px, tried in this order."""
+IMAGE_TYPE_KEYS = ("IMAGETYP", "OBSTYPE", "FRAMETYP", "IMGTYPE", "FRAME", "EXPTYPE")
+"""Keywords that name the kind of frame (only text values count: SDSS's FRAME is a number)."""
+IMAGE_TYPES = (  # (kind, words that name it), tried in this order
+    ("bias", ("bias", "zero")),
+    ("dark", ("dark",)),
+    ("flat", ("flat", "skyflat", "domeflat", "twilight")),
+    ("arc", ("arc", "comp", "lamp")),
+    ("light", ("light", "object", "science", "sci", "obj", "focus", "standard", "std")),
+)
+CALIBRATION_TYPES = ("bias", "dark", "flat", "arc")
+# EXTNAME words of extensions that are not images of the sky.
+AUXILIARY_WORDS = frozenset((
+    "bpm", "mask", "msk", "dq", "flags", "flag", "err", "error", "errors", "sig", "sigma",
+    "unc", "uncert", "std", "var", "variance", "ivar", "invvar", "wht", "weight", "weights",
+    "wgt", "wt", "cat", "catalog", "catalogue", "table", "expmap", "exp", "rms", "bkg",
+    "background", "back", "psf", "thumb", "thumbnail", "preview"))
+MASK_MAX_VALUES = 16
+"""An integer image with this many distinct values or fewer is a mask, not a sky image."""
 # Keywords whose absence is recorded as a fallback (the others are optional).
 EXPECTED = ("exptime_s", "gain_e_per_adu", "read_noise_e", "saturate_adu")
 MOSTLY_SATURATED = 0.5
 LARGELY_SATURATED = 0.05
+UNEXPOSED_DEFICIT_SIGMA = 5.0
+"""A row or column is unexposed when its median lies this many pixel noise sigmas below
+the frame's sky ..."""
+UNEXPOSED_NOISE_RATIO = 0.6
+"""... and either its pixel noise is below this share of the frame's (no photon noise:
+the read noise alone), or it sits at the bias level (under a quarter of the sky above
+the subtracted overscan)."""
 
 
 # ---------------------------------------------------------------------------- discovery
@@ -61,61 +97,255 @@ def exposure_id(path: str | os.PathLike) -> str:
     return Path(name).stem
 
 
+def _suffix(path: Path) -> str:
+    name = path.name.lower()
+    return next((s for s in FITS_SUFFIXES if name.endswith(s)), path.suffix.lower())
+
+
 def discover_night(raw_root: str | os.PathLike, night: str) -> list[Path]:
     """FITS files of one night, sorted, sub-folders included.
 
     Files and folders whose names start with ``.`` or ``_`` are skipped (hidden files,
-    simulator truth). Raises ``ValueError`` when the night folder does not exist.
+    simulator truth). Folder links are followed once (a link loop is not entered twice).
+    Raises ``ValueError`` when the night folder does not exist.
     """
     folder = Path(raw_root) / night
     if not folder.is_dir():
         raise ValueError(f"no night folder {folder}")
-    found = []
-    for dirpath, dirnames, filenames in os.walk(folder):
+    found, seen = [], set()
+    for dirpath, dirnames, filenames in os.walk(folder, followlinks=True):
+        real = os.path.realpath(dirpath)
+        if real in seen:  # a folder link back into the night: walked already
+            dirnames[:] = []
+            continue
+        seen.add(real)
         dirnames[:] = sorted(d for d in dirnames if not d.startswith((".", "_")))
         for name in filenames:
             if not name.startswith((".", "_")) and name.lower().endswith(FITS_SUFFIXES):
                 found.append(Path(dirpath) / name)
     found.sort()
-    ids = [exposure_id(p) for p in found]
-    dupes = sorted({i for i in ids if ids.count(i) > 1})
-    if dupes:
-        raise ValueError(f"two files give the same exposure id: {dupes[:5]}")
     return found
 
 
-# ---------------------------------------------------------------------------- reading
+def night_exposures(raw_root: str | os.PathLike, night: str) -> dict[str, Path]:
+    """Every file of a night under a unique exposure id, ``{exposure: path}``.
+
+    The id is the file name without its FITS suffixes. Files that would share an id are
+    named apart: by their sub-folder (``sub__a`` for ``sub/a.fits``), and where that is
+    not enough by their suffix too (``x__fits_gz`` for ``x.fits.gz`` beside ``x.fits``:
+    the first name in sort order keeps the plain id). The ids depend only on the files
+    that collide, so a re-run gives the same ids.
+    """
+    folder = Path(raw_root) / night
+    paths = discover_night(raw_root, night)
+    groups: dict[str, list[Path]] = {}
+    for p in paths:
+        groups.setdefault(exposure_id(p), []).append(p)
+    out: dict[str, Path] = {}
+    for base, group in groups.items():
+        if len(group) == 1:
+            out[base] = group[0]
+            continue
+        names = {}
+        for p in group:
+            parts = p.relative_to(folder).parent.parts
+            names[p] = "__".join((*parts, base))
+        taken = set()
+        for p in sorted(names, key=str):
+            if names[p] in taken:
+                names[p] = f"{names[p]}__{_suffix(p).strip('.').replace('.', '_')}"
+            taken.add(names[p])
+        for p, name in names.items():
+            out[name] = p
+    return dict(sorted(out.items(), key=lambda kv: str(kv[1])))
+
+
+# ---------------------------------------------------------------------------- opening
+
+
+def _read_bytes(path: Path) -> bytes:
+    """The file's bytes, decompressed in full for .gz and .bz2 (so checksums are checked)."""
+    name = path.name.lower()
+    try:
+        if name.endswith(".gz"):
+            with gzip.open(path, "rb") as f:
+                return f.read()
+        if name.endswith(".bz2"):
+            with bz2.open(path, "rb") as f:
+                return f.read()
+        return path.read_bytes()
+    except (gzip.BadGzipFile, zlib.error, EOFError, lzma.LZMAError) as e:
+        kind = "gzip" if name.endswith(".gz") else "bzip2"
+        raise QualityError(f"damaged {kind} file: {_short(e)}") from None
+    except OSError as e:
+        if name.endswith(".bz2") and "data stream" in str(e).lower():
+            raise QualityError(f"damaged bzip2 file: {_short(e)}") from None
+        raise QualityError(f"unreadable file: {e.strerror or _short(e)}") from None
+
+
+def _short(e: Exception) -> str:
+    text = " ".join(str(e).split()) or type(e).__name__
+    return text[:200]
 
 
 def _open(path: Path) -> fits.HDUList:
+    """Open a FITS file in memory; raises :class:`QualityError` for anything not FITS."""
+    data = _read_bytes(Path(path))
+    if not data:
+        raise QualityError("empty file (0 bytes)")
+    if not data.startswith(b"SIMPLE  ="):
+        start = data[:16].decode("ascii", "replace")
+        start = "".join(c if c.isprintable() else "?" for c in start)
+        raise QualityError(f"not a FITS file: it starts with {start!r}, not with SIMPLE")
     try:
         with warnings.catch_warnings():
             warnings.simplefilter("ignore")
-            hdul = fits.open(path, memmap=False, lazy_load_hdus=False)
+            hdul = fits.open(_bytes_io.BytesIO(data), memmap=False, lazy_load_hdus=False)
     except Exception as e:  # astropy raises OSError, ValueError, TypeError, EOFError...
-        raise QualityError(f"unreadable FITS file: {type(e).__name__}: {e}") from None
+        raise QualityError(f"unreadable FITS file: {type(e).__name__}: {_short(e)}") from None
+    hdul.n_bytes = len(data)  # what the (decompressed) file really holds
     return hdul
 
 
-def _is_image(hdu, cfg: IOConfig) -> bool:
-    if not isinstance(hdu, (fits.PrimaryHDU, fits.ImageHDU, fits.CompImageHDU)):
-        return False
-    shape = tuple(hdu.shape or ())  # from the header: the data are not read
-    return len(shape) >= 2 and math.prod(shape[-2:]) >= cfg.min_image_pixels
+def _announced_bytes(hdu) -> int:
+    """Bytes the HDU's header announces for its data (padding excluded)."""
+    h = getattr(hdu, "_bintable", None)
+    h = h.header if h is not None else hdu.header
+    naxis = int(h.get("NAXIS", 0))
+    if naxis == 0:
+        return 0
+    n = math.prod(int(h.get(f"NAXIS{k}", 0)) for k in range(1, naxis + 1))
+    return abs(int(h.get("BITPIX", 8))) // 8 * int(h.get("GCOUNT", 1)) * (
+        int(h.get("PCOUNT", 0)) + n)
 
 
-def _detector_name(hdu, index: int) -> str:
+def truncation(hdu, n_bytes: int) -> str | None:
+    """Why the file cannot hold this HDU's data, or None when it can."""
+    try:
+        start = int(hdu.fileinfo()["datLoc"])
+    except Exception:
+        return None
+    needed = start + _announced_bytes(hdu)
+    if needed > n_bytes:
+        return f"truncated: file holds {n_bytes} bytes of the {needed} the header announces"
+    comp = getattr(hdu, "_bintable", None)
+    if comp is not None:  # a tile-compressed image: one table row per tile
+        h = comp.header
+        shape = [int(h.get(f"ZNAXIS{k}", 0)) for k in range(1, int(h.get("ZNAXIS", 0)) + 1)]
+        tiles = [int(h.get(f"ZTILE{k}", 1 if k > 1 else s)) for k, s in enumerate(shape, 1)]
+        expected = math.prod(math.ceil(s / max(t, 1)) for s, t in zip(shape, tiles))
+        if expected != int(h.get("NAXIS2", 0)):
+            return (f"damaged tile-compressed image: {h.get('NAXIS2')} tiles stored, "
+                    f"{expected} needed for {'x'.join(map(str, shape[::-1]))} pixels")
+    return None
+
+
+# ---------------------------------------------------------------------------- detectors
+
+
+def _shape(hdu) -> tuple[int, ...]:
+    return tuple(hdu.shape or ()) if _is_image_hdu(hdu) else ()
+
+
+def _is_image_hdu(hdu) -> bool:
+    return isinstance(hdu, (fits.PrimaryHDU, fits.ImageHDU, fits.CompImageHDU))
+
+
+def _extname(hdu) -> str:
     name = hdu.header.get("EXTNAME")
     if isinstance(hdu, fits.CompImageHDU) and name == "COMPRESSED_IMAGE":
         name = None
-    return str(name).strip() if name else str(index)
+    return str(name).strip() if name else ""
 
 
-def read_detectors(path: str | os.PathLike, cfg: IOConfig) -> list[DetectorImage | QualityError]:
+def _is_auxiliary(hdu) -> bool:
+    """An extension named as a mask, weight, variance, error map or table."""
+    words = set(re.split(r"[^a-z]+", _extname(hdu).lower())) - {""}
+    return bool(words & AUXILIARY_WORDS)
+
+
+def _is_image(hdu, cfg: IOConfig) -> bool:
+    """Whether an HDU is a candidate detector (from its header: the data are not read)."""
+    shape = _shape(hdu)
+    planes = math.prod(shape[:-2]) if len(shape) > 2 else 1
+    return (len(shape) >= 2 and math.prod(shape[-2:]) * planes >= cfg.min_image_pixels
+            and not _is_auxiliary(hdu))
+
+
+def _detector_name(hdu, index: int) -> str:
+    return _extname(hdu) or str(index)
+
+
+def detector_names(hdul, indices: list[int]) -> dict[int, str]:
+    """Unique detector ids: EXTNAME (or the index); a repeated name gets ``#2``, ``#3``..."""
+    names, used = {}, set()
+    for i in indices:
+        base = name = _detector_name(hdul[i], i)
+        k = 1
+        while name in used:
+            k += 1
+            name = f"{base}#{k}"
+        used.add(name)
+        names[i] = name
+    return names
+
+
+def _no_detector_reason(hdul, cfg: IOConfig) -> str:
+    """Why a file holds no detector, in words."""
+    images = [(i, h) for i, h in enumerate(hdul) if _is_image_hdu(h) and _shape(h)]
+    if not images:
+        tables = [type(h).__name__ for h in hdul if not _is_image_hdu(h)]
+        if tables:
+            return f"no image HDU: only tables ({', '.join(sorted(set(tables)))})"
+        return "no image data: the primary HDU is empty and there is no extension"
+    for i, h in images:
+        shape = _shape(h)
+        if len(shape) == 1:
+            return f"1-D data of {shape[0]} values in HDU {i}: not an image"
+    aux = [_extname(h) for _, h in images if _is_auxiliary(h)]
+    if aux and len(aux) == len(images):
+        return f"only mask, weight or table extensions ({', '.join(aux)}): no sky image"
+    i, h = images[0]
+    ny, nx = _shape(h)[-2:]
+    return (f"image of {nx}x{ny} pixels is smaller than the {cfg.min_image_pixels}-pixel "
+            "minimum (io.min_image_pixels)")
+
+
+def plan_detectors(path: str | os.PathLike, cfg: IOConfig) -> list[tuple[str, int, int]]:
+    """(detector, ny, nx) of every detector the file really holds, from its headers.
+
+    HDUs whose data the file does not hold (truncated, damaged tile tables) or whose size
+    is beyond ``io.max_image_pixels`` are left out, so a header claiming a huge image
+    cannot size the night's arrays. An unreadable file gives an empty list.
+    """
+    try:
+        with _open(Path(path)) as hdul:
+            indices = [i for i, h in enumerate(hdul) if _is_image(h, cfg)]
+            names = detector_names(hdul, indices)
+            out = []
+            for i in indices:
+                ny, nx = _shape(hdul[i])[-2:]
+                if (truncation(hdul[i], hdul.n_bytes) is None
+                        and ny * nx <= cfg.max_image_pixels):
+                    out.append((names[i], int(ny), int(nx)))
+            return out
+    except QualityError:
+        return []
+
+
+def read_detectors(path: str | os.PathLike, cfg: IOConfig,
+                   exposure: str | None = None) -> list[DetectorImage | QualityError]:
     """Read every detector (image HDU) of one exposure file.
 
     Returns one entry per detector: a :class:`DetectorImage`, or the :class:`QualityError`
-    that made that detector unreadable (the others are still returned).
+    that made that detector unreadable (the others are still returned). Extensions that
+    are masks, weights, variance maps or tables are not detectors; nor is an integer image
+    with few distinct values beside a sky image.
+
+    Parameters
+    ----------
+    exposure
+        The exposure id (default: the file name without its FITS suffixes).
 
     Raises
     ------
@@ -123,27 +353,40 @@ def read_detectors(path: str | os.PathLike, cfg: IOConfig) -> list[DetectorImage
         When the file itself cannot be read or holds no image.
     """
     path = Path(path)
+    exposure = exposure_id(path) if exposure is None else exposure
     with _open(path) as hdul:
         try:
             indices = [i for i, h in enumerate(hdul) if _is_image(h, cfg)]
         except Exception as e:
-            raise QualityError(f"corrupt FITS structure: {type(e).__name__}: {e}") from None
+            raise QualityError(f"corrupt FITS structure: {type(e).__name__}: {_short(e)}"
+                               ) from None
         if not indices:
-            raise QualityError("no image HDU in the file")
+            raise QualityError(_no_detector_reason(hdul, cfg))
+        names = detector_names(hdul, indices)
         primary = hdul[0].header
         out: list[DetectorImage | QualityError] = []
         for i in indices:
-            det = _detector_name(hdul[i], i)
+            det = names[i]
             try:
-                out.append(_read_hdu(hdul[i], primary if i else None, path, i, det,
-                                     len(indices), cfg))
+                out.append(_read_hdu(hdul[i], primary if i else None, hdul.n_bytes, path,
+                                     exposure, i, det, cfg))
             except QualityError as e:
                 e.metadata.update(detector=det, hdu=i)
                 out.append(e)
-            except Exception as e:  # truncated or corrupt data of this HDU
-                out.append(QualityError(f"unreadable HDU {i}: {type(e).__name__}: {e}",
+            except MemoryError:
+                out.append(QualityError(f"HDU {i} does not fit in memory: "
+                                        f"{'x'.join(map(str, _shape(hdul[i])[::-1]))} pixels",
                                         detector=det, hdu=i))
-        return out
+            except Exception as e:  # corrupt data of this HDU
+                out.append(QualityError(f"unreadable HDU {i}: {type(e).__name__}: "
+                                        f"{_short(e)}", detector=det, hdu=i))
+    sky = [d for d in out if not (isinstance(d, QualityError) and d.metadata.get("mask_like"))]
+    if sky and len(sky) < len(out):  # integer masks beside sky images: not detectors
+        out = sky
+    for d in out:
+        if isinstance(d, DetectorImage):
+            d.n_detectors = len(out)
+    return out
 
 
 def read_exposure(path: str | os.PathLike, cfg: IOConfig) -> list[DetectorImage]:
@@ -155,42 +398,67 @@ def read_exposure(path: str | os.PathLike, cfg: IOConfig) -> list[DetectorImage]
     return dets
 
 
-def _read_hdu(hdu, primary: fits.Header | None, path: Path, index: int, det: str,
-              n_detectors: int, cfg: IOConfig) -> DetectorImage:
+def _read_hdu(hdu, primary: fits.Header | None, n_bytes: int, path: Path, exposure: str,
+              index: int, det: str, cfg: IOConfig) -> DetectorImage:
     header = fits.Header(primary) if primary is not None else fits.Header()
     header.update(hdu.header)  # extension keywords win over the primary header's
+    meta = read_meta(header, cfg)
+    shape = _shape(hdu)
+    why = truncation(hdu, n_bytes)
+    if why:
+        raise QualityError(why, meta=meta)
+    ny, nx = shape[-2:]
+    if ny * nx > cfg.max_image_pixels:
+        raise QualityError(f"image of {nx}x{ny} pixels is larger than io.max_image_pixels "
+                           f"({cfg.max_image_pixels})", meta=meta)
+    planes = [s for s in shape[:-2] if s > 1]
+    if planes:
+        raise QualityError(f"{len(shape)}-D image ({'x'.join(map(str, shape[::-1]))}): "
+                           f"{math.prod(planes)} planes of {nx}x{ny} pixels, one expected",
+                           meta=meta)
+    if meta.image_type in CALIBRATION_TYPES:
+        raise QualityError(f"calibration frame: {meta.image_type} ({meta.image_type_source})",
+                           meta=meta, image_type=meta.image_type)
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
         raw = hdu.data
     if raw is None:
-        raise QualityError("image HDU without data")
+        raise QualityError("image HDU without data", meta=meta)
     data = np.asarray(raw)
     while data.ndim > 2 and data.shape[0] == 1:
         data = data[0]
     if data.ndim != 2:
-        raise QualityError(f"image of shape {data.shape} is not 2-D")
+        raise QualityError(f"image of shape {data.shape} is not 2-D", meta=meta)
+    if data.dtype.kind in "iub":
+        n_values = len(np.unique(data[:: max(1, data.shape[0] // 256),
+                                      :: max(1, data.shape[1] // 256)]))
+        if 1 < n_values <= MASK_MAX_VALUES and 1 < len(np.unique(data)) <= MASK_MAX_VALUES:
+            raise QualityError(f"integer image with only {len(np.unique(data))} distinct "
+                               "values: a mask, not a sky image", meta=meta, mask_like=True)
     data = np.ascontiguousarray(data, dtype=np.float32)  # native order, as sep needs
     flags = 0
 
-    meta = read_meta(header, cfg)
     if meta.fallbacks:
         flags |= bits("HEADER_FALLBACK")
     if meta.pixscale_source == "none":
         flags |= bits("NO_PIXSCALE")
 
-    data, trimmed = _trim_overscan(data, header, cfg)
+    data, trimmed, bias_subtracted = _trim_overscan(data, header, cfg)
     if trimmed:
         flags |= bits("OVERSCAN_TRIMMED")
+    if min(data.shape) < 8:
+        raise QualityError(f"image of {data.shape[1]}x{data.shape[0]} pixels after "
+                           "overscan trimming is too small to measure", meta=meta)
 
     finite = np.isfinite(data)
     if not finite.any():
-        raise QualityError("no finite pixel (all NaN or infinite)")
+        raise QualityError("no finite pixel (all NaN or infinite)", meta=meta)
     if not finite.all():
         flags |= bits("NONFINITE_PIXELS")
     lo, hi = np.min(data, where=finite, initial=np.inf), np.max(data, where=finite,
                                                                 initial=-np.inf)
     if lo == hi:
-        raise QualityError(f"constant frame: every finite pixel is {lo:g}")
+        raise QualityError(f"constant frame: every finite pixel is {lo:g}", meta=meta)
 
     if not math.isfinite(meta.saturate_adu):
         n_at_max = int(np.count_nonzero(data == hi))
@@ -203,11 +471,19 @@ def _read_hdu(hdu, primary: fits.Header | None, path: Path, index: int, det: str
         frac = float(saturated.mean())
         if frac > MOSTLY_SATURATED:
             raise QualityError(f"mostly saturated: {100 * frac:.0f}% of pixels at or above "
-                               f"{meta.saturate_adu:g} ADU")
+                               f"{meta.saturate_adu:g} ADU", meta=meta)
         if frac > LARGELY_SATURATED:
             flags |= bits("SATURATED_LARGE")
         mask |= saturated
     data[~finite] = 0.0
+
+    unexposed = unexposed_lines(data, mask, bias_level=0.0 if bias_subtracted else None)
+    if unexposed.any():
+        if unexposed.mean() > MOSTLY_SATURATED:
+            raise QualityError(f"unexposed: {100 * unexposed.mean():.0f}% of the pixels lie "
+                               "in rows or columns at the bias level", meta=meta)
+        mask |= unexposed
+        flags |= bits("UNEXPOSED_MASKED")
 
     if _is_bayer(header, cfg):
         data, mask = bin2x2(data), bin2x2(mask.astype(np.float32)) > 0
@@ -217,9 +493,53 @@ def _read_hdu(hdu, primary: fits.Header | None, path: Path, index: int, det: str
             meta.saturate_adu *= 4
         flags |= bits("BAYER_BINNED")
 
-    return DetectorImage(exposure=exposure_id(path), detector=det, hdu=index, path=str(path),
+    return DetectorImage(exposure=exposure, detector=det, hdu=index, path=str(path),
                          data=np.ascontiguousarray(data), mask=np.ascontiguousarray(mask),
-                         meta=meta, n_detectors=n_detectors, qa_flags=flags)
+                         meta=meta, n_detectors=1, qa_flags=flags)
+
+
+def unexposed_lines(data: np.ndarray, mask: np.ndarray,
+                    bias_level: float | None = None) -> np.ndarray:
+    """Pixels of rows and columns that received no light (at the bias level).
+
+    A row (column) is unexposed when its median lies far below the frame's sky
+    (:data:`UNEXPOSED_DEFICIT_SIGMA` pixel sigmas) and it carries no photon noise (its
+    pixel-to-pixel noise under :data:`UNEXPOSED_NOISE_RATIO` of the frame's) or, when the
+    overscan level was subtracted (``bias_level``), it sits at that level. Such lines
+    (a shutter shadow, an unread band, a prescan the header does not name) would read as
+    a sky defect; vignetting dims a line without taking its photon noise away.
+
+    Returns
+    -------
+    numpy.ndarray
+        bool, the shape of ``data``: True on unexposed rows and columns.
+    """
+    out = np.zeros(data.shape, dtype=bool)
+    good = np.where(mask, np.nan, data.astype(np.float64))
+    if np.isnan(good).all():
+        return out
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", RuntimeWarning)
+        sky = float(np.nanmedian(good))
+        for axis in (1, 0):  # rows, then columns
+            level = np.nanmedian(good, axis=axis)
+            diff = np.diff(good, axis=axis)
+            noise = 1.4826 * np.nanmedian(
+                np.abs(diff - np.nanmedian(diff, axis=axis, keepdims=True)), axis=axis
+            ) / math.sqrt(2)
+            frame_noise = float(np.nanmedian(noise))
+            if not (math.isfinite(frame_noise) and frame_noise > 0):
+                continue
+            low = level < sky - UNEXPOSED_DEFICIT_SIGMA * frame_noise
+            quiet = noise < UNEXPOSED_NOISE_RATIO * frame_noise
+            at_bias = (np.zeros_like(low) if bias_level is None
+                       else level - bias_level < 0.25 * (sky - bias_level))
+            lines = np.nan_to_num(low & (quiet | at_bias)).astype(bool)
+            if axis == 1:
+                out[lines, :] = True
+            else:
+                out[:, lines] = True
+    return out
 
 
 def bin2x2(a: np.ndarray) -> np.ndarray:
@@ -253,23 +573,24 @@ def _section(text) -> tuple[slice, slice] | None:
 
 
 def _trim_overscan(data: np.ndarray, header: fits.Header, cfg: IOConfig):
+    """(trimmed data, whether trimmed, whether the overscan level was subtracted)."""
     if cfg.overscan == "none":
-        return data, False
+        return data, False, False
     datasec = _section(header.get("TRIMSEC") or header.get("DATASEC"))
     if datasec is None:
-        return data, False
+        return data, False, False
     ys, xs = datasec
     if ys.stop > data.shape[0] or xs.stop > data.shape[1]:
-        return data, False
+        return data, False, False
     if (ys.stop - ys.start, xs.stop - xs.start) == data.shape:
-        return data, False
+        return data, False, False
     biassec = _section(header.get("BIASSEC"))
-    bias = 0.0
+    bias, subtracted = 0.0, False
     if biassec is not None:
         region = data[biassec]
         if region.size and np.isfinite(region).any():
-            bias = float(np.nanmedian(region))
-    return np.ascontiguousarray(data[ys, xs] - np.float32(bias)), True
+            bias, subtracted = float(np.nanmedian(region)), True
+    return np.ascontiguousarray(data[ys, xs] - np.float32(bias)), True, subtracted
 
 
 def _first(header: fits.Header, keys: tuple[str, ...]):
@@ -280,7 +601,22 @@ def _first(header: fits.Header, keys: tuple[str, ...]):
     return None
 
 
+def _first_key(header: fits.Header, keys: tuple[str, ...], positive: bool = False):
+    """(keyword, float value) of the first keyword with a usable number, else (None, NaN).
+
+    With ``positive``, zero and negative values count as unknown (a camera that writes
+    ``GAIN = 0`` or ``SATURATE = 0`` does not know them).
+    """
+    for k in keys:
+        v = _as_float(header.get(k))
+        if math.isfinite(v) and (v > 0 or not positive):
+            return k, v
+    return None, math.nan
+
+
 def _as_float(value) -> float:
+    if isinstance(value, bool):
+        return math.nan
     try:
         v = float(value)
     except (TypeError, ValueError):
@@ -289,16 +625,21 @@ def _as_float(value) -> float:
 
 
 def read_meta(header: fits.Header, cfg: IOConfig) -> FrameMeta:
-    """Header facts with configuration fallbacks; see io-contract.md for the keywords."""
+    """Header facts with configuration fallbacks; see io-contract.md for the keywords.
+
+    Gain, read noise and saturation of zero or less mean unknown. The image type comes
+    from IMAGETYP / OBSTYPE / FRAMETYP / IMGTYPE / FRAME, else from the exposure time
+    (0 s: a bias), else it is taken to be a light frame.
+    """
     meta = FrameMeta()
     fallbacks = []
     config_value = {"gain_e_per_adu": cfg.gain_e_per_adu, "read_noise_e": cfg.read_noise_e,
                     "saturate_adu": cfg.saturate_adu}
     for name in ("exptime_s", "airmass", "gain_e_per_adu", "read_noise_e", "saturate_adu"):
-        value = _as_float(_first(header, KEYS[name]))
-        if math.isnan(value) and name in config_value and config_value[name] is not None:
+        key, value = _first_key(header, KEYS[name], positive=name in config_value)
+        if key is None and name in config_value and config_value[name] is not None:
             value = float(config_value[name])
-        if math.isnan(_as_float(_first(header, KEYS[name]))) and name in EXPECTED:
+        if key is None and name in EXPECTED:
             fallbacks.append(KEYS[name][0])
         setattr(meta, name, value)
     for name in ("filter", "object", "expnum"):
@@ -307,9 +648,36 @@ def read_meta(header: fits.Header, cfg: IOConfig) -> FrameMeta:
     meta.date_obs, meta.mjd_obs = parse_date(header)
     if not meta.date_obs and math.isnan(meta.mjd_obs):
         fallbacks.append("DATE-OBS")
-    meta.pixscale_arcsec, meta.pixscale_source = pixel_scale(header, cfg)
+    meta.pixscale_arcsec, meta.pixscale_source, meta.pixscale_keyword = \
+        pixel_scale_and_keyword(header, cfg)
+    meta.image_type, meta.image_type_source = image_type(header)
     meta.fallbacks = tuple(fallbacks)
     return meta
+
+
+def image_type(header: fits.Header) -> tuple[str, str]:
+    """The kind of frame (light, bias, dark, flat, arc) and what says so.
+
+    Returns
+    -------
+    tuple
+        ``(kind, source)``: e.g. ``("bias", "IMAGETYP = 'Bias Frame'")``,
+        ``("bias", "EXPTIME = 0")`` or ``("light", "default")``.
+    """
+    for key in IMAGE_TYPE_KEYS:
+        value = header.get(key)
+        if not isinstance(value, str) or not value.strip():
+            continue
+        words = re.split(r"[^a-z]+", value.lower())
+        text = "".join(words)
+        for kind, names in IMAGE_TYPES:
+            if any(n in words for n in names) or any(
+                    text.startswith(n) for n in names if len(n) > 3):
+                return kind, f"{key} = '{value.strip()}'"
+    key, exptime = _first_key(header, KEYS["exptime_s"])
+    if key is not None and exptime == 0:
+        return "bias", f"{key} = 0"
+    return "light", "default"
 
 
 def parse_date(header: fits.Header) -> tuple[str, float]:
@@ -339,42 +707,117 @@ def parse_date(header: fits.Header) -> tuple[str, float]:
         except ValueError:
             iso = ""
     if not iso and not math.isnan(mjd):
+        try:
+            with warnings.catch_warnings():
+                warnings.simplefilter("ignore")
+                iso = Time(mjd, format="mjd", scale="utc").isot
+        except ValueError:
+            mjd = math.nan
+    return iso, mjd
+
+
+def _celestial(header: fits.Header) -> bool:
+    ctype = str(header.get("CTYPE1", "")).strip().upper()
+    return bool(re.match(r"(RA|DEC|GLON|GLAT|ELON|ELAT|[A-Z]LON|[A-Z]LAT)-", ctype))
+
+
+def _plausible(scale_arcsec: float) -> bool:
+    return math.isfinite(scale_arcsec) and 1e-3 < scale_arcsec < 3600
+
+
+def _wcs_scale(header: fits.Header) -> float:
+    from astropy.wcs import WCS
+    from astropy.wcs.utils import proj_plane_pixel_scales
+
+    linear = header.copy(strip=True)
+    for key in [k for k in linear if re.match(r"(A|B|AP|BP)_(\d+_\d+|ORDER|DMAX)$", k)]:
+        del linear[key]  # SIP distortion does not change the scale at the reference pixel
+    try:
         with warnings.catch_warnings():
             warnings.simplefilter("ignore")
-            iso = Time(mjd, format="mjd", scale="utc").isot
-    return iso, mjd
+            wcs = WCS(linear, naxis=2).celestial
+        if wcs.naxis == 2:
+            scales = proj_plane_pixel_scales(wcs) * 3600.0
+            return float(np.sqrt(scales[0] * scales[1]))
+    except Exception:  # a broken WCS falls back to keywords
+        pass
+    return math.nan
+
+
+def _linear_scale(header: fits.Header) -> tuple[float, str]:
+    """Scale from a CD matrix or CDELT without a celestial CTYPE, taken as degrees/px.
+
+    ``CDELT = 1`` is the identity that many writers leave (pixel units): not a scale.
+    """
+    cd = [_as_float(header.get(k)) for k in ("CD1_1", "CD1_2", "CD2_1", "CD2_2")]
+    if all(math.isfinite(v) for v in cd):
+        det = abs(cd[0] * cd[3] - cd[1] * cd[2])
+        if 0 < det and math.sqrt(det) < 1:
+            return math.sqrt(det) * 3600.0, "CD1_1"
+    c1, c2 = _as_float(header.get("CDELT1")), _as_float(header.get("CDELT2"))
+    values = [abs(v) for v in (c1, c2) if math.isfinite(v) and 0 < abs(v) < 1]
+    if values:
+        return math.prod(values) ** (1 / len(values)) * 3600.0, "CDELT1"
+    return math.nan, ""
+
+
+def _binned_pixel_um(header: fits.Header, key: str) -> float:
+    """Pixel size in microns as the image holds it.
+
+    MaxIm DL and the SBIG FITS extensions write ``XPIXSZ`` after binning ("Pixel Width in
+    microns (after binning)"); only a comment saying it is unbinned makes us multiply by
+    ``XBINNING``.
+    """
+    size = _as_float(header.get(key))
+    comment = str(header.comments[key]).lower() if key in header else ""
+    if "unbinned" in comment or "before binning" in comment:
+        binning = _as_float(header.get("XBINNING" if key.startswith("X") else "YBINNING"))
+        size *= binning if math.isfinite(binning) and binning > 0 else 1
+    return size
+
+
+def pixel_scale_and_keyword(header: fits.Header, cfg: IOConfig) -> tuple[float, str, str]:
+    """Pixel scale (arcsec/px), its source (wcs, keyword, config or none) and keyword(s).
+
+    Tried in order: a celestial WCS; IM_SCALE, PIXSCALE, SECPIX(1/2), PIXSCAL1/2, SCALE;
+    PLTSCALE (arcsec/mm) times the pixel size (XPIXELSZ or XPIXSZ, microns); a CD matrix or
+    CDELT without a celestial CTYPE (degrees/px); XPIXSZ (microns, after binning) with
+    FOCALLEN (mm); the configured value.
+    """
+    if any(k in header for k in ("CD1_1", "CDELT1", "PC1_1")) and _celestial(header):
+        scale = _wcs_scale(header)
+        if _plausible(scale):
+            return scale, "wcs", "WCS"
+    key, value = _first_key(header, PIXSCALE_KEYS, positive=True)
+    if key and _plausible(value):
+        if key in ("SECPIX1", "PIXSCAL1"):
+            other = _as_float(header.get(key[:-1] + "2"))
+            value = math.sqrt(value * other) if _plausible(other) else value
+        return value, "keyword", key
+    plate = _as_float(header.get("PLTSCALE"))
+    for size_key in ("XPIXELSZ", "XPIXSZ"):
+        value = plate * _binned_pixel_um(header, size_key) / 1000 if size_key in header else math.nan
+        if _plausible(value):
+            return value, "keyword", f"PLTSCALE*{size_key}"
+    value, key = _linear_scale(header)
+    if key and _plausible(value) and not _celestial(header):
+        return value, "keyword", key
+    focal = _as_float(header.get("FOCALLEN"))
+    if "XPIXSZ" in header and math.isfinite(focal) and focal > 0:
+        value = 206.265 * _binned_pixel_um(header, "XPIXSZ") / focal
+        if "YPIXSZ" in header:
+            value = math.sqrt(value * 206.265 * _binned_pixel_um(header, "YPIXSZ") / focal)
+        if _plausible(value):
+            return value, "keyword", "XPIXSZ/FOCALLEN"
+    if cfg.pixscale_arcsec is not None:
+        return float(cfg.pixscale_arcsec), "config", "io.pixscale_arcsec"
+    return math.nan, "none", ""
 
 
 def pixel_scale(header: fits.Header, cfg: IOConfig) -> tuple[float, str]:
     """Pixel scale (arcsec/px) and where it came from: wcs, keyword, config or none."""
-    if any(k in header for k in ("CD1_1", "CDELT1", "PC1_1")) and "CTYPE1" in header:
-        from astropy.wcs import WCS
-        from astropy.wcs.utils import proj_plane_pixel_scales
-
-        linear = header.copy(strip=True)
-        for key in [k for k in linear if re.match(r"(A|B|AP|BP)_(\d+_\d+|ORDER|DMAX)$", k)]:
-            del linear[key]  # SIP distortion does not change the scale at the reference pixel
-        try:
-            with warnings.catch_warnings():
-                warnings.simplefilter("ignore")
-                wcs = WCS(linear, naxis=2).celestial
-            if wcs.naxis == 2:
-                scales = proj_plane_pixel_scales(wcs) * 3600.0
-                scale = float(np.sqrt(scales[0] * scales[1]))
-                if math.isfinite(scale) and 1e-3 < scale < 3600:
-                    return scale, "wcs"
-        except Exception:  # a broken WCS falls back to keywords
-            pass
-    value = _as_float(_first(header, KEYS["pixscale_arcsec"]))
-    if not (math.isfinite(value) and value > 0):  # photographic plates: arcsec/mm x mm/px
-        value = _as_float(header.get("PLTSCALE")) * _as_float(header.get("XPIXELSZ")) / 1000
-    if not (math.isfinite(value) and value > 0):  # camera pixel (um) and focal length (mm)
-        value = 206.265 * _as_float(header.get("XPIXSZ")) / _as_float(header.get("FOCALLEN"))
-    if math.isfinite(value) and value > 0:
-        return value, "keyword"
-    if cfg.pixscale_arcsec is not None:
-        return float(cfg.pixscale_arcsec), "config"
-    return math.nan, "none"
+    scale, source, _ = pixel_scale_and_keyword(header, cfg)
+    return scale, source
 
 
 # ---------------------------------------------------------------------------- Parquet
@@ -418,6 +861,13 @@ def mask_fits_path(out_root: str | os.PathLike, night: str, exposure: str) -> Pa
     return Path(out_root) / "masks" / f"night={night}" / f"{exposure}.fits"
 
 
+def fits_text(value: str, limit: int = 68) -> str:
+    """A header-safe version of any text: printable ASCII, non-ASCII letters escaped."""
+    text = str(value).encode("ascii", "backslashreplace").decode("ascii")
+    text = "".join(c if 32 <= ord(c) < 127 else "?" for c in text)
+    return text[:limit]
+
+
 def write_mask_fits(path: str | os.PathLike, masks: dict[str, np.ndarray],
                     cards: dict[str, tuple]) -> Path:
     """Write full-resolution masks, one PLIO-compressed uint8 HDU per detector, atomically.
@@ -425,18 +875,23 @@ def write_mask_fits(path: str | os.PathLike, masks: dict[str, np.ndarray],
     Parameters
     ----------
     masks
-        ``{detector: (ny, nx) bool}``; each HDU is named after its detector.
+        ``{detector: (ny, nx) bool}``; each HDU is named after its detector (made
+        printable ASCII, as FITS headers require; ``DETECTOR`` keeps the escaped id).
     cards
-        Header keywords of every HDU, ``{KEY: (value, comment)}``.
+        Header keywords of every HDU, ``{KEY: (value, comment)}``; text values are made
+        printable ASCII (a file name with spaces or accents is escaped, never refused).
     """
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     hdus = [fits.PrimaryHDU()]
     for detector, mask in masks.items():
-        hdu = fits.CompImageHDU(np.asarray(mask, dtype=np.uint8), name=detector,
+        hdu = fits.CompImageHDU(np.asarray(mask, dtype=np.uint8), name=fits_text(detector),
                                 compression_type="PLIO_1")
+        hdu.header["DETECTOR"] = (fits_text(detector), "detector id in the catalog")
         for key, (value, comment) in cards.items():
-            hdu.header[key] = (value, comment)
+            if isinstance(value, str):
+                value = fits_text(value)
+            hdu.header[key] = (value, fits_text(comment, 40))
         hdus.append(hdu)
     tmp = path.parent / f".{path.name}.{uuid.uuid4().hex}.tmp"
     try:
@@ -463,20 +918,35 @@ def setup_zarr(path: str | os.PathLike, frames: list[tuple[str, str]], variables
         (exposure, detector) of every detector of the night. A frame already in the store
         keeps its index; new ones are appended, so a re-run writes to the same place.
     variables
-        name -> (per-frame shape, dimension names after "frame", dtype, fill value).
+        name -> (per-frame shape, dimension names after "frame", dtype, fill value). An
+        existing variable keeps its per-frame shape (a frame larger than it gets its
+        arrays skipped, see :func:`write_frame`).
 
     Returns
     -------
     dict
         (exposure, detector) -> frame index.
+
+    Raises
+    ------
+    StoreDamaged
+        When an existing store cannot be read (a damaged ``zarr.json`` or coordinate
+        chunk); the caller rebuilds it.
     """
     import zarr
 
     path = Path(path)
-    root = zarr.open_group(str(path), mode="a", zarr_format=3)
     known: list[tuple[str, str]] = []
-    if "exposure" in root:
-        known = list(zip(root["exposure"][:].tolist(), root["detector"][:].tolist()))
+    try:
+        root = zarr.open_group(str(path), mode="a", zarr_format=3)
+        if "exposure" in root:
+            known = list(zip(root["exposure"][:].tolist(), root["detector"][:].tolist()))
+        for name in variables:
+            if name in root:
+                root[name].shape  # noqa: B018 -- reads the array's metadata
+    except Exception as e:
+        raise StoreDamaged(f"damaged array store {path}: {type(e).__name__}: {_short(e)}"
+                           ) from None
     index = {key: i for i, key in enumerate(known)}
     for key in frames:
         if key not in index:
@@ -494,8 +964,8 @@ def setup_zarr(path: str | os.PathLike, frames: list[tuple[str, str]], variables
     for name, (shape, dims, dtype, fill) in variables.items():
         full = (n, *shape)
         if name in root:
-            if root[name].shape != full:
-                root[name].resize(full)
+            if root[name].shape[0] != n:
+                root[name].resize((n, *root[name].shape[1:]))
             continue
         root.create_array(name, shape=full, dtype=dtype, chunks=(1, *shape),
                           fill_value=fill, dimension_names=("frame", *dims),
@@ -503,14 +973,58 @@ def setup_zarr(path: str | os.PathLike, frames: list[tuple[str, str]], variables
     return index
 
 
-def write_frame(path: str | os.PathLike, index: int, values: dict[str, np.ndarray]) -> None:
-    """Write one frame's arrays into its own chunk-aligned region of the store."""
+class StoreDamaged(Exception):
+    """The night's array store exists but cannot be read."""
+
+
+def store_damage(path: str | os.PathLike) -> str | None:
+    """Why an existing array store cannot be used, or None (also when there is none).
+
+    Reads the group and array metadata, the coordinates and the per-frame stamp counts:
+    a damaged ``zarr.json`` or chunk there is found before any work starts.
+    """
+    import zarr
+
+    path = Path(path)
+    if not path.exists():
+        return None
+    try:
+        root = zarr.open_group(str(path), mode="r")
+        for name in ("exposure", "detector", "n_stamps"):
+            if name in root:
+                root[name][:]
+        for _, arr in root.arrays():
+            arr.shape  # noqa: B018 -- reads the array's metadata
+    except Exception as e:
+        return f"damaged array store {path}: {type(e).__name__}: {_short(e)}"
+    return None
+
+
+def remove_store(path: str | os.PathLike) -> None:
+    """Remove a night's array store (to rebuild it)."""
+    import shutil
+
+    shutil.rmtree(path, ignore_errors=True)
+
+
+def write_frame(path: str | os.PathLike, index: int, values: dict[str, np.ndarray]) -> bool:
+    """Write one frame's arrays into its own chunk-aligned region of the store.
+
+    Returns False (and writes nothing) when a value is larger than the store's per-frame
+    shape, e.g. a detector larger than every frame planned for the night.
+    """
     import zarr
 
     root = zarr.open_group(str(path), mode="r+")
+    blocks = {}
     for name, value in values.items():
         arr = root[name]
-        block = np.full(arr.shape[1:], arr.fill_value, dtype=arr.dtype)
         value = np.asarray(value, dtype=arr.dtype)
+        if value.ndim != arr.ndim - 1 or any(v > s for v, s in zip(value.shape, arr.shape[1:])):
+            return False
+        block = np.full(arr.shape[1:], arr.fill_value, dtype=arr.dtype)
         block[tuple(slice(0, s) for s in value.shape)] = value
-        arr[index] = block
+        blocks[name] = block
+    for name, block in blocks.items():
+        root[name][index] = block
+    return True

@@ -26,6 +26,9 @@ class FrameMeta:
     saturate_adu: float = math.nan
     pixscale_arcsec: float = math.nan
     pixscale_source: str = "none"  # wcs | keyword | config | none
+    pixscale_keyword: str = ""  # the keyword(s) it came from, e.g. "IM_SCALE", "XPIXSZ/FOCALLEN"
+    image_type: str = "light"  # light | bias | dark | flat | arc
+    image_type_source: str = "default"  # e.g. "IMAGETYP = 'Bias Frame'", "EXPTIME = 0"
     fallbacks: tuple[str, ...] = ()  # header keywords replaced by configuration values
 
 

@@ -1,12 +1,18 @@
 """The ``survey-qa`` command: a thin layer; each command's body is one function call.
 
     survey-qa --night 2024-03-01 [--raw-root DIR] [--out-root DIR] [--config FILE]
-              [--cluster local|slurm] [--workers N] [--force]
+              [--cluster local|slurm] [--workers N] [--force] [--demo]
+    survey-qa demo [--night 2024-03-01] [...]   # simulate the demo night (once), then run it
     survey-qa simulate --night 2024-03-01 --frames 100 [--seed S] [--size 4096]
                        [--mix balanced|realistic] [--domain default|wide] [--workers N]
     survey-qa train autoencoder|som|classifier --out-root DIR [--night N ...] [options]
     survey-qa evaluate --out-root DIR --raw-root DIR --night N [--night N ...]
     survey-qa config            # print the configuration in force, as YAML
+
+Exit codes: 0 the night was processed (unreadable frames get failed rows); 2 a wrong
+argument or configuration (no night folder, broken YAML...); 3 the run cannot be done in
+this environment (out-root not writable or full); 4 another run holds the same night and
+out-root.
     survey-qa report --night N  # the night's HTML report
     survey-qa watch --night N [--until HH:MM] [--on-bad CMD]   # rate frames as they land
     survey-qa select --night N [--where EXPR | --class C] [--copy-to DIR | --link-to DIR]
@@ -20,9 +26,10 @@ from pathlib import Path
 
 import yaml
 
-from survey_qa.config import Config, RunConfig, load_config
+from survey_qa.config import Config, load_config
+from survey_qa.pipeline.errors import RunEnvironmentError
 
-DEFAULT_RAW_ROOT = RunConfig().raw_root
+DEMO_NIGHT = "2024-03-01"
 
 
 def _common(p: argparse.ArgumentParser) -> None:
@@ -38,6 +45,9 @@ def _night_parser() -> argparse.ArgumentParser:
                "(each with --help).")
     p.add_argument("--night", required=True, help="YYYY-MM-DD: the folder <raw-root>/<night>")
     _common(p)
+    p.add_argument("--demo", action="store_true",
+                   help="write the simulated demo night into <raw-root>/<night> first when "
+                        "that folder does not exist (never without this option)")
     p.add_argument("--cluster", choices=("local", "slurm"), help="where the work runs")
     p.add_argument("--workers", type=int, help="local worker processes, or SLURM worker jobs")
     p.add_argument("--force", action="store_true", default=None,
@@ -65,7 +75,10 @@ def night_main(argv: list[str]) -> int:
     a = _night_parser().parse_args(argv)
     cfg = load_config(a.config, _overrides(a))
     raw = Path(cfg.run.raw_root)
-    if not (raw / a.night).is_dir() and cfg.run.raw_root == DEFAULT_RAW_ROOT:
+    if not (raw / a.night).is_dir():
+        if not a.demo:
+            raise ValueError(f"no night folder {raw / a.night} (check --night and "
+                             "--raw-root; `survey-qa demo` simulates a demo night)")
         from survey_qa.flows.simulate import demo_night
 
         print(f"no frames in {raw / a.night}: simulating the demo night there "
@@ -258,8 +271,15 @@ def select_main(argv: list[str]) -> int:
     return 0
 
 
-COMMANDS = {"simulate": simulate_main, "train": train_main, "evaluate": evaluate_main,
-            "config": config_main}
+def demo_main(argv: list[str]) -> int:
+    """``survey-qa demo``: the nightly job on the simulated demo night."""
+    if not any(a == "--night" or a.startswith("--night=") for a in argv):
+        argv = ["--night", DEMO_NIGHT, *argv]
+    return night_main([*argv, "--demo"])
+
+
+COMMANDS = {"demo": demo_main, "simulate": simulate_main, "train": train_main,
+            "evaluate": evaluate_main, "config": config_main}
 
 COMMANDS.update(report=report_main, watch=watch_main, select=select_main)
 
@@ -273,6 +293,9 @@ def main(argv: list[str] | None = None) -> int:
     except ValueError as e:  # a wrong argument or configuration: say it, exit non-zero
         print(f"survey-qa: error: {e}", file=sys.stderr)
         return 2
+    except RunEnvironmentError as e:  # out-root not writable or full, night locked
+        print(f"survey-qa: error: {e}", file=sys.stderr)
+        return e.exit_code
 
 
 if __name__ == "__main__":

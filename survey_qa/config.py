@@ -64,6 +64,9 @@ class IOConfig:
     min_image_pixels: int = F(
         64 * 64, "Smaller image HDUs (thumbnails, tables) are not treated as detectors.",
         range=(1, None))
+    max_image_pixels: int = F(
+        2 ** 28, "Larger images (a damaged or hostile header) fail with a reason instead of "
+        "being read; 2**28 is 16384x16384.", range=(1, None))
 
 
 @dataclass
@@ -256,7 +259,9 @@ class ClusterConfig:
                         "slurm.max_jobs).", range=(0, 4096))
     threads_per_worker: int = F(1, "Threads per local worker.", range=(1, 256))
     memory_limit: str = F("auto", "Memory limit per local worker.")
-    dashboard_address: str | None = F(":8787", "Dask dashboard; None disables it.")
+    dashboard_address: str | None = F(
+        ":0", "Dask dashboard address; ':0' takes a free port (printed on start), None "
+        "disables it.")
     slurm: SlurmConfig = field(default_factory=SlurmConfig)
 
 
@@ -273,6 +278,9 @@ class RunConfig:
     classifier_weights: str | None = F(
         None, "Learned classifier weights (.safetensors); None: the packaged weights.")
     progress: bool = F(True, "Show a progress bar.")
+    min_free_mb: float = F(
+        200.0, "Free space (MiB) the out-root must have before a night starts.",
+        range=(0.0, None))
 
 
 @dataclass
@@ -381,8 +389,18 @@ def load_config(path: str | os.PathLike | None = None,
     cfg = Config()
     path = path or os.environ.get("SURVEY_QA_CONFIG")
     if path:
-        text = Path(path).read_text()
-        data = yaml.safe_load(text) or {}
+        try:
+            text = Path(path).read_text()
+        except OSError as e:
+            raise ValueError(f"configuration file {path}: {e.strerror or e}") from None
+        try:
+            data = yaml.safe_load(text) or {}
+        except yaml.YAMLError as e:
+            where = getattr(e, "problem_mark", None)
+            at = f" (line {where.line + 1}, column {where.column + 1})" if where else ""
+            problem = getattr(e, "problem", None) or type(e).__name__
+            raise ValueError(f"configuration file {path} is not valid YAML{at}: "
+                             f"{problem}") from None
         if not isinstance(data, dict):
             raise ValueError(f"{path}: the configuration must be a mapping")
         cfg = _merge(cfg, data)

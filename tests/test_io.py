@@ -142,7 +142,7 @@ def test_truncated_file(tmp_path):
 def test_not_a_fits_file(tmp_path):
     p = tmp_path / "notes.fits"
     p.write_text("this is a text file, not a FITS image\n" * 50)
-    with pytest.raises(QualityError, match="unreadable FITS file"):
+    with pytest.raises(QualityError, match="not a FITS file"):
         io.read_detectors(p, IOConfig())
 
 
