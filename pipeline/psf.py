@@ -125,8 +125,30 @@ TRAIL_FACTOR = math.sqrt(12.0) * pm.SIGMA_PER_FWHM
 
 TRAILED_MODEL_MIN_RATIO = 0.5
 TRAILED_MODEL_MIN_COHERENCE = 0.5
-TRAILED_MODEL_STARS = 40
-"""When and on how many stars the shared-motion model is fitted."""
+TRAILED_MODEL_STARS = 20
+TRAILED_MODEL_MAX_NFEV = 30
+"""When, on how many stars and with how many model evaluations the shared-motion model is
+fitted (its four shared parameters are pinned down by the brightest few stars)."""
+
+ELLIPTICITY_NOISE_SNR = 2.0
+"""Noise of each spin-2 component of a star's ellipticity ``1 - b/a`` at aperture S/N
+``nu``: ``2 / nu`` (Bernstein & Jarvis 2002, AJ 123, 583, for a well-sampled star), divided
+by the resolution ``(FWHM / FWHM_pixel-convolved)^2`` that the pixel leaves: the fitted,
+pixel-deconvolved shape of an undersampled star is that much noisier."""
+
+SHAPE_SYSTEMATIC = 0.01
+"""Ellipticity to which a Moffat describes a real star's shape whatever its S/N: the floor
+of a star's ellipticity error, so that the brightest few stars do not take all the weight."""
+
+ELONGATION_MIN_SIGNIFICANCE = 3.0
+"""A shared elongation under this many standard errors is not told apart from noise and
+optics: the trail ratio is then 0 (and no shared-motion model is fitted)."""
+
+MIN_SEEING_BETA = 2.0
+"""Moffat beta below which a profile has no finite second moment: no seeing-limited PSF.
+Undersampled stars do not constrain beta (the core lies inside one pixel) and a fit can run
+to beta ~1.4 with a tiny FWHM that describes the same pixels; the seeing FWHM is then the
+one that, at this beta, gives the measured pixel-convolved FWHM."""
 
 DOUBLING_MIN_SNR = 10.0
 DOUBLING_MIN_SEP_FWHM = 1.5
@@ -136,6 +158,19 @@ DOUBLING_MIN_EXCESS = 5.0
 DOUBLING_LOCUS_TOL = 0.25
 DOUBLING_MIN_SHARE = 0.2
 """Doubled stars (a jump): see :func:`detect_doubling`."""
+
+@dataclass
+class PSFMeasurement(PSFResult):
+    """:class:`PSFResult` with the PSF as the pixels record it.
+
+    ``fwhm_image_px`` is the FWHM of the fitted profile convolved with the pixel (the
+    geometric mean of its axes, any elongation included): the quantity PSFEx's PSF model
+    and SourceExtractor's ``FWHM_IMAGE`` describe, never under 1 px. ``fwhm_px`` is the
+    seeing before the pixel and before image motion (the catalog's ``fwhm_px``).
+    """
+
+    fwhm_image_px: float = math.nan
+
 
 REJECT_FLAGS = bits("BLENDED", "TRUNCATED", "SATURATED", "NEAR_EDGE", "NOT_ISOLATED",
                     "EXTENDED", "COMPACT", registry=SOURCE_FLAGS)
@@ -304,12 +339,18 @@ def select_psf_stars(sources: pd.DataFrame, shape: tuple[int, int],
 def fit_order(sources: pd.DataFrame, psf_star: np.ndarray, cfg: PSFConfig) -> np.ndarray:
     """Indices of the stars that are fitted, best S/N first.
 
-    At most ``cfg.max_stars``, and fewer when their stamps are large: the fit holds at most
+    At most ``cfg.max_stars``, spread evenly over the S/N ranks of the selected stars, and
+    fewer when their stamps are large: the fit holds at most
     ``MAX_FIT_SAMPLES`` model samples (but never fewer than ``cfg.min_stars`` stars).
     """
     idx = np.flatnonzero(np.asarray(psf_star, bool))
     snr = sources["snr"].to_numpy(float)[idx]
-    order = idx[np.argsort(-snr, kind="stable")][:cfg.max_stars]
+    order = idx[np.argsort(-snr, kind="stable")]
+    if order.size > cfg.max_stars:
+        # Evenly spaced in S/N rank, not only the brightest: a detector whose saturation
+        # level is unknown (or a photographic plate) flattens its brightest stars.
+        order = order[np.unique(np.linspace(0, order.size - 1, cfg.max_stars).round()
+                                .astype(int))]
     if order.size == 0:
         return order
     fwhm_guess, half = _stamp_size(sources, order, cfg)
@@ -404,9 +445,65 @@ def _grid_medians(x, y, values, shape, grid) -> list[float]:
 
 def direction_coherence(e: np.ndarray, spin2: np.ndarray) -> float:
     """``|sum spin2| / sum e`` with ``spin2 = e exp(2i theta)``: 1 when every star is
-    stretched the same way, near 0 when directions are random; NaN without elongation."""
+    stretched the same way, near 0 when directions are random; NaN without elongation.
+
+    Unweighted and not corrected for noise (the detection moments use it); the PSF stage
+    uses :func:`coherent_elongation`.
+    """
     total = float(np.sum(e))
     return float(abs(np.sum(spin2)) / total) if total > 0 else math.nan
+
+
+@dataclass
+class Elongation:
+    """The elongation that the stars of a detector share."""
+
+    ellipticity: float  # coherent ellipticity 1 - b/a, noise bias removed (0 when none)
+    coherence: float  # ellipticity over the stars' mean elongation, in [0, 1]
+    pa_deg: float  # direction of the shared elongation, [0, 180) from +x toward +y
+    significance: float  # coherent ellipticity over its error
+
+
+def coherent_elongation(spin2: np.ndarray, sigma_e: np.ndarray) -> Elongation:
+    """The shared part of the stars' elongations, weighted by their S/N, noise removed.
+
+    Each star's spin-2 ellipticity ``s_i = e_i exp(2i theta_i)`` has an error
+    ``sigma_i`` per component (from its S/N, :data:`ELLIPTICITY_NOISE_SNR`, with the
+    :data:`SHAPE_SYSTEMATIC` floor). Their inverse-variance mean
+    ``C = sum w_i s_i / sum w_i``, ``w_i = 1 / sigma_i^2``, holds what every star shares
+    (a tracking trail); per-star noise and field-dependent optics average away, but not
+    completely: they add ``V = sum w_i^2 |s_i - C|^2 / (sum w_i)^2`` (measured from the
+    scatter of the stars, so it counts the noise and the optics, whatever the noise model)
+    to ``|C|^2``. The coherent ellipticity is ``sqrt(max(|C|^2 - V, 0))``, and the
+    coherence is that over the weighted mean ``|s_i|``: round stars at any S/N give a
+    coherence near 0 (their ``|s_i|`` is noise that the sum does not keep), trailed stars
+    near 1, field-dependent optics in between.
+
+    Parameters
+    ----------
+    spin2
+        Per-star ``e exp(2i theta)``.
+    sigma_e
+        Per-star ellipticity error per component (before the floor).
+
+    Returns
+    -------
+    Elongation
+    """
+    n = spin2.size
+    if n == 0:
+        return Elongation(math.nan, math.nan, math.nan, math.nan)
+    w = 1.0 / (np.asarray(sigma_e, float) ** 2 + SHAPE_SYSTEMATIC ** 2)
+    wsum = float(w.sum())
+    c = complex(np.sum(w * spin2) / wsum)
+    scatter = float(np.sum(w ** 2 * np.abs(spin2 - c) ** 2)) / wsum ** 2
+    var = scatter * n / (n - 1) if n > 1 else float(1.0 / wsum)
+    e_c = math.sqrt(max(abs(c) ** 2 - var, 0.0))
+    mean_abs = float(np.sum(w * np.abs(spin2)) / wsum)
+    coherence = min(e_c / mean_abs, 1.0) if mean_abs > 0 else math.nan
+    return Elongation(ellipticity=e_c, coherence=coherence,
+                      pa_deg=float(np.degrees(0.5 * np.angle(c)) % 180.0),
+                      significance=e_c / math.sqrt(var) if var > 0 else math.inf)
 
 
 def trail_ratio(coherent_ellipticity: float) -> float:
@@ -430,7 +527,7 @@ def trail_widening(ratio: float) -> float:
 
 def _nan_result(n_sources: int, grid: int, flags: int, n_used: int = 0) -> PSFResult:
     nan_grid = [math.nan] * (grid * grid)
-    return PSFResult(fwhm_px=math.nan, moffat_beta=math.nan, ellipticity=math.nan,
+    return PSFMeasurement(fwhm_px=math.nan, moffat_beta=math.nan, ellipticity=math.nan,
                      pa_deg=math.nan, coherence=math.nan, trail_ratio=math.nan, n_used=n_used,
                      fwhm_grid_px=list(nan_grid), ellipticity_grid=list(nan_grid),
                      star_fwhm_px=np.full(n_sources, np.nan),
@@ -439,31 +536,67 @@ def _nan_result(n_sources: int, grid: int, flags: int, n_used: int = 0) -> PSFRe
 
 
 class _Stamps:
-    """Background-subtracted stamps of the fitted stars, scaled by their flux guess."""
+    """Background-subtracted stamps of the fitted stars, scaled by their flux guess.
 
-    def __init__(self, data, background, mask, x, y, flux, half):
+    ``half`` is the half side in (binned) stamp pixels; with ``bin_px`` > 1 (odd) each
+    stamp pixel is the sum of ``bin_px x bin_px`` detector pixels centred on the star's
+    nearest pixel, and is unusable when any of them is.
+    """
+
+    def __init__(self, data, background, mask, x, y, flux, half, bin_px=1):
         self.half = half
         self.ix, self.iy = np.rint(x).astype(int), np.rint(y).astype(int)
-        raw, inside = _gather(data, self.ix, self.iy, half)
-        back, _ = _gather(background.back, self.ix, self.iy, half)
-        rms, _ = _gather(background.rms, self.ix, self.iy, half, fill=1.0)
+        full = half * bin_px + (bin_px - 1) // 2
+        raw, inside = _gather(data, self.ix, self.iy, full)
+        back, _ = _gather(background.back, self.ix, self.iy, full)
+        rms, _ = _gather(background.rms, self.ix, self.iy, full, fill=1.0)
         usable = inside & (rms > 0)
         if mask is not None:
-            masked, _ = _gather(mask, self.ix, self.iy, half, fill=True)
+            masked, _ = _gather(mask, self.ix, self.iy, full, fill=True)
             usable &= ~masked.astype(bool)
-        flux = np.where(np.isfinite(flux) & (flux > 0), flux, np.sum(raw - back, axis=1))
+        signal = raw - back
+        var = np.where(rms > 0, rms, 1.0) ** 2
+        if bin_px > 1:
+            signal, var = _bin(signal, half, bin_px), _bin(var, half, bin_px)
+            usable = _bin(usable.astype(np.int32), half, bin_px) == bin_px ** 2
+        flux = np.where(np.isfinite(flux) & (flux > 0), flux, np.sum(signal, axis=1))
         self.flux = np.maximum(flux, 1e-6)
-        self.values = (raw - back) / self.flux[:, None]
-        self.weights = np.where(usable, self.flux[:, None] / np.where(rms > 0, rms, 1.0), 0.0)
+        self.values = signal / self.flux[:, None]
+        self.weights = np.where(usable, self.flux[:, None] / np.sqrt(var), 0.0)
+
+
+def _bin(stamps: np.ndarray, half: int, bin_px: int) -> np.ndarray:
+    """Sum (N, side^2) stamps over ``bin_px x bin_px`` blocks: (N, (2 half + 1)^2)."""
+    m = 2 * half + 1
+    return stamps.reshape(-1, m, bin_px, m, bin_px).sum(axis=(2, 4)).reshape(-1, m * m)
+
+
+MIN_BINNED_FWHM_PX = 4.0
+"""Stars wider than ``3 x`` this are fitted on stamps binned by the largest odd factor that
+keeps their FWHM at least this many binned pixels (defocused donuts, very bad seeing): the
+cost of a fit goes with the stamp's pixels, its accuracy with the pixels per FWHM."""
+
+
+def _bin_factor(fwhm_px: float) -> int:
+    """Odd stamp binning factor for stars of this FWHM (1: none)."""
+    b = int(fwhm_px // MIN_BINNED_FWHM_PX) if math.isfinite(fwhm_px) else 1
+    return max(1, b if b % 2 else b - 1)
 
 
 def _fit_elliptical(data, background, mask, x, y, flux, rh, a, b, theta_deg, fwhm_guess,
                     half):
-    """Step 1: elliptical Moffat per star. Returns (shape dict, params, good mask)."""
-    n_sub = _sub_sampling(fwhm_guess)
-    st = _Stamps(data, background, mask, x, y, flux, half)
-    p0 = _first_guess(rh, a, b, theta_deg, fwhm_guess, x - st.ix, y - st.iy)
-    gx, gy = pm.sample_grid(half, n_sub)
+    """Step 1: elliptical Moffat per star. Returns (shape dict, params, good mask).
+
+    Wide stars are fitted on binned stamps (:data:`MIN_BINNED_FWHM_PX`); the parameters
+    are then in binned pixels, the shapes in detector pixels.
+    """
+    k = _bin_factor(fwhm_guess)
+    half_k = int(math.ceil(half / k))
+    n_sub = _sub_sampling(fwhm_guess / k)
+    st = _Stamps(data, background, mask, x, y, flux, half_k, bin_px=k)
+    p0 = _first_guess(rh / k, a / k, b / k, theta_deg, fwhm_guess / k, (x - st.ix) / k,
+                      (y - st.iy) / k)
+    gx, gy = pm.sample_grid(half_k, n_sub)
 
     def evaluate(p, _shared):
         model, jac = pm.moffat_model(p, gx, gy)
@@ -473,7 +606,10 @@ def _fit_elliptical(data, background, mask, x, y, flux, rh, a, b, theta_deg, fwh
     # many more, so this fit stops early.
     p, _, _ = pm.fit_joint(evaluate, st.values, st.weights, p0, max_nfev=15, ftol=1e-4)
     shape = pm.moffat_shape(p, n_sub)
-    return shape, p, _good_fits(shape, p, half, fwhm_guess)
+    good = _good_fits(shape, p, half_k, fwhm_guess / k)
+    shape["fwhm_major_px"] = shape["fwhm_major_px"] * k
+    shape["fwhm_minor_px"] = shape["fwhm_minor_px"] * k
+    return shape, p, good
 
 
 @dataclass
@@ -492,19 +628,21 @@ def _fit_trailed(data, background, mask, x, y, flux, fwhm0, length0, angle0_deg,
     """Round Moffats with one shared motion kernel (see :mod:`.psf_models`).
 
     ``x``, ``y`` are the midpoints of the stars' motion segments. Returns None when the
-    fit gives no sensible answer.
+    fit gives no sensible answer. Wide stars are fitted on binned stamps, as in step 1.
     """
     length0 = max(length0, 0.5)
     half = int(np.clip(math.ceil(2.5 * fwhm0 + 0.6 * length0), MIN_STAMP_HALF_PX,
                        MAX_STAMP_HALF_PX))
+    k = _bin_factor(fwhm0)  # below, sizes are in binned pixels
+    half, fwhm0, length0 = int(math.ceil(half / k)), fwhm0 / k, length0 / k
     n_sub = 2 if fwhm0 < 3.0 else 1
     # Points along the segment at most FWHM / 2 (1.2 sigma) apart, with room for the
     # segment to grow by 30%: the ripple such spacing leaves on a Gaussian is ~1e-6.
     n_line = int(np.clip(math.ceil(2.6 * length0 / fwhm0) + 1, 3, 40))
-    st = _Stamps(data, background, mask, x, y, flux, half)
+    st = _Stamps(data, background, mask, x, y, flux, half, bin_px=k)
     beta0 = float(np.clip(beta0, 1.5, 10.0))
     p0 = np.zeros((len(x), pm.N_ROUND))
-    p0[:, 0], p0[:, 1] = x - st.ix, y - st.iy
+    p0[:, 0], p0[:, 1] = (x - st.ix) / k, (y - st.iy) / k
     p0[:, 2] = 1.0
     p0[:, 4] = math.log(pm.fwhm_factor(beta0) / fwhm0)
     p0[:, 5] = math.log(beta0 - 1.0)
@@ -518,7 +656,8 @@ def _fit_trailed(data, background, mask, x, y, flux, fwhm0, length0, angle0_deg,
     def evaluate(p, shared):
         return pm.trailed_model(p, shared, gx, gy, n_line)
 
-    p, shared, _ = pm.fit_joint(evaluate, st.values, st.weights, p0, shared0)
+    p, shared, _ = pm.fit_joint(evaluate, st.values, st.weights, p0, shared0,
+                                max_nfev=TRAILED_MODEL_MAX_NFEV, ftol=1e-4)
     with np.errstate(over="ignore", invalid="ignore"):
         beta = 1.0 + np.exp(p[:, 5])
         fwhm = pm.remove_pixel_variance(pm.fwhm_factor(beta) * np.exp(-p[:, 4]), n_sub)
@@ -528,7 +667,7 @@ def _fit_trailed(data, background, mask, x, y, flux, fwhm0, length0, angle0_deg,
     length = float(np.hypot(shared[0], shared[1]))
     if not good.any() or not np.all(np.isfinite(shared)) or length > 2.0 * half:
         return None
-    return _Trail(fwhm_px=fwhm[good], length_px=length,
+    return _Trail(fwhm_px=fwhm[good] * k, length_px=length * k,
                   angle_deg=float(np.degrees(np.arctan2(shared[1], shared[0])) % 180.0),
                   end_weight=pm.sigmoid(float(shared[2])),
                   first_fraction=pm.sigmoid(float(shared[3])))
@@ -735,7 +874,7 @@ def _measure_single(data, background, mask, sources, order, cfg) -> dict:
     """Elliptical fits of the selected stars, then the shared-motion fit if elongated."""
     fwhm_guess, half = _stamp_size(sources, order, cfg)
     col = {c: sources[c].to_numpy(float)[order]
-           for c in ("x", "y", "flux", "flux_radius_px", "a_px", "b_px", "theta_deg")}
+           for c in ("x", "y", "flux", "flux_radius_px", "a_px", "b_px", "theta_deg", "snr")}
     shape, _, good = _fit_elliptical(data, background, mask, col["x"], col["y"], col["flux"],
                                      col["flux_radius_px"], col["a_px"], col["b_px"],
                                      col["theta_deg"], fwhm_guess, half)
@@ -746,24 +885,33 @@ def _measure_single(data, background, mask, sources, order, cfg) -> dict:
            "y": col["y"][good]}
     if out["n_used"] < max(cfg.min_stars, 1):
         return out
+    size, beta_star = size[good], shape["beta"][good]
+    beta = float(np.median(beta_star))
+    image_fwhm = pm.pixel_convolved_fwhm(float(np.median(size)), beta)
+    # Undersampled stars leave beta free to run to a tiny, steep core that gives the same
+    # pixels: the seeing is then the MIN_SEEING_BETA profile of that pixel-convolved FWHM.
+    if beta < MIN_SEEING_BETA and image_fwhm > 1.0:
+        size = size * (pm.seeing_fwhm_from_pixel_convolved(image_fwhm, MIN_SEEING_BETA)
+                       / float(np.median(size)))
     e = shape["ellipticity"][good]
     spin2 = e * np.exp(2j * np.radians(shape["theta_deg"][good]))
-    coherence = direction_coherence(e, spin2)
-    pa_deg = float(np.degrees(0.5 * np.angle(spin2.sum())) % 180.0)
-    ratio = trail_ratio(float(abs(spin2.mean())))
-    star_size = size[good] / trail_widening(ratio)
+    resolution = (float(np.median(size)) / image_fwhm) ** 2
+    sigma_e = ELLIPTICITY_NOISE_SNR / (np.clip(col["snr"][good], 1.0, None) * resolution)
+    elong = coherent_elongation(spin2, sigma_e)
+    detected = elong.significance >= ELONGATION_MIN_SIGNIFICANCE
+    ratio = trail_ratio(elong.ellipticity) if detected else 0.0
+    star_size = size / trail_widening(ratio)
     fwhm_px = float(np.median(star_size))
-    beta = float(np.median(shape["beta"][good]))
-    if ratio >= TRAILED_MODEL_MIN_RATIO and coherence >= TRAILED_MODEL_MIN_COHERENCE:
+    if (ratio >= TRAILED_MODEL_MIN_RATIO and elong.coherence >= TRAILED_MODEL_MIN_COHERENCE):
         best = np.flatnonzero(good)[:TRAILED_MODEL_STARS]  # order is by S/N already
         trail = _fit_trailed(data, background, mask, col["x"][best], col["y"][best],
-                             col["flux"][best], fwhm_px, ratio * fwhm_px, pa_deg, beta)
+                             col["flux"][best], fwhm_px, ratio * fwhm_px, elong.pa_deg, beta)
         if trail is not None:
             fwhm_px = float(np.median(trail.fwhm_px))
             ratio = trail.length_px / fwhm_px
             star_size = star_size * fwhm_px / float(np.median(star_size))
-    out.update(fwhm_px=fwhm_px, beta=beta, e=e, coherence=coherence, pa_deg=pa_deg,
-               ratio=ratio, star_size=star_size)
+    out.update(fwhm_px=fwhm_px, beta=beta, e=e, coherence=elong.coherence,
+               pa_deg=elong.pa_deg, ratio=ratio, star_size=star_size, image_fwhm=image_fwhm)
     return out
 
 
@@ -780,7 +928,8 @@ def _per_star(n_src: int, single: dict | None) -> tuple[np.ndarray, np.ndarray, 
 
 def _single_result(n_src: int, cfg: PSFConfig, shape: tuple[int, int], s: dict) -> PSFResult:
     star_fwhm, star_e, used = _per_star(n_src, s)
-    return PSFResult(
+    return PSFMeasurement(
+        fwhm_image_px=s["image_fwhm"],
         fwhm_px=s["fwhm_px"], moffat_beta=s["beta"], ellipticity=float(np.median(s["e"])),
         pa_deg=s["pa_deg"], coherence=s["coherence"], trail_ratio=s["ratio"],
         n_used=s["n_used"],
@@ -803,7 +952,7 @@ def _doubled_result(n_src: int, cfg: PSFConfig, trail: _Trail, doubling: Doublin
     flags |= bits("UNDERSAMPLED") if fwhm_px < 2.0 else 0
     nan_grid = [math.nan] * (cfg.grid * cfg.grid)
     beta = single["beta"] if single and "beta" in single else math.nan
-    return PSFResult(
+    return PSFMeasurement(
         fwhm_px=fwhm_px, moffat_beta=beta,
         ellipticity=_motion_ellipticity(fwhm_px, trail), pa_deg=trail.angle_deg,
         coherence=1.0 if len(vec) else math.nan, trail_ratio=trail.length_px / fwhm_px,

@@ -354,3 +354,49 @@ def shape_params(fwhm_major_px: np.ndarray, fwhm_minor_px: np.ndarray, theta_deg
     l21 = c12 / l11
     l22 = np.sqrt(np.maximum(c22 - l21 ** 2, 1e-12))
     return np.column_stack([np.log(l11), np.log(l22), l21])
+
+
+def pixel_convolved_fwhm(fwhm_px: float, beta: float) -> float:
+    """FWHM (pixels) of a round Moffat after convolution with the square pixel.
+
+    The profile is what the pixels record (the "effective PSF" that PSFEx models and
+    that SourceExtractor's ``FWHM_IMAGE`` measures): the Moffat of FWHM ``fwhm_px`` is
+    sampled finely (at least 20 points per FWHM, 8 per pixel), averaged over a 1 x 1 pixel box, and
+    its full width at half maximum is read along the x axis through the peak (linear
+    interpolation between samples). A point source gives 1 px, the width of the pixel.
+    """
+    if not (fwhm_px > 0 and beta > 1):
+        return math.nan
+    k = 2 * int(np.clip(math.ceil(20.0 / fwhm_px), 4, 30))  # samples per pixel, even
+    h = 1.0 / k
+    n = int(math.ceil((2.0 * fwhm_px + 1.5) / h))
+    u = np.arange(-n, n + 1) * h
+    alpha2 = (fwhm_px / float(fwhm_factor(beta))) ** 2
+    # The pixel box as a symmetric k + 1 tap trapezoid spanning exactly 1 px.
+    kernel = np.ones(k + 1)
+    kernel[[0, -1]] = 0.5
+    kernel /= k
+    rows = u[n - k // 2:n + k // 2 + 1]  # the box along y around the peak's row
+    prof = (1.0 + (rows[:, None] ** 2 + u[None, :] ** 2) / alpha2) ** -beta
+    cut = np.convolve(kernel @ prof, kernel, mode="same")
+    cut /= cut.max()
+    above = np.flatnonzero(cut >= 0.5)
+    lo, hi = above[0], above[-1]
+    # Interpolated half-maximum crossings on either side.
+    x_lo = lo - (cut[lo] - 0.5) / (cut[lo] - cut[lo - 1])
+    x_hi = hi + (cut[hi] - 0.5) / (cut[hi] - cut[hi + 1])
+    return float((x_hi - x_lo) * h)
+
+
+def seeing_fwhm_from_pixel_convolved(image_fwhm_px: float, beta: float) -> float:
+    """The Moffat FWHM (pixels, before the pixel) whose pixel-convolved FWHM is
+    ``image_fwhm_px`` (inverse of :func:`pixel_convolved_fwhm`); NaN when none is."""
+    from scipy.optimize import brentq
+
+    if not (image_fwhm_px > 1.0 and beta > 1):
+        return math.nan if not image_fwhm_px > 0 else 0.0
+    f = lambda w: pixel_convolved_fwhm(w, beta) - image_fwhm_px  # noqa: E731
+    lo = 1e-2
+    if f(lo) >= 0:
+        return lo
+    return float(brentq(f, lo, image_fwhm_px, xtol=1e-4))

@@ -96,7 +96,8 @@ class SourcesConfig:
 class PSFConfig:
     """Star selection and the PSF fit."""
 
-    max_stars: int = F(400, "Stars fitted per detector (best first).", range=(5, 100_000))
+    max_stars: int = F(50, "Stars fitted per detector (spread over the S/N ranks of the "
+                                 "selected stars, brightest first).", range=(5, 100_000))
     min_stars: int = F(5, "Fewer usable stars and PSF quantities are NaN with a flag.",
                        range=(1, 1000))
     min_snr: float = F(30.0, "Minimum S/N of a PSF star.", range=(1.0, None))
