@@ -222,3 +222,130 @@ def test_zarr_layout_is_stable_across_reruns(tmp_path):
     ds = xr.open_zarr(store, consolidated=False).set_index(frame=["exposure", "detector"])
     one = ds.stamps.sel(exposure="e2", detector="ccd1").values
     assert np.nansum(one) == 128 and np.isnan(one[2:]).all()
+
+
+# -------------------------------------------------------------------- headers as written
+
+
+@pytest.mark.parametrize("cards, scale, keyword", [
+    ({"IM_SCALE": 2.1}, 2.1, "IM_SCALE"),
+    ({"PIXSCALE": 0.3}, 0.3, "PIXSCALE"),
+    ({"SECPIX": 1.7}, 1.7, "SECPIX"),
+    ({"SECPIX1": 1.0, "SECPIX2": 1.21}, 1.1, "SECPIX1"),
+    ({"PIXSCAL1": 0.4, "PIXSCAL2": 0.4}, 0.4, "PIXSCAL1"),
+    ({"SCALE": 3.04}, 3.04, "SCALE"),
+    ({"PLTSCALE": 67.2, "XPIXELSZ": 25.28445}, 1.6991, "PLTSCALE*XPIXELSZ"),
+    ({"PLTSCALE": 20.0, "XPIXSZ": 9.0}, 0.18, "PLTSCALE*XPIXSZ"),
+    ({"CDELT1": -2.777778e-4, "CDELT2": 2.777778e-4}, 1.0, "CDELT1"),  # no CTYPE
+    ({"CD1_1": 0.0, "CD1_2": 1e-4, "CD2_1": 1e-4, "CD2_2": 0.0, "CTYPE1": "LINEAR"},
+     0.36, "CD1_1"),
+    ({"XPIXSZ": 24.0, "YPIXSZ": 24.0, "FOCALLEN": 3910.0, "XBINNING": 1}, 1.2661,
+     "XPIXSZ/FOCALLEN"),
+    # MaxIm DL / SBIG write XPIXSZ after binning: 2x2 binning is already in 18 um
+    ({"XPIXSZ": 18.0, "FOCALLEN": 1000.0, "XBINNING": 2}, 3.7128, "XPIXSZ/FOCALLEN"),
+    ({"CTYPE1": "RA---TAN", "CTYPE2": "DEC--TAN", "CD1_1": -3.0737e-4, "CD1_2": 0.0,
+      "CD2_1": 0.0, "CD2_2": 3.0737e-4, "CRPIX1": 1.0, "CRPIX2": 1.0, "CRVAL1": 10.0,
+      "CRVAL2": 5.0, "PIXSCALE": 9.9}, 1.1065, "WCS"),
+])
+def test_pixel_scale_keyword_families(cards, scale, keyword):
+    got, source, key = io.pixel_scale_and_keyword(fits.Header(cards), IOConfig())
+    assert got == pytest.approx(scale, rel=1e-3) and key == keyword
+    assert source == ("wcs" if keyword == "WCS" else "keyword")
+
+
+def test_pixel_scale_unbinned_pixel_size_and_placeholders():
+    h = fits.Header()
+    h["XPIXSZ"] = (9.0, "pixel size in microns, unbinned")
+    h.update({"FOCALLEN": 1000.0, "XBINNING": 2})
+    assert io.pixel_scale_and_keyword(h, IOConfig())[0] == pytest.approx(3.7128, rel=1e-3)
+    for cards in ({"CDELT1": 1.0, "CDELT2": 1.0, "CTYPE1": ""},  # pixel units, not a scale
+                  {"PLTSCALE": 67.2},  # arcsec/mm without a pixel size
+                  {"XPIXSZ": 6.45},  # pixel size without a focal length
+                  {"PIXSCALE": 0.0}, {"SECPIX": "unknown"}):
+        scale, source, _ = io.pixel_scale_and_keyword(fits.Header(cards), IOConfig())
+        assert math.isnan(scale) and source == "none", cards
+
+
+@pytest.mark.parametrize("cards, gain, noise, saturate", [
+    ({"GAIN": 1.5, "RDNOISE": 4.0, "SATURATE": 60000}, 1.5, 4.0, 60000),
+    ({"EGAIN": 2.07, "READNOIS": 9.0, "DATAMAX": 13374}, 2.07, 9.0, 13374),
+    ({"GAIN": 0, "EGAIN": 1.2, "RDNOISE": 0, "READNOIS": 6.0, "SATURATE": 0,
+      "SATLEVEL": 50000}, 1.2, 6.0, 50000),  # 0 means unknown: the next keyword speaks
+    ({"GAIN": 0, "SATURATE": 0}, 2.5, 5.0, None),  # then the configuration
+])
+def test_gain_read_noise_saturation_families(cards, gain, noise, saturate):
+    meta = io.read_meta(fits.Header(cards), IOConfig(gain_e_per_adu=2.5))
+    assert meta.gain_e_per_adu == gain and meta.read_noise_e == noise
+    if saturate is None:
+        assert math.isnan(meta.saturate_adu) and "SATURATE" in meta.fallbacks
+    else:
+        assert meta.saturate_adu == saturate
+
+
+@pytest.mark.parametrize("cards, kind, source", [
+    ({"IMAGETYP": "Bias Frame", "EXPTIME": 0.0}, "bias", "IMAGETYP = 'Bias Frame'"),
+    ({"IMAGETYP": "zero"}, "bias", "IMAGETYP = 'zero'"),
+    ({"IMAGETYP": "Dark Frame", "EXPTIME": 180.0}, "dark", "IMAGETYP = 'Dark Frame'"),
+    ({"OBSTYPE": "DOMEFLAT"}, "flat", "OBSTYPE = 'DOMEFLAT'"),
+    ({"FRAMETYP": "SkyFlat"}, "flat", "FRAMETYP = 'SkyFlat'"),
+    ({"IMGTYPE": "OBJECT"}, "light", "IMGTYPE = 'OBJECT'"),
+    ({"IMAGETYP": "Light Frame"}, "light", "IMAGETYP = 'Light Frame'"),
+    ({"FRAME": "science"}, "light", "FRAME = 'science'"),
+    ({"FRAME": 273, "EXPTIME": 53.9}, "light", "default"),  # SDSS: FRAME is a number
+    ({"EXPTIME": 0}, "bias", "EXPTIME = 0"),
+    ({}, "light", "default"),
+])
+def test_image_type_families(cards, kind, source):
+    assert io.image_type(fits.Header(cards)) == (kind, source)
+
+
+def test_calibration_frames_fail_with_their_kind(tmp_path):
+    p = tmp_path / "dark.fits"
+    fits.PrimaryHDU(_image(), _header(IMAGETYP="Dark Frame")).writeto(p)
+    with pytest.raises(QualityError, match=r"calibration frame: dark \(IMAGETYP = 'Dark "
+                                           r"Frame'\)") as info:
+        io.read_exposure(p, IOConfig())
+    assert info.value.metadata["meta"].image_type == "dark"
+
+
+def test_mask_weight_and_table_extensions_are_not_detectors(tmp_path):
+    hdus = [fits.PrimaryHDU()]
+    hdus.append(fits.ImageHDU(_image(), _header(), name="SCI"))
+    for name in ("BPM", "MASK", "ERR", "VAR", "WHT", "WEIGHT", "SCI_DQ"):
+        hdus.append(fits.ImageHDU(_image(seed=2), name=name))
+    hdus.append(fits.BinTableHDU.from_columns([fits.Column("x", "E", array=[1.0])],
+                                              name="CAT"))
+    mask = np.zeros((128, 96), np.uint8)
+    mask[::7] = 4
+    hdus.append(fits.ImageHDU(mask, name="PIXFLAGS"))  # integer, few values: a mask
+    p = tmp_path / "reduced.fits.fz"
+    fits.HDUList(hdus).writeto(p)
+    dets = io.read_detectors(p, IOConfig())
+    assert [d.detector for d in dets] == ["SCI"] and dets[0].n_detectors == 1
+
+
+def test_bz2_frames_are_discovered_and_read(tmp_path):
+    import bz2
+
+    night = tmp_path / "2024-03-01"
+    night.mkdir()
+    plain = tmp_path / "plain.fits"
+    fits.PrimaryHDU(_image(), _header()).writeto(plain)
+    for name in ("a.fits.bz2", "b.fit.bz2", "c.fts.bz2", "d.FITS.BZ2"):
+        (night / name).write_bytes(bz2.compress(plain.read_bytes()))
+    files = io.night_exposures(tmp_path, "2024-03-01")
+    assert list(files) == ["a", "b", "c", "d"]
+    (det,) = io.read_exposure(files["d"], IOConfig())
+    np.testing.assert_allclose(det.data, _image().astype(np.float32))
+
+
+def test_unexposed_rows_and_columns_found_in_the_data():
+    rng = np.random.default_rng(0)
+    sky = rng.poisson(400, (200, 180)).astype(np.float32) + 1000  # bias 1000, sky 400
+    sky[120:126] = 1000 + rng.normal(0, 3, (6, 180))  # an unread band at the bias level
+    sky[:, :4] = 1000 + rng.normal(0, 3, (200, 4))  # a prescan the header does not name
+    vignetted = sky.copy()  # half the light (and its photon noise) at one edge: kept
+    vignetted[:, 170:] = 1000 + rng.poisson(200, (200, 10))
+    mask = io.unexposed_lines(vignetted, np.zeros(sky.shape, bool))
+    assert mask.all(axis=1)[120:126].all() and mask.all(axis=1).sum() == 6
+    assert mask.all(axis=0)[:4].all() and mask.all(axis=0).sum() == 4
