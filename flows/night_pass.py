@@ -11,6 +11,7 @@ import collections
 import numpy as np
 
 from survey_qa.config import Config
+from survey_qa.flows import illumination
 from survey_qa.pipeline import aescore, classify, decide, io, night
 from survey_qa.pipeline.flags import bits
 
@@ -102,5 +103,6 @@ def finish_night(rows: list[dict], cfg: Config, models, store) -> list[dict]:
     changed = set()
     if models.scorer is not None and store.exists():
         changed |= calibrate_autoencoder(rows, cfg, models.scorer, store)
+    changed |= illumination.correct_night(rows, cfg, store)
     decide_again(rows, changed, cfg, models.classifier, store)
     return rows

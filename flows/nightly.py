@@ -24,7 +24,7 @@ import pyarrow as pa
 
 import survey_qa
 from survey_qa.config import Config
-from survey_qa.flows import workdir
+from survey_qa.flows import illumination, workdir
 from survey_qa.flows.workdir import work_dir  # noqa: F401 -- part of this module's API
 from survey_qa.flows.night_pass import finish_night
 from survey_qa.pipeline import (aescore, background, classify, decide, features, io, psf,
@@ -136,6 +136,7 @@ def array_variables(cfg: Config, models: Models, max_shape: tuple[int, int]) -> 
         "stamp_x": ((n,), ("star",), "float32", np.nan),
         "stamp_y": ((n,), ("star",), "float32", np.nan),
         "n_stamps": ((), (), "int32", 0),
+        **illumination.SKY_VARIABLES,
     }
     if models.classifier is not None:
         som = models.classifier.som
@@ -165,6 +166,7 @@ def measure_detector(det: DetectorImage, cfg: Config, models: Models):
     """
     timings = {}
     t = time.perf_counter()
+    det = illumination.flat_field(det, cfg)
     bkg = background.measure_background(det.data, det.mask, cfg.background)
     timings["t_background_s"] = time.perf_counter() - t
     t = time.perf_counter()
@@ -179,7 +181,8 @@ def measure_detector(det: DetectorImage, cfg: Config, models: Models):
     cut = stamps.cut_stamps(det.data, bkg, src, psf_result.psf_star, cfg.stamps)
     timings["t_stamps_s"] = time.perf_counter() - t
     row = features.summarize(det, bkg, src, psf_result)
-    arrays = {}
+    row["qa_flags"] |= bkg.qa_flags
+    arrays = illumination.sky_arrays(bkg, det.mask)
     t = time.perf_counter()
     if models.scorer is not None:
         ae = aescore.score_detector(det.data, det.mask, models.scorer, cfg.autoencoder)

@@ -29,6 +29,19 @@ What is computed
      when the median sky is below ``FAINT_SKY_NOISE`` times the per-pixel noise (a
      sky-subtracted frame), where the ratio means nothing.
 
+5. The mesh adapts to the mask: sep uses a mesh only when at least half of its pixels are
+   unmasked and silently returns a sky of 0 and a noise of 1 when no mesh is usable. The
+   mesh is halved (down to ``MIN_BOX_PX``) while less than ``MIN_USABLE_SKY_FRACTION`` of
+   the unmasked pixels lie in usable meshes (:func:`adapt_box`).
+6. The result is checked against robust statistics of the source-free pixels
+   (:func:`check_sky`): the median of ``data - B`` must be within ``SKY_CHECK_NOISE`` of
+   their noise (1.4826 MAD), and sep's RMS within a factor ``NOISE_CHECK_RATIO`` of it.
+   When it fails, the sky map is made again from sigma-clipped medians of the unmasked
+   pixels of each mesh (:func:`clipped_mesh_sky`, qa flag ``SKY_FALLBACK``); when that
+   fails too, or too few source-free pixels are left, level and noise are the
+   sigma-clipped statistics of the unmasked pixels, the map is flat and the
+   non-uniformity NaN (qa flag ``SKY_UNMEASURED``).
+
 The input is bias-subtracted: the simulator writes calibrated frames and the reader
 subtracts the overscan where the header names one, so ``median(B)`` is the sky itself.
 Real extended emission (a nebula, a large galaxy) is part of ``B`` where it is smooth on
@@ -37,13 +50,18 @@ the mesh scale: the rule measurement cannot tell it from scattered light.
 from __future__ import annotations
 
 import math
+import warnings
 
 import numpy as np
 import sep
 from scipy import ndimage
 
+from astropy.stats import sigma_clipped_stats
+from astropy.utils.exceptions import AstropyUserWarning
+
 from survey_qa.config import BackgroundConfig
 from survey_qa.pipeline.errors import QualityError
+from survey_qa.pipeline.flags import bits
 from survey_qa.pipeline.records import BackgroundResult
 
 SOURCE_MASK_SIGMA = 2.0
@@ -87,6 +105,29 @@ MIN_MESHES = 3
 
 MAX_SAMPLES = 1_000_000
 """At most this many pixels of the smooth sky enter its percentiles."""
+
+GOOD_MESH_FRACTION = 0.5
+"""sep uses a mesh only when at least this share of its pixels is unmasked."""
+
+MIN_USABLE_SKY_FRACTION = 0.5
+MIN_BOX_PX = 16
+"""The mesh is halved, down to ``MIN_BOX_PX``, while less than ``MIN_USABLE_SKY_FRACTION``
+of the unmasked pixels lie in meshes that sep can use."""
+
+SKY_CHECK_NOISE = 1.0
+NOISE_CHECK_RATIO = 1.5
+"""A sky map is accepted when the median of ``data - sky`` over source-free pixels is within
+``SKY_CHECK_NOISE`` times their noise (1.4826 MAD, 3-sigma clipped), and its RMS within a
+factor ``NOISE_CHECK_RATIO`` of that noise. A right mesh sky is off by a few hundredths of
+the noise; a failed one (sep's 0 and 1) by the whole sky."""
+
+MIN_SKY_PIXELS = 400
+MIN_MESH_SKY_PIXELS = 16
+"""Fewer source-free pixels than ``MIN_SKY_PIXELS`` leave the sky unmeasured; a mesh of the
+fallback map needs ``MIN_MESH_SKY_PIXELS`` of them."""
+
+CHECK_SAMPLES = 50_000
+"""At most this many source-free pixels enter the check's statistics."""
 
 
 def _sep_background(data: np.ndarray, mask: np.ndarray, box_px: int,
@@ -305,6 +346,165 @@ def sky_statistics(back: np.ndarray, mask: np.ndarray) -> tuple[float, float]:
     return float(p50), u
 
 
+def _mesh_edges(n: int, box: int) -> np.ndarray:
+    return np.arange(0, n, box)
+
+
+def usable_sky_fraction(mask: np.ndarray, box_px: int) -> float:
+    """Share of the unmasked pixels that lie in meshes sep can use.
+
+    A mesh (the last one of a row or column may be partial) is usable when at least
+    ``GOOD_MESH_FRACTION`` of its pixels are unmasked. 0 when every pixel is masked.
+    """
+    stride = next(k for k in (8, 4, 2, 1) if box_px % k == 0 and box_px // k >= 8
+                  or k == 1)  # counts in stride x stride blocks: exact, and many times faster
+    good = block_sum(~mask, stride, np.uint8) if stride > 1 else (~mask).astype(np.int32)
+    good = good.astype(np.int32)
+    box = box_px // stride
+    ys, xs = _mesh_edges(good.shape[0], box), _mesh_edges(good.shape[1], box)
+    counts = np.add.reduceat(np.add.reduceat(good, ys, axis=0), xs, axis=1)
+    height = np.diff(np.append(ys, good.shape[0]))
+    width = np.diff(np.append(xs, good.shape[1]))
+    usable = counts >= GOOD_MESH_FRACTION * np.outer(height, width) * stride * stride
+    total = counts.sum()
+    return float(counts[usable].sum() / total) if total else 0.0
+
+
+def adapt_box(mask: np.ndarray, box_px: int) -> int:
+    """The mesh size, halved from ``box_px`` while sep could use too little of the sky.
+
+    Parameters
+    ----------
+    mask
+        True on pixels sep must not use (bad pixels and, for the second pass, sources).
+    box_px
+        The mesh size asked for (pixels).
+
+    Returns
+    -------
+    int
+        ``box_px``, or the largest halving of it (not below ``MIN_BOX_PX``) that puts at
+        least ``MIN_USABLE_SKY_FRACTION`` of the unmasked pixels in usable meshes; the
+        smallest size tried when none does.
+    """
+    box = int(box_px)
+    while box > MIN_BOX_PX and usable_sky_fraction(mask, box) < MIN_USABLE_SKY_FRACTION:
+        box = max(MIN_BOX_PX, box // 2)
+    return box
+
+
+def residual_statistics(data: np.ndarray, back: np.ndarray,
+                        sky: np.ndarray) -> tuple[float, float, int]:
+    """Median and noise of ``data - back`` over sky pixels, 3-sigma clipped.
+
+    Parameters
+    ----------
+    data, back
+        Image and smooth sky (ADU).
+    sky
+        True on source-free, unmasked pixels.
+
+    Returns
+    -------
+    median, noise, n
+        ADU; the noise is 1.4826 MAD of the clipped residuals; ``n`` the number of sky
+        pixels. NaN when there are none.
+    """
+    step = _prime_step(sky.size / (4 * CHECK_SAMPLES), sky.shape[1])
+    sub = sky.ravel()[::step]
+    n = int(np.count_nonzero(sub)) * step
+    if n == 0:
+        return math.nan, math.nan, 0
+    resid = np.ravel(data)[::step][sub] - np.ravel(back)[::step][sub]
+    _, median, noise = sigma_clipped_stats(resid, sigma=3.0, maxiters=5, stdfunc="mad_std")
+    return float(median), float(noise), n
+
+
+def _prime_step(at_least: float, row_px: int) -> int:
+    """A prime stride over the raveled image, at least ``at_least``, that does not divide
+    the row length: the sample walks across columns and rows and does not alias with a
+    periodic mask (every other row, every tenth column)."""
+    step = max(1, math.ceil(at_least))
+    if step == 1:
+        return 1
+    while any(step % k == 0 for k in range(2, int(math.isqrt(step)) + 1)) or row_px % step == 0:
+        step += 1
+    return step
+
+
+def check_sky(data: np.ndarray, back: np.ndarray, rms: float, sky: np.ndarray) -> bool:
+    """Whether a smooth sky agrees with the robust statistics of the source-free pixels.
+
+    See ``SKY_CHECK_NOISE`` and ``NOISE_CHECK_RATIO``; sep's signature of failure (a flat
+    sky of 0 with an RMS of exactly 1) never passes.
+    """
+    median, noise, n = residual_statistics(data, back, sky)
+    if n < MIN_SKY_PIXELS or not (math.isfinite(median) and noise > 0 and rms > 0):
+        return False
+    if rms == 1.0 and not np.any(back):
+        return False
+    return (abs(median) <= SKY_CHECK_NOISE * noise
+            and 1.0 / NOISE_CHECK_RATIO <= rms / noise <= NOISE_CHECK_RATIO)
+
+
+def clipped_mesh_sky(data: np.ndarray, sky: np.ndarray, box_px: int,
+                     filter_size: int) -> np.ndarray | None:
+    """A smooth sky from the sigma-clipped median of the sky pixels of each mesh.
+
+    Meshes with fewer than ``MIN_MESH_SKY_PIXELS`` sky pixels take the value of the
+    nearest mesh that has them; the mesh values are median-filtered over ``filter_size``
+    meshes and interpolated bilinearly to full size.
+
+    Parameters
+    ----------
+    data
+        Image (ADU).
+    sky
+        True on source-free, unmasked pixels.
+    box_px, filter_size
+        Mesh size (pixels) and median filter (meshes).
+
+    Returns
+    -------
+    numpy.ndarray or None
+        Full-size float32 sky map; None when no mesh has enough sky pixels.
+    """
+    ny, nx = data.shape
+    my, mx = math.ceil(ny / box_px), math.ceil(nx / box_px)
+    padded = np.full((my * box_px, mx * box_px), np.nan, np.float32)
+    padded[:ny, :nx] = np.where(sky, data, np.nan)
+    blocks = padded.reshape(my, box_px, mx, box_px).transpose(0, 2, 1, 3).reshape(my, mx, -1)
+    n_sky = np.count_nonzero(np.isfinite(blocks), axis=2)
+    with np.errstate(all="ignore"), warnings.catch_warnings():
+        warnings.simplefilter("ignore", AstropyUserWarning)  # NaN marks masked pixels
+        warnings.simplefilter("ignore", RuntimeWarning)  # meshes without a sky pixel
+        _, medians, _ = sigma_clipped_stats(blocks, sigma=3.0, maxiters=5, axis=2)
+    medians = np.asarray(medians, dtype=np.float64)
+    ok = (n_sky >= MIN_MESH_SKY_PIXELS) & np.isfinite(medians)
+    if not ok.any():
+        return None
+    nearest = ndimage.distance_transform_edt(~ok, return_distances=False, return_indices=True)
+    meshes = medians[tuple(nearest)]
+    if filter_size > 1:
+        meshes = ndimage.median_filter(meshes, size=filter_size, mode="nearest")
+    # mesh centres sit at (i + 0.5) box - 0.5 px; interpolate linearly between them
+    rows = _linear(meshes, nx, box_px, axis=1)
+    return _linear(rows, ny, box_px, axis=0)
+
+
+def _linear(meshes: np.ndarray, n: int, box_px: int, axis: int) -> np.ndarray:
+    """Linear interpolation of mesh values (centres at ``(i + 0.5) box - 0.5``) to ``n``
+    pixels along ``axis``, constant beyond the outer centres."""
+    m = meshes.shape[axis]
+    c = np.clip((np.arange(n) + 0.5) / box_px - 0.5, 0.0, m - 1)
+    i0 = np.floor(c).astype(int)
+    i1 = np.minimum(i0 + 1, m - 1)
+    w = (c - i0).astype(np.float32)
+    a, b = np.take(meshes, i0, axis=axis), np.take(meshes, i1, axis=axis)
+    w = w[None, :] if axis == 1 else w[:, None]
+    return (a * (1 - w) + b * w).astype(np.float32)
+
+
 def measure_background(data: np.ndarray, mask: np.ndarray | None,
                        cfg: BackgroundConfig) -> BackgroundResult:
     """Measure the smooth sky, its noise and its non-uniformity (see the module notes).
@@ -323,7 +523,8 @@ def measure_background(data: np.ndarray, mask: np.ndarray | None,
     BackgroundResult
         ``level`` (median smooth sky, ADU), ``noise`` (global sky RMS, ADU),
         ``nonuniformity`` ((P99 - P1) / median of the smooth sky over unmasked pixels),
-        and the full-size ``back`` and ``rms`` maps (float32).
+        the full-size ``back`` and ``rms`` maps (float32), the mesh size used and the
+        qa flags ``SKY_FALLBACK`` / ``SKY_UNMEASURED`` when the mesh sky failed its check.
 
     Raises
     ------
@@ -335,21 +536,62 @@ def measure_background(data: np.ndarray, mask: np.ndarray | None,
             else np.ascontiguousarray(mask, dtype=bool))
     if mask.all():
         raise QualityError("every pixel is masked: no sky to measure")
-    bkg = _sep_background(data, mask, cfg.box_px, cfg)
+    first_box = adapt_box(mask, cfg.box_px)
+    bkg = _sep_background(data, mask, first_box, cfg)
     back = bkg.back()
     level, _ = sky_statistics(back, mask)
-    box = noise_limited_box(cfg.box_px, float(bkg.globalrms), level, data.shape)
+    box = noise_limited_box(first_box, float(bkg.globalrms), level, data.shape)
     second = mask
     if cfg.mask_sources:
         full = mask | source_mask(data, back, float(bkg.globalrms), level, mask)
         if _sky_fraction(full) > MIN_SKY_FRACTION:
             second = full
-    if second is not mask or box != cfg.box_px:
+    box = adapt_box(second, box)
+    if second is not mask or box != first_box:
         bkg = _sep_background(data, second, box, cfg)
     back = bkg.back().astype(np.float32, copy=False)
+    noise = float(bkg.globalrms)
+    rms = bkg.rms().astype(np.float32, copy=False)
+    flags = 0
+    if not check_sky(data, back, noise, ~second):
+        flags = bits("SKY_FALLBACK")
+        back, noise = _fallback_sky(data, second, box, cfg)
+        rms = np.full(data.shape, noise, np.float32)
+        if back is None:
+            return _unmeasured(data, mask)
     level, u_measured = sky_statistics(back, mask)
-    nonuniformity = remove_noise_floor(u_measured, noise_floor(float(bkg.globalrms), level, box))
-    if not level >= FAINT_SKY_NOISE * bkg.globalrms:
+    nonuniformity = remove_noise_floor(u_measured, noise_floor(noise, level, box))
+    if not level >= FAINT_SKY_NOISE * noise:
         nonuniformity = math.nan  # a ratio to a sky lost in its noise means nothing
-    return BackgroundResult(level=level, noise=float(bkg.globalrms), nonuniformity=nonuniformity,
-                            back=back, rms=bkg.rms().astype(np.float32, copy=False))
+    return BackgroundResult(level=level, noise=noise, nonuniformity=nonuniformity,
+                            back=back, rms=rms, mesh_px=box, qa_flags=flags)
+
+
+def _fallback_sky(data: np.ndarray, masked: np.ndarray, box_px: int,
+                  cfg: BackgroundConfig) -> tuple[np.ndarray | None, float]:
+    """The clipped-median mesh sky and its noise, or (None, NaN) when it fails its check."""
+    sky = ~masked
+    if np.count_nonzero(sky) < MIN_SKY_PIXELS:
+        return None, math.nan
+    back = clipped_mesh_sky(data, sky, box_px, cfg.filter_size)
+    if back is None:
+        return None, math.nan
+    _, noise, _ = residual_statistics(data, back, sky)
+    if not check_sky(data, back, noise, sky):
+        return None, math.nan
+    return back, noise
+
+
+def _unmeasured(data: np.ndarray, mask: np.ndarray) -> BackgroundResult:
+    """A flat sky at the sigma-clipped statistics of the unmasked pixels (``SKY_UNMEASURED``):
+    what source extraction needs, with a NaN non-uniformity."""
+    values = data[~mask]
+    values = values[:: max(1, values.size // CHECK_SAMPLES)]
+    _, level, noise = sigma_clipped_stats(values, sigma=3.0, maxiters=10, stdfunc="mad_std")
+    level, noise = float(level), float(noise)
+    if not noise > 0:
+        noise = float(np.std(values)) or 1.0
+    return BackgroundResult(level=level, noise=noise, nonuniformity=math.nan,
+                            back=np.full(data.shape, level, np.float32),
+                            rms=np.full(data.shape, noise, np.float32), mesh_px=0,
+                            qa_flags=bits("SKY_FALLBACK", "SKY_UNMEASURED"))

@@ -55,6 +55,8 @@ def _night_parser() -> argparse.ArgumentParser:
     p.add_argument("--no-progress", dest="progress", action="store_false", default=None)
     p.add_argument("--classifier", choices=("auto", "cnn", "rules"),
                    help="learned classifier (cnn), threshold rules, or cnn when weights exist")
+    p.add_argument("--flat", metavar="FILE",
+                   help="master flat field (FITS): every frame is divided by it before measuring")
     return p
 
 
@@ -66,7 +68,8 @@ def _overrides(a: argparse.Namespace) -> dict:
     train = {k: getattr(a, k, None) for k in ("accelerator", "devices", "num_nodes",
                                               "strategy", "precision", "max_epochs",
                                               "checkpoint_dir")}
-    tree = {"run": run, "cluster": cluster, "train": train}
+    tree = {"run": run, "cluster": cluster, "train": train,
+            "background": {"flat": getattr(a, "flat", None)}}
     return {block: {k: v for k, v in values.items() if v is not None}
             for block, values in tree.items()}
 

@@ -76,6 +76,19 @@ class BackgroundConfig:
     box_px: int = F(128, "Background mesh size (pixels).", range=(8, 4096))
     filter_size: int = F(3, "Median filter over background meshes.", range=(1, 15))
     mask_sources: bool = F(True, "Re-estimate the background with detected sources masked.")
+    flat: str | None = F(
+        None, "Master flat field (FITS) that every frame is divided by before measuring "
+        "(`--flat`); None: no flat unless `flats` names one for the frame's filter.")
+    flats: dict = F({}, "Master flat field per filter: {FILTER: path}; wins over `flat` for "
+                        "frames of that filter.")
+    illumination: str = F(
+        "median", "Without a flat: 'median' divides each frame's sky by the per-cell median "
+        "of the night's normalised sky maps (vignetting and dust, but also a gradient on "
+        "every frame, are absorbed), 'radial' by only the vignetting-shaped (radial) part of "
+        "it, 'none' keeps the raw sky.", choices=("median", "radial", "none"))
+    illumination_min_frames: int = F(
+        5, "Frames of one detector geometry and filter needed for a night illumination "
+        "pattern; fewer keep their raw sky non-uniformity.", range=(2, None))
 
 
 @dataclass

@@ -91,3 +91,59 @@ def test_noise_floor_is_removed_in_quadrature():
     assert remove_noise_floor(0.05, 0.03) == pytest.approx(0.04)
     assert remove_noise_floor(0.02, 0.03) == 0.0
     assert math.isnan(remove_noise_floor(math.nan, 0.01))
+
+
+def _masked_sky(fraction_masked_rows: int, period: int, sky=358.7, noise=1.34, gradient=0.05):
+    """A 650x500 sky (linear gradient along x) with every mesh mostly masked by stripes."""
+    rng = np.random.default_rng(11)
+    yy, xx = np.mgrid[0:500, 0:650]
+    sky_map = sky * (1.0 + gradient * xx / 649.0)
+    img = (sky_map + rng.normal(0.0, noise, sky_map.shape)).astype(np.float32)
+    mask = (yy % period) < fraction_masked_rows
+    return img, mask, sky_map
+
+
+def test_meshes_mostly_masked_still_give_the_right_sky():
+    from survey_qa.pipeline.flags import decode_flags
+
+    img, mask, sky_map = _masked_sky(3, 4)  # 75% of every mesh masked: sep alone gives 0, 1
+    res = measure_background(img, mask, BackgroundConfig())
+    assert res.level == pytest.approx(np.median(sky_map), rel=0.002)
+    assert res.noise == pytest.approx(1.34, rel=0.1)
+    assert res.nonuniformity == pytest.approx(true_u(sky_map), abs=0.005)
+    assert decode_flags(res.qa_flags) == ["SKY_FALLBACK"]
+
+
+def test_mesh_shrinks_when_the_source_mask_covers_its_meshes():
+    rng = np.random.default_rng(12)
+    yy, xx = np.mgrid[0:500, 0:650]
+    mask = np.zeros((500, 650), bool)
+    for x, y in rng.uniform((0, 0), (650, 500), (400, 2)):  # about half of the frame
+        mask |= (xx - x) ** 2 + (yy - y) ** 2 < 14 ** 2
+    img = rng.normal(358.7, 1.34, mask.shape).astype(np.float32)
+    img[mask] = 1e4  # what sep must not see
+    res = measure_background(img, mask, BackgroundConfig(box_px=128, mask_sources=False))
+    assert res.mesh_px < 128 and res.qa_flags == 0
+    assert res.level == pytest.approx(358.7, abs=0.3)
+
+
+def test_check_rejects_seps_silent_failure():
+    from survey_qa.pipeline.background import check_sky
+
+    img, mask, sky_map = _masked_sky(0, 4)
+    assert not check_sky(img, np.zeros_like(img), 1.0, ~mask)  # sep's 0 and 1
+    assert not check_sky(img, sky_map.astype(np.float32) + 5.0, 1.34, ~mask)  # 4 sigma off
+    assert not check_sky(img, sky_map.astype(np.float32), 3.0, ~mask)  # noise 2x too high
+    assert check_sky(img, sky_map.astype(np.float32), 1.34, ~mask)
+
+
+def test_too_little_sky_is_flagged_unmeasured():
+    from survey_qa.pipeline.flags import decode_flags
+
+    img, _, _ = _masked_sky(0, 4, gradient=0.0)
+    mask = np.ones(img.shape, bool)
+    mask[::40, ::40] = False  # 169 pixels
+    res = measure_background(img, mask, BackgroundConfig())
+    assert math.isnan(res.nonuniformity)
+    assert decode_flags(res.qa_flags) == ["SKY_FALLBACK", "SKY_UNMEASURED"]
+    assert res.level == pytest.approx(358.7, abs=0.5) and res.noise == pytest.approx(1.34, rel=0.2)

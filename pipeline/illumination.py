@@ -1,0 +1,239 @@
+"""Illumination: what the optics do to the sky, told apart from light the sky adds.
+
+Vignetting and dust dim stars and sky alike: they multiply the image. The spec's sky
+non-uniformity ``u`` is about light that the sky or the instrument *adds* (gradients,
+clouds, scattered light, glow), so a multiplicative pattern must be divided out before
+``u`` is measured. Two ways, in order of preference:
+
+1. **A flat field** given by the user: the data are divided by the flat normalised to its
+   median (:func:`normalise_flat`, :func:`apply_flat`) before any stage measures them.
+2. **The night's own illumination pattern**: every detector stores a coarse map of its
+   smooth sky (:func:`coarse_sky_map`, ``SKY_GRID`` x ``SKY_GRID`` cells). Once the night
+   is measured, the maps of one detector geometry and filter are normalised to their
+   medians and their per-cell median over at least ``min_frames`` frames is the pattern
+   (:func:`night_pattern`). Each frame's ``u`` is then measured on ``map / pattern``
+   (:func:`corrected_nonuniformity`).
+
+What the night pattern must not absorb
+--------------------------------------
+A cloud, a gradient or a glow that moves or comes and goes stays: the median over many
+frames ignores what is on fewer than half of them. What is on *every* frame of a group
+would be absorbed by a plain median: moonlight or light pollution from the same side all
+night, on a telescope that stares at one field. Two guards:
+
+- ``mode="radial"`` (the default) keeps only the part of the median pattern that has the
+  shape of vignetting: a smooth radial falloff ``1 + a r^2 + b r^4`` around an optical axis
+  within ``MAX_AXIS_OFFSET`` of the detector centre (:func:`radial_pattern`). A gradient
+  across the field is not radial and stays in ``u``; a radial glow centred on the
+  detector would be absorbed (rare: glows come from the edges). Dust donuts are not
+  radial and stay too: a flat field is the remedy for them.
+- ``mode="median"`` keeps the whole median pattern (dust included): for a survey that
+  moves over the sky, so that no sky gradient is on most frames.
+
+A frame with its own flat field never enters the night pattern.
+"""
+from __future__ import annotations
+
+import math
+
+import numpy as np
+from scipy import optimize
+
+SKY_GRID = 32
+"""Cells along each side of the coarse sky map stored per detector."""
+
+FLAT_MIN = 0.05
+"""Flat-field pixels below this fraction of the flat's median (or not finite) are masked."""
+
+MAX_AXIS_OFFSET = 0.25
+"""The optical axis of the radial model lies within this fraction of the detector's half
+sides from its centre."""
+
+MIN_PATTERN_CELLS = 16
+"""A pattern (or a corrected map) needs at least this many finite cells."""
+
+
+def normalise_flat(flat: np.ndarray, mask: np.ndarray | None = None
+                   ) -> tuple[np.ndarray, np.ndarray]:
+    """A flat field divided by its median, and the pixels it cannot correct.
+
+    Parameters
+    ----------
+    flat
+        Master flat (any positive scale), 2-D.
+    mask
+        Pixels of the flat already known bad (True); None: none.
+
+    Returns
+    -------
+    flat, bad
+        float32 flat with median 1 over its good pixels, and True where the flat is not
+        finite, masked, or below ``FLAT_MIN`` (there it is set to 1).
+
+    Raises
+    ------
+    ValueError
+        When the flat has no positive finite pixel.
+    """
+    flat = np.asarray(flat, dtype=np.float32)
+    bad = ~np.isfinite(flat) if mask is None else (np.asarray(mask, bool) | ~np.isfinite(flat))
+    good = flat[~bad]
+    good = good[good > 0]
+    if good.size == 0:
+        raise ValueError("the flat field has no positive pixel")
+    flat = flat / np.float32(np.median(good))
+    bad |= ~(flat >= FLAT_MIN)
+    return np.where(bad, np.float32(1.0), flat).astype(np.float32), bad
+
+
+def apply_flat(data: np.ndarray, mask: np.ndarray, flat: np.ndarray, bad: np.ndarray
+               ) -> tuple[np.ndarray, np.ndarray]:
+    """Divide a detector by a normalised flat (:func:`normalise_flat`).
+
+    Returns the flat-fielded data (float32, C-contiguous) and the mask with the flat's bad
+    pixels added. Raises ``ValueError`` when the shapes differ.
+    """
+    if flat.shape != data.shape:
+        raise ValueError(f"the flat field is {flat.shape[1]}x{flat.shape[0]} px, the frame "
+                         f"{data.shape[1]}x{data.shape[0]} px")
+    out = np.ascontiguousarray(data / flat, dtype=np.float32)
+    return out, np.asarray(mask, bool) | bad
+
+
+def _edges(n: int, grid: int) -> np.ndarray:
+    return np.linspace(0, n, grid + 1).astype(int)[:-1]
+
+
+def coarse_sky_map(back: np.ndarray, mask: np.ndarray | None, grid: int = SKY_GRID
+                   ) -> np.ndarray:
+    """The smooth sky averaged over ``grid`` x ``grid`` cells of unmasked pixels.
+
+    Parameters
+    ----------
+    back
+        Full-size smooth sky (ADU).
+    mask
+        True on pixels that are not sky (not used); None: none.
+    grid
+        Cells along each side (fewer on a detector smaller than ``grid`` pixels).
+
+    Returns
+    -------
+    numpy.ndarray
+        float32 map (ADU), NaN on cells without an unmasked pixel. Cell ``(i, j)`` covers
+        rows ``i ny / grid`` to ``(i + 1) ny / grid`` and likewise in x.
+    """
+    ny, nx = back.shape
+    gy, gx = min(grid, ny), min(grid, nx)
+    good = np.ones(back.shape, bool) if mask is None else ~np.asarray(mask, bool)
+    ys, xs = _edges(ny, gy), _edges(nx, gx)
+    total = np.add.reduceat(np.add.reduceat(np.where(good, back, 0.0).astype(np.float64), ys,
+                                            axis=0), xs, axis=1)
+    count = np.add.reduceat(np.add.reduceat(good.astype(np.int64), ys, axis=0), xs, axis=1)
+    with np.errstate(invalid="ignore", divide="ignore"):
+        return np.where(count > 0, total / count, np.nan).astype(np.float32)
+
+
+def _normalised(sky_map: np.ndarray) -> np.ndarray | None:
+    finite = sky_map[np.isfinite(sky_map)]
+    if finite.size < MIN_PATTERN_CELLS:
+        return None
+    median = float(np.median(finite))
+    return sky_map / median if median > 0 else None
+
+
+def night_pattern(maps: list[np.ndarray], min_frames: int) -> np.ndarray | None:
+    """The per-cell median of the normalised sky maps of one detector geometry.
+
+    Parameters
+    ----------
+    maps
+        Coarse sky maps (:func:`coarse_sky_map`) of the same shape.
+    min_frames
+        Fewest usable maps (positive median, enough finite cells) for a pattern.
+
+    Returns
+    -------
+    numpy.ndarray or None
+        The pattern normalised to median 1 (NaN where fewer than half of the maps have a
+        value), or None with fewer than ``min_frames`` usable maps.
+    """
+    usable = [n for n in (_normalised(np.asarray(m, np.float64)) for m in maps)
+              if n is not None]
+    if len(usable) < max(min_frames, 1):
+        return None
+    stack = np.stack(usable)
+    enough = np.count_nonzero(np.isfinite(stack), axis=0) * 2 >= len(usable)
+    pattern = np.full(stack.shape[1:], np.nan)
+    if enough.any():
+        pattern[enough] = np.nanmedian(stack[:, enough], axis=0)
+    return _normalised(pattern)
+
+
+def _cell_coordinates(shape: tuple[int, int], ny_px: int, nx_px: int
+                      ) -> tuple[np.ndarray, np.ndarray]:
+    """Cell centres in units of the detector's half sides, from its centre."""
+    gy, gx = shape
+    y = ((_edges(ny_px, gy) + np.append(_edges(ny_px, gy)[1:], ny_px)) / 2 - ny_px / 2)
+    x = ((_edges(nx_px, gx) + np.append(_edges(nx_px, gx)[1:], nx_px)) / 2 - nx_px / 2)
+    half = math.hypot(nx_px, ny_px) / 2
+    yy, xx = np.meshgrid(y / half, x / half, indexing="ij")
+    return yy, xx
+
+
+def radial_model(params: np.ndarray, yy: np.ndarray, xx: np.ndarray) -> np.ndarray:
+    """``c (1 + a r^2 + b r^4)`` around the axis ``(x0, y0)``; ``params = (c, a, b, x0,
+    y0)``, lengths in half-diagonals."""
+    c, a, b, x0, y0 = params
+    r2 = (xx - x0) ** 2 + (yy - y0) ** 2
+    return c * (1.0 + a * r2 + b * r2 * r2)
+
+
+def radial_pattern(pattern: np.ndarray, ny_px: int, nx_px: int) -> np.ndarray | None:
+    """The vignetting-shaped part of a pattern: a radial falloff fitted to it.
+
+    Parameters
+    ----------
+    pattern
+        Normalised night pattern (:func:`night_pattern`), NaN allowed.
+    ny_px, nx_px
+        Detector size (pixels): the cells are placed at their true aspect.
+
+    Returns
+    -------
+    numpy.ndarray or None
+        ``1 + a r^2 + b r^4`` around an axis within ``MAX_AXIS_OFFSET`` of the detector's
+        half sides from its centre, normalised to median 1 on the pattern's grid; None when
+        too few cells are finite.
+    """
+    yy, xx = _cell_coordinates(pattern.shape, ny_px, nx_px)
+    ok = np.isfinite(pattern)
+    if np.count_nonzero(ok) < MIN_PATTERN_CELLS:
+        return None
+    half = math.hypot(nx_px, ny_px) / 2
+    dx, dy = MAX_AXIS_OFFSET * nx_px / 2 / half, MAX_AXIS_OFFSET * ny_px / 2 / half
+
+    def resid(p):
+        return radial_model(p, yy[ok], xx[ok]) - pattern[ok]
+
+    fit = optimize.least_squares(resid, x0=[1.0, 0.0, 0.0, 0.0, 0.0],
+                                 bounds=([0.0, -10.0, -10.0, -dx, -dy],
+                                         [10.0, 10.0, 10.0, dx, dy]), loss="soft_l1",
+                                 f_scale=0.01)
+    model = radial_model(fit.x, yy, xx)
+    if not np.all(model > 0):
+        return None
+    return model / np.median(model[ok])
+
+
+def corrected_nonuniformity(sky_map: np.ndarray, pattern: np.ndarray) -> float:
+    """``(P99 - P1) / median`` of ``sky_map / pattern`` over the cells where both are finite.
+
+    NaN with fewer than ``MIN_PATTERN_CELLS`` such cells or a median that is not positive.
+    """
+    ratio = np.asarray(sky_map, np.float64) / pattern
+    ratio = ratio[np.isfinite(ratio)]
+    if ratio.size < MIN_PATTERN_CELLS:
+        return math.nan
+    p1, p50, p99 = np.percentile(ratio, [1.0, 50.0, 99.0])
+    return float((p99 - p1) / p50) if p50 > 0 else math.nan
