@@ -8,7 +8,8 @@ from survey_qa.config import BackgroundConfig, PSFConfig, SourcesConfig
 from survey_qa.pipeline import psf_models as pm
 from survey_qa.pipeline.background import measure_background
 from survey_qa.pipeline.flags import SOURCE_FLAGS, decode_flags
-from survey_qa.pipeline.psf import (annotate_sources, measure_psf, select_psf_stars,
+from survey_qa.pipeline.psf import (ELLIPTICITY_NOISE_SNR, annotate_sources,
+                                    coherent_elongation, measure_psf, select_psf_stars,
                                     trail_ratio)
 from survey_qa.pipeline.sources import extract_sources
 
@@ -118,11 +119,133 @@ def test_too_few_stars(scene):
     assert all(math.isnan(v) for v in res.fwhm_grid_px)
 
 
-def test_undersampled(scene):
-    s = scene(shape=(256, 256), n_stars=25, fwhm_px=1.6, seed=16)
+@pytest.mark.parametrize("fwhm, beta", [(1.2, 3.0), (1.5, 2.5), (1.8, 4.5)])
+def test_undersampled(scene, fwhm, beta):
+    s = scene(shape=(256, 256), n_stars=25, fwhm_px=fwhm, beta=beta, seed=int(16 * fwhm))
     _, _, res = run(s.image)
-    assert res.fwhm_px == pytest.approx(1.6, rel=0.05)
+    assert res.fwhm_px == pytest.approx(fwhm, rel=0.05)
+    # What the pixels record, as PSFEx describes it: never under one pixel.
+    assert res.fwhm_image_px == pytest.approx(pm.pixel_convolved_fwhm(fwhm, beta), rel=0.03)
+    assert res.fwhm_image_px > 1.0
     assert "UNDERSAMPLED" in decode_flags(res.qa_flags)
+    assert res.trail_ratio < 0.3
+
+
+def _galsim_cut_fwhm(profile, scale: float = 0.02) -> float:
+    """Full width at half maximum along x through the centre of a GalSim profile drawn
+    with the pixel on a fine grid (outermost half-maximum crossings)."""
+    import galsim
+
+    img = profile.drawImage(nx=1601, ny=1601, scale=scale, method="no_pixel").array
+    cut = img[800] / img[800].max()
+    above = np.flatnonzero(cut >= 0.5)
+    lo, hi = above[0], above[-1]
+    x_lo = lo - (cut[lo] - 0.5) / (cut[lo] - cut[lo - 1])
+    x_hi = hi + (cut[hi] - 0.5) / (cut[hi] - cut[hi + 1])
+    return float((x_hi - x_lo) * scale)
+
+
+@pytest.mark.parametrize("fwhm, beta", [(0.5, 3.0), (1.2, 2.5), (2.0, 4.5), (6.0, 3.0)])
+def test_pixel_convolved_fwhm_matches_galsim(fwhm, beta):
+    import galsim
+
+    truth = _galsim_cut_fwhm(galsim.Convolve(galsim.Moffat(beta=beta, fwhm=fwhm),
+                                             galsim.Pixel(1.0)), scale=min(0.02, fwhm / 30))
+    assert pm.pixel_convolved_fwhm(fwhm, beta) == pytest.approx(truth, rel=0.01)
+    back = pm.seeing_fwhm_from_pixel_convolved(pm.pixel_convolved_fwhm(fwhm, beta), beta)
+    assert back == pytest.approx(fwhm, rel=0.005)
+
+
+def test_pixel_convolved_fwhm_limits():
+    assert pm.pixel_convolved_fwhm(0.05, 3.0) == pytest.approx(1.0, abs=0.01)  # the pixel
+    assert pm.pixel_convolved_fwhm(20.0, 3.0) == pytest.approx(20.0, rel=0.002)
+
+
+def _moffat_fit_fwhm(image: np.ndarray) -> float:
+    """FWHM of the round Moffat that best fits a noise-free, pixel-convolved image: how
+    PSFEx sizes its PSF model (a Moffat fit to the model image)."""
+    from scipy.optimize import least_squares
+
+    ny, nx = image.shape
+    yy, xx = np.mgrid[:ny, :nx]
+
+    def resid(p):
+        x0, y0, amp, alpha, beta = p
+        return (amp * (1 + ((xx - x0) ** 2 + (yy - y0) ** 2) / alpha ** 2) ** -beta
+                - image).ravel()
+
+    p0 = [nx / 2, ny / 2, image.max(), nx / 6, 3.0]
+    fit = least_squares(resid, p0, bounds=([0, 0, 0, 0.1, 1.01], [nx, ny, np.inf, nx, 1e3]))
+    return float(fit.x[3] * pm.fwhm_factor(fit.x[4]))
+
+
+def _donut_scene(n=9, size=320, outer_px=7.0, inner_px=3.5, seeing_px=3.0, seed=30):
+    """Defocused stars: a uniform annulus convolved with a Gaussian seeing, on noise.
+    Returns the image and the Moffat-fit FWHM of the noise-free donut."""
+    import galsim
+
+    rng = np.random.default_rng(seed)
+    ring = galsim.Add([galsim.TopHat(radius=outer_px, flux=outer_px ** 2),
+                       galsim.TopHat(radius=inner_px, flux=-inner_px ** 2)])
+    donut = galsim.Convolve(ring, galsim.Gaussian(fwhm=seeing_px))
+    img = galsim.ImageF(size, size, scale=1.0)
+    grid = np.linspace(50, size - 50, int(math.ceil(math.sqrt(n))))
+    for x, y in [(a, b) for a in grid for b in grid][:n]:
+        x, y = x + rng.uniform(-0.5, 0.5), y + rng.uniform(-0.5, 0.5)
+        donut.withFlux(float(10 ** rng.uniform(5.3, 5.8))).drawImage(
+            image=img, add_to_image=True, center=galsim.PositionD(x + 1, y + 1))
+    data = rng.poisson(img.array + 200.0) + rng.normal(0, 5, img.array.shape)
+    model = donut.drawImage(nx=81, ny=81, scale=1.0).array
+    return data.astype(np.float32), _moffat_fit_fwhm(model)
+
+
+def test_defocused_donuts_give_their_width():
+    img, truth = _donut_scene()
+    _, _, res = run(img)
+    assert res.n_used >= 5
+    # Like with like: the Moffat width of the donut as the pixels record it.
+    assert res.fwhm_image_px == pytest.approx(truth, rel=0.05)
+    assert res.trail_ratio < 0.3 and res.fwhm_px > 10
+
+
+def test_round_noisy_stars_are_not_coherent(scene):
+    # Faint round stars: their measured ellipticities are noise, in random directions.
+    s = scene(shape=(384, 384), n_stars=40, fwhm_px=3.0, flux=(2500.0, 6000.0), seed=31)
+    _, _, res = run(s.image)
+    assert res.n_used >= 15
+    assert res.ellipticity > 0.02  # each star looks a little elongated ...
+    assert res.coherence < 0.5  # ... but the field shares no elongation
+    assert res.trail_ratio < 0.3
+
+
+def test_small_trail_on_faint_stars_is_coherent(scene):
+    # A trail of one FWHM (bad tracking) on stars of the same faintness.
+    s = scene(shape=(384, 384), n_stars=40, fwhm_px=3.0, flux=(5000.0, 12000.0),
+              trail_px=3.0, trail_angle_deg=70.0, seed=32)
+    _, _, res = run(s.image)
+    assert res.coherence > 0.8
+    assert res.trail_ratio == pytest.approx(1.0, rel=0.2)
+    assert abs((res.pa_deg - 70.0 + 90) % 180 - 90) < 5.0
+
+
+def test_coherent_elongation_weights_and_noise():
+    rng = np.random.default_rng(33)
+    n = 60
+    snr = 10 ** rng.uniform(1.3, 2.5, n)
+    sigma = ELLIPTICITY_NOISE_SNR / snr
+    noise = (rng.normal(0, sigma) + 1j * rng.normal(0, sigma))
+    # Round stars: only noise; the estimate is consistent with zero.
+    round_ = coherent_elongation(noise, sigma)
+    assert round_.ellipticity < 0.02 and round_.coherence < 0.3
+    # A shared elongation of 0.1 at 40 degrees, with the same noise: found.
+    trail = coherent_elongation(0.1 * np.exp(2j * np.radians(40.0)) + noise, sigma)
+    assert trail.ellipticity == pytest.approx(0.1, abs=0.015)
+    assert trail.coherence > 0.8 and trail.significance > 5
+    assert abs(trail.pa_deg - 40.0) < 3.0
+    # Field-dependent optics: elongated stars, directions all around.
+    angles = rng.uniform(0, np.pi, n)
+    optics = coherent_elongation(0.1 * np.exp(2j * angles) + noise, sigma)
+    assert optics.coherence < 0.4 and optics.ellipticity < 0.04
 
 
 def test_grid_regions_without_stars_are_nan(scene):
