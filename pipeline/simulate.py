@@ -23,7 +23,8 @@ Domains
 always drew for a given seed. ``wide`` widens the draws to real instruments: pixel scales
 0.1-15"/px, FWHM 1.2-20 px, bad seeing up to tens of arcsec, detectors of 500 px to
 ``size_px`` (aspect 1-1.5), and the :data:`WIDE_CONFOUNDERS` (raw frames, vignetting and
-dust donuts, Bayer frames, defocused donut PSFs, sparse fields of 12-30 stars).
+dust donuts, Bayer frames, defocused donut PSFs, sparse fields of 12-30 stars), with at
+least 60 stars per detector otherwise (about 20 above S/N 10).
 
 - **Illumination** (:func:`illumination`): vignetting and dust donuts multiply sky and
   sources alike, as an uncorrected flat field does; so does the colour-filter response
@@ -122,7 +123,7 @@ WIDE_CONFOUNDERS: dict[str, float] = {
     "dust": 0.3,         # dust donuts: multiplicative rings of a few % (uncorrected flat)
     "bayer": 0.12,       # one-shot colour camera: RGGB colour-filter array (single chips)
     "defocus": 0.12,     # donut PSF (central obstruction); its FWHM is the seeing truth
-    "sparse": 0.15,      # a sparse field: 12-30 stars per detector
+    "sparse": 0.15,      # a sparse field: 12-30 stars per detector, all measurable
 }
 """Confounders of the wide domain and the share of its frames that carry each of them.
 A frame of the default domain gets them only when they are asked for (``confounders=``).
@@ -139,7 +140,8 @@ class WideDomain:
     fwhm_px: tuple[float, float] = (1.2, 20.0)
     min_side_px: int = 500
     bad_seeing_arcsec: tuple[float, float] = (1.6, 60.0)  # coarse cameras: tens of arcsec
-    sparse_stars: tuple[int, int] = (12, 30)
+    sparse_stars: tuple[int, int] = (12, 30)   # all of them bright enough to measure
+    min_stars_per_detector: float = 60.0       # expected, down to S/N 2: ~20 above S/N 10
     stars_per_detector: tuple[float, float] = (300.0, 6000.0)  # most expected, per detector
     defocus_min_fwhm_px: float = 4.0   # smaller donuts are not resolved
     bayer_min_fwhm_px: float = 2.4     # binned 2x2 by the reader: at least 1.2 px after
@@ -568,7 +570,8 @@ def draw_spec(rng: np.random.Generator, quality_class: str, *, exposure: str,
     if wide:  # small apertures on wide fields reach few stars per arcmin^2
         area_arcmin2 = nx * ny * pixscale**2 / 3600.0
         most = _loguniform(rng, *WIDE.stars_per_detector) * (4.0 if "crowded" in chosen else 1.0)
-        density = min(density, most / area_arcmin2)
+        density = max(min(density, most / area_arcmin2),  # and a field with stars to see
+                      WIDE.min_stars_per_detector / area_arcmin2)
     gal_density = _loguniform(rng, 0.5, 5.0) if "galaxies" in chosen else 0.0
     # background details; thin cirrus and natural gradients keep good frames good
     if bkind == "cloud":
@@ -1362,6 +1365,8 @@ def _add_stars(image: np.ndarray, rng: np.random.Generator, spec: ExposureSpec,
     n = int(rng.poisson(n_exp))
     fwhm = spec.fwhm_px
     f_min = 2.0 * math.sqrt(math.pi * fwhm * fwhm) * noise_e
+    if "sparse" in spec.confounders:  # few stars, all of them measurable (S/N >= 20)
+        f_min *= 10.0
     sat_e = spec.saturate_adu * spec.gain_e_per_adu
     f_sat = sat_e / psf.peak
     room_e = max(sat_e - 1.5 * spec.sky_e, 0.2 * sat_e)  # peak + sky stays below saturation

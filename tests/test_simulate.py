@@ -582,6 +582,10 @@ def test_sparse_field_has_few_stars():
                          confounders=("sparse",))
     det = sim.render_detector(spec, 0, np.random.default_rng(2))
     assert 5 <= det.truth["n_stars"] <= 45 and det.truth["quality_class"] == "good"
+    # few stars, but every one of them measurable: S/N over an FWHM-wide aperture >= 10
+    noise_e = math.sqrt(spec.sky_e + spec.read_noise_e**2)
+    snr = det.stars.flux_adu * spec.gain_e_per_adu / (math.sqrt(math.pi) * spec.fwhm_px * noise_e)
+    assert snr.min() >= 10
 
 
 def test_wide_night_is_deterministic_and_the_command_takes_domain(tmp_path, capsys):
