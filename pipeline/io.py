@@ -732,6 +732,11 @@ def _wcs_scale(header: fits.Header) -> float:
     linear = header.copy(strip=True)
     for key in [k for k in linear if re.match(r"(A|B|AP|BP)_(\d+_\d+|ORDER|DMAX)$", k)]:
         del linear[key]  # SIP distortion does not change the scale at the reference pixel
+    for key in [k for k in linear if re.match(r"(CD|PC)\d_\d$|(CDELT|CRPIX|CRVAL)\d$", k)]:
+        if isinstance(linear[key], str):  # some writers quote numbers: '-0.00030737'
+            value = _as_float(linear[key].strip())
+            if math.isfinite(value):
+                linear[key] = value
     try:
         with warnings.catch_warnings():
             warnings.simplefilter("ignore")

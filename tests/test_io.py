@@ -246,6 +246,9 @@ def test_zarr_layout_is_stable_across_reruns(tmp_path):
     ({"CTYPE1": "RA---TAN", "CTYPE2": "DEC--TAN", "CD1_1": -3.0737e-4, "CD1_2": 0.0,
       "CD2_1": 0.0, "CD2_2": 3.0737e-4, "CRPIX1": 1.0, "CRPIX2": 1.0, "CRVAL1": 10.0,
       "CRVAL2": 5.0, "PIXSCALE": 9.9}, 1.1065, "WCS"),
+    ({"CTYPE1": "RA---TAN", "CTYPE2": "DEC--TAN", "CD1_1": "-0.00030737", "CD1_2": "0.0",
+      "CD2_1": "0.0", "CD2_2": "0.00030737", "CRPIX1": 1.0, "CRPIX2": 1.0, "CRVAL1": 10.0,
+      "CRVAL2": 5.0}, 1.1065, "WCS"),  # numbers written as strings (Lowell)
 ])
 def test_pixel_scale_keyword_families(cards, scale, keyword):
     got, source, key = io.pixel_scale_and_keyword(fits.Header(cards), IOConfig())
