@@ -70,20 +70,28 @@ def test_pure_noise_gives_an_empty_table():
     assert len(src) == 0 and "flux_radius_px" in src.columns
 
 
-def test_overflow_raises_the_threshold_and_retries(scene, monkeypatch):
+def test_overflow_grows_the_pixel_stack_then_raises_the_threshold(scene, monkeypatch):
     s = scene(shape=(128, 128), n_stars=5, seed=5)
     real = sep.extract
     calls = []
 
     def flaky(data, thresh, **kw):
-        calls.append(thresh)
-        if len(calls) == 1:
-            raise Exception("internal pixel buffer full: The limit of 300000 active pixels")
+        calls.append((thresh, sep.get_extract_pixstack()))
+        if len(calls) <= 3:
+            raise Exception("internal pixel buffer full: The limit of active pixels")
         return real(data, thresh, **kw)
 
     monkeypatch.setattr(sources_mod.sep, "extract", flaky)
-    src = measure(s.image, thresh_sigma=5.0)
-    assert calls == [5.0, 10.0] and src.attrs["thresh_sigma"] == 10.0 and len(src) > 0
+    start = sources_mod.START_PIXSTACK
+    sep.set_extract_pixstack(start)  # as a fresh process has it
+    src = measure(s.image, thresh_sigma=5.0, pixstack=2 * start)
+    # The stack grows up to the configured ceiling at the same threshold, then the
+    # threshold doubles; the grown stack stays for the next frames.
+    assert calls == [(5.0, start), (5.0, 2 * start), (10.0, 2 * start), (20.0, 2 * start)]
+    assert src.attrs["thresh_sigma"] == 20.0 and len(src) > 0
+    configure_sep(SourcesConfig(pixstack=2 * start))
+    assert sep.get_extract_pixstack() == 2 * start
+    configure_sep(SourcesConfig())
 
 
 def test_unresolvable_overflow_is_a_quality_error(scene, monkeypatch):
@@ -99,8 +107,12 @@ def test_unresolvable_overflow_is_a_quality_error(scene, monkeypatch):
 
 def test_configure_sep_sets_the_process_state_once():
     cfg = SourcesConfig(pixstack=1_234_567)
+    sep.set_extract_pixstack(10_000_000)  # above this configuration's ceiling
     configure_sep(cfg)
-    assert sep.get_extract_pixstack() == 1_234_567
+    assert sep.get_extract_pixstack() == sources_mod.START_PIXSTACK
     configure_sep(cfg)  # idempotent
+    assert sep.get_extract_pixstack() == sources_mod.START_PIXSTACK
+    configure_sep(SourcesConfig(pixstack=100_000))  # a ceiling below the start size
+    assert sep.get_extract_pixstack() == 100_000
     assert sep.get_sub_object_limit() >= sources_mod.SUB_OBJECT_LIMIT
     configure_sep(SourcesConfig())
