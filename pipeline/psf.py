@@ -13,15 +13,17 @@ the bright, clean candidates that do not look like cosmic rays.
 
 The fits (models in :mod:`.psf_models`)
 ---------------------------------------
-1. Every star (up to ``max_stars``, best S/N first, fewer when the stamps are large:
-   ``MAX_FIT_SAMPLES``) is fitted on a stamp of 2.5 first-guess FWHM radius by a
-   pixel-integrated elliptical Moffat with free centre, flux, local background, shape
-   and ``beta``. All stars go through one ``scipy.optimize.least_squares`` call with an
-   analytic, block-diagonal sparse Jacobian: 400 stars take well under a second. The
-   fitted sizes are intrinsic (pre-pixel) FWHM. Per star: FWHM along the major and minor
+1. A capped set of stars (``max_stars``, spread evenly over the S/N ranks of the selected
+   stars, fewer when the stamps are large: ``MAX_FIT_SAMPLES``) is fitted on stamps of
+   2.5 first-guess FWHM radius (binned for stars wider than ``3 MIN_BINNED_FWHM_PX``:
+   defocused donuts) by a pixel-integrated elliptical Moffat with free centre, flux,
+   local background, shape and ``beta``. All stars go through one
+   ``scipy.optimize.least_squares`` call with an analytic, block-diagonal sparse
+   Jacobian. The fitted sizes are intrinsic (pre-pixel) FWHM. Per star: FWHM along the major and minor
    axes, ``e = 1 - b/a`` and the major-axis angle ``theta`` ([0, 180) from +x toward +y).
 2. When the stars are coherently elongated (trail ratio of step 1 at least
-   ``TRAILED_MODEL_MIN_RATIO``, coherence at least ``TRAILED_MODEL_MIN_COHERENCE``), the
+   ``TRAILED_MODEL_MIN_RATIO``, coherence at least ``TRAILED_MODEL_MIN_COHERENCE``, the
+   shared elongation at least ``ELONGATION_MIN_SIGNIFICANCE`` standard errors), the
    best ``TRAILED_MODEL_STARS`` stars are fitted again with a round Moffat convolved
    with one image-motion kernel shared by all of them (a segment with extra weight at
    its ends: linear drift, periodic error, or a jump that doubles the stars). An
@@ -36,7 +38,16 @@ The fits (models in :mod:`.psf_models`)
 
 Summary quantities
 ------------------
-- ``fwhm_px``, the seeing FWHM before image motion:
+- ``fwhm_image_px`` (:class:`PSFMeasurement`): the FWHM of the fitted profile (median
+  size and ``beta``) convolved with the pixel, read along a cut through its peak: the
+  PSF as the pixels record it, which is what PSFEx's PSF model (``FWHM_Mean``) and
+  SourceExtractor's ``FWHM_IMAGE`` describe, and never under 1 px. Any elongation is in
+  it (geometric mean of the axes). Compare it, not ``fwhm_px``, with those tools.
+- ``fwhm_px`` (the catalog's ``fwhm_px``), the seeing FWHM before the pixel and before
+  image motion. On undersampled stars whose fitted ``beta`` falls below
+  ``MIN_SEEING_BETA`` (the core lies inside a pixel, so the fit trades a steep, tiny core
+  for wings), the sizes are rescaled to the ``MIN_SEEING_BETA`` Moffat that gives the same
+  ``fwhm_image_px``.
 
   * without a trail model: the median over stars of the geometric-mean FWHM
     ``sqrt(FWHM_major FWHM_minor)`` divided by ``(1 + T^2 / (12 sigma^2))^(1/4)``, the
@@ -56,23 +67,27 @@ Summary quantities
 
         r = sqrt(12) / (2 sqrt(2 ln 2)) * sqrt(1/q^2 - 1).
 
-    ``q = 1 - e_c`` comes from the coherent ellipticity ``e_c = |mean_i e_i exp(2i
-    theta_i)|``: a tracking trail is the same for every star, while per-star noise and
-    field-dependent optics average away instead of adding up.
+    ``q = 1 - e_c`` comes from the coherent ellipticity ``e_c`` of
+    :func:`coherent_elongation`: the S/N-weighted mean of the stars' ``e_i exp(2i
+    theta_i)`` with the part that per-star noise and field-dependent optics leave in it
+    removed. A tracking trail is the same for every star; noise on round stars and optics
+    average away. A shared elongation under ``ELONGATION_MIN_SIGNIFICANCE`` standard
+    errors gives ``r = 0``.
   * with the trail model (or on doubled stars): the fitted extent of the motion over the
     fitted FWHM.
 
 - ``ellipticity``: median of ``e``; ``moffat_beta``: median of ``beta`` (step 1).
-- ``coherence = |sum e_i exp(2i theta_i)| / sum e_i``: 1 when every star is stretched
-  the same way (tracking), near 0 for field-dependent optics or noise.
-- ``pa_deg``: half the argument of ``sum e_i exp(2i theta_i)``.
+- ``coherence``: ``e_c`` over the weighted mean of the stars' ``e_i``
+  (:func:`coherent_elongation`): 1 when every star is stretched the same way (tracking),
+  near 0 for round stars whose ellipticities are noise and for field-dependent optics.
+- ``pa_deg``: half the argument of the weighted mean of ``e_i exp(2i theta_i)``.
 - Per region: median FWHM and median ellipticity of the stars in each of ``grid x grid``
   regions (row-major from pixel (0, 0)); NaN where a region has none.
 """
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import numpy as np
 import pandas as pd
@@ -170,6 +185,7 @@ class PSFMeasurement(PSFResult):
     """
 
     fwhm_image_px: float = math.nan
+    fitted: np.ndarray | None = field(default=None, repr=False)  # bool: stars fitted
 
 
 REJECT_FLAGS = bits("BLENDED", "TRUNCATED", "SATURATED", "NEAR_EDGE", "NOT_ISOLATED",
@@ -860,14 +876,22 @@ def measure_psf(data: np.ndarray, background: BackgroundResult, sources: pd.Data
         pairs = _fit_doubled(data, background, mask, sources, doubling, locus_fwhm, fwhm0,
                              beta0, cfg)
         if pairs is not None:
-            return _doubled_result(n_src, cfg, pairs, doubling, single)
+            return _with_fitted(_doubled_result(n_src, cfg, pairs, doubling, single), order)
     if single is None:
-        return _nan_result(n_src, cfg.grid, bits("FEW_STARS"))
+        return _with_fitted(_nan_result(n_src, cfg.grid, bits("FEW_STARS")), order)
     if single["n_used"] < cfg.min_stars:
         res = _nan_result(n_src, cfg.grid, bits("PSF_FIT_FAILED"), single["n_used"])
         res.psf_star[single["index"]] = True
-        return res
-    return _single_result(n_src, cfg, data.shape, single)
+        return _with_fitted(res, order)
+    return _with_fitted(_single_result(n_src, cfg, data.shape, single), order)
+
+
+def _with_fitted(res: PSFMeasurement, order: np.ndarray) -> PSFMeasurement:
+    """Record which stars were fitted, so that :func:`annotate_sources` need not redo
+    :func:`fit_order`."""
+    res.fitted = np.zeros(len(res.psf_star), bool)
+    res.fitted[order] = True
+    return res
 
 
 def _measure_single(data, background, mask, sources, order, cfg) -> dict:
@@ -988,8 +1012,10 @@ def annotate_sources(sources: pd.DataFrame, psf_star: np.ndarray, psf: PSFResult
     if len(out) == 0:
         return out
     flags, _ = selection_flags(sources, shape, cfg)
-    fitted = np.zeros(len(out), bool)
-    fitted[fit_order(sources, psf_star, cfg)] = True
+    fitted = getattr(psf, "fitted", None)
+    if fitted is None:  # a PSFResult from elsewhere: find which stars the fit took
+        fitted = np.zeros(len(out), bool)
+        fitted[fit_order(sources, psf_star, cfg)] = True
     flags |= np.where(psf.psf_star, SOURCE_FLAGS["PSF_STAR"].value, 0)
     flags |= np.where(fitted & ~psf.psf_star, SOURCE_FLAGS["FIT_FAILED"].value, 0)
     out["flags"] = flags.astype(np.int64)
