@@ -5,7 +5,9 @@ too; ``.fit``, ``.fits``, ``.fits.bz2``; bias, dark and flat frames are skipped 
 ``IMAGETYP`` / ``OBSTYPE`` / ``FRAMETYP``), on one core:
 
 - survey-qa reads the frame (overscan trimmed, Bayer frames binned 2x2) and runs
-  background, sources, PSF and stamps, each timed;
+  background, sources, PSF and stamps, each timed in CPU seconds (``process_time``; the
+  tools' CPU time from ``getrusage``), so that a machine busy with other work does not
+  inflate the comparison;
 - the pixels survey-qa measured (the first detector, after trimming and binning) are
   written to a temporary FITS file, on which Debian's ``source-extractor`` and ``psfex``
   run (one thread each), so that both tools see the same pixels.
@@ -28,6 +30,7 @@ import argparse
 import bz2
 import math
 import os
+import resource
 import shutil
 import subprocess
 import sys
@@ -42,14 +45,16 @@ from astropy.io import fits
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 import speed  # noqa: E402  (the SourceExtractor configuration of bench/speed.py)
 
-VIGNET_PX = 51
-"""Vignet side for PSFEx: room for defocused donuts of up to ~20 px FWHM."""
+def vignet_px(fwhm_px: float) -> int:
+    """Odd vignet and PSF-model side for PSFEx: 6 FWHM (room for defocused donuts), 21 to
+    71 px (bench/speed.py's 35 px is too small for donuts, and PSFEx's time grows with
+    the cube of the model's pixels)."""
+    side = 6.0 * fwhm_px if math.isfinite(fwhm_px) else 35.0
+    return int(np.clip(2 * math.ceil(side / 2) + 1, 21, 71))
 
-SEX_PARAMS = speed.SEX_PARAMS.replace(f"VIGNET({speed.VIGNET_PX},{speed.VIGNET_PX})",
-                                      f"VIGNET({VIGNET_PX},{VIGNET_PX})")
-PSFEX_CONFIG = (speed.PSFEX_CONFIG.replace("SAMPLE_FWHMRANGE 1.0,30.0",
-                                           "SAMPLE_FWHMRANGE 1.0,40.0")
-                .replace("PSF_SIZE 25,25", "PSF_SIZE 41,41"))
+
+PSFEX_CONFIG = speed.PSFEX_CONFIG.replace("SAMPLE_FWHMRANGE 1.0,30.0",
+                                          "SAMPLE_FWHMRANGE 1.0,40.0")
 CALIBRATION_TYPES = ("bias", "zero", "dark", "flat", "sky flat", "dome")
 TYPE_KEYS = ("IMAGETYP", "OBSTYPE", "FRAMETYP")
 SUFFIXES = (".fit", ".fits", ".fits.bz2")
@@ -95,31 +100,33 @@ def run_survey_qa(path: Path, cfg):
     """Read and measure the first detector; returns (detector, row, psf result, times)."""
     from survey_qa.pipeline import background, io, psf, sources, stamps
 
-    t0 = time.perf_counter()
+    clock = time.process_time  # CPU time: fair on a machine shared with other work
+    t0 = clock()
     det = io.read_detectors(path, cfg.io)[0]
-    t = {"read": time.perf_counter() - t0}
+    t = {"read": clock() - t0}
     if not hasattr(det, "data"):
         raise RuntimeError(str(det))
     # The same stages as the nightly flow's measure_detector, timed one by one.
-    t0 = time.perf_counter()
+    t0 = clock()
     bkg = background.measure_background(det.data, det.mask, cfg.background)
-    t["background"] = time.perf_counter() - t0
-    t0 = time.perf_counter()
+    t["background"] = clock() - t0
+    t0 = clock()
     src = sources.extract_sources(det.data, bkg, det.mask, cfg.sources, det.meta.saturate_adu)
-    t["sources"] = time.perf_counter() - t0
-    t0 = time.perf_counter()
+    t["sources"] = clock() - t0
+    t0 = clock()
     star = psf.select_psf_stars(src, det.data.shape, cfg.psf)
     res = psf.measure_psf(det.data, bkg, src, star, cfg.psf, mask=det.mask)
     src = psf.annotate_sources(src, star, res, det.data.shape, cfg.psf)
-    t["psf"] = time.perf_counter() - t0
-    t0 = time.perf_counter()
+    t["psf"] = clock() - t0
+    t0 = clock()
     stamps.cut_stamps(det.data, bkg, src, res.psf_star, cfg.stamps)
-    t["stamps"] = time.perf_counter() - t0
+    t["stamps"] = clock() - t0
     return det, len(src), res, t
 
 
-def run_astromatic(det, work: Path) -> dict:
-    """SourceExtractor + PSFEx on the pixels survey-qa measured."""
+def run_astromatic(det, work: Path, fwhm_px: float) -> dict:
+    """SourceExtractor + PSFEx on the pixels survey-qa measured (vignets sized for stars
+    of about ``fwhm_px``)."""
     image = work / "image.fits"
     header = fits.Header()
     sat = float(det.meta.saturate_adu)
@@ -133,22 +140,31 @@ def run_astromatic(det, work: Path) -> dict:
     share = "/usr/share/source-extractor"
     params, sex_cfg = work / "sex.param", work / "sex.conf"
     catalog, psf_cfg, xml = work / "cat.ldac", work / "psfex.conf", work / "psfex.xml"
-    params.write_text(SEX_PARAMS)
+    v = vignet_px(fwhm_px)
+    params.write_text(speed.SEX_PARAMS.replace(
+        f"VIGNET({speed.VIGNET_PX},{speed.VIGNET_PX})", f"VIGNET({v},{v})"))
     sex_cfg.write_text(speed.SEX_CONFIG.format(catalog=catalog, params=params, share=share))
-    psf_cfg.write_text(PSFEX_CONFIG.format(out=work, xml=xml))
-    t0 = time.perf_counter()
+    psf_cfg.write_text(PSFEX_CONFIG.replace("PSF_SIZE 25,25", f"PSF_SIZE {v},{v}")
+                       .format(out=work, xml=xml))
+    t0 = _children_cpu()
     subprocess.run(["source-extractor", str(image), "-c", str(sex_cfg)], check=True,
                    capture_output=True)
-    t_sex = time.perf_counter() - t0
-    t0 = time.perf_counter()
+    t_sex = _children_cpu() - t0
+    t0 = _children_cpu()
     ok = subprocess.run(["psfex", str(catalog), "-c", str(psf_cfg)],
                         capture_output=True).returncode == 0
-    t_psfex = time.perf_counter() - t0
+    t_psfex = _children_cpu() - t0
     fields = psfex_fields(xml) if ok and xml.exists() else {}
     return {"t_sex": t_sex, "t_psfex": t_psfex,
             "fwhm": float(fields.get("FWHM_Mean", "nan") or "nan"),
             "fwhm_free": float(fields.get("FWHM_PixelFree_Mean", "nan") or "nan"),
             "n_stars": int(float(fields.get("NStars_Accepted_Total", "0") or 0))}
+
+
+def _children_cpu() -> float:
+    """CPU time (user + system, s) of the finished child processes."""
+    usage = resource.getrusage(resource.RUSAGE_CHILDREN)
+    return usage.ru_utime + usage.ru_stime
 
 
 def psfex_fields(xml: Path) -> dict[str, str]:
@@ -196,7 +212,8 @@ def main(argv: list[str] | None = None) -> int:
             except Exception as e:  # a frame survey-qa cannot read: say so, go on
                 print(f"{path.name}: survey-qa failed: {e}")
                 continue
-            astro = (run_astromatic(det, Path(tmp)) if not a.no_reference else
+            guess = float(getattr(res, "fwhm_image_px", res.fwhm_px))
+            astro = (run_astromatic(det, Path(tmp), guess) if not a.no_reference else
                      {"t_sex": math.nan, "t_psfex": math.nan, "fwhm": math.nan,
                       "fwhm_free": math.nan, "n_stars": 0})
         image_fwhm = float(getattr(res, "fwhm_image_px", math.nan))
@@ -211,7 +228,7 @@ def main(argv: list[str] | None = None) -> int:
                      t["read"], t["background"], t["sources"], t["psf"], t["stamps"],
                      astro["t_sex"], astro["t_psfex"]])
         print(speed.table(rows[-1:], HEADER).splitlines()[-1], flush=True)
-    print("\nFWHM (px) and time per stage (s, one core); * = PSFEx accepted fewer than "
+    print("\nFWHM (px) and CPU time per stage (s, one thread); * = PSFEx accepted fewer than "
           f"{a.min_stars} stars or failed (not counted)")
     print(speed.table(rows, HEADER))
     if diffs:
@@ -223,7 +240,7 @@ def main(argv: list[str] | None = None) -> int:
     times = np.array([[r[i] for i in range(8, 15)] for r in rows], float)
     if len(times):
         med = np.median(times, axis=0)
-        print("median time (s): read {:.3f}, background {:.3f}, sources {:.3f}, psf {:.3f}, "
+        print("median CPU time (s): read {:.3f}, background {:.3f}, sources {:.3f}, psf {:.3f}, "
               "stamps {:.3f}; SExtractor {:.3f}, PSFEx {:.3f}".format(*med))
     return 0
 
