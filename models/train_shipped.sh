@@ -5,7 +5,10 @@
 #
 # 1. simulate the training nights below (seeds 3001-3099 are reserved for training the
 #    autoencoder; bench/ae_eval.py evaluates on seeds 4001 and up, never used here), with
-#    the "realistic" mix (mostly good frames), every confounder, file format, pixel scale,
+#    the "realistic" mix (mostly good frames) in the simulator's wide domain
+#    (`survey-qa simulate --domain wide`: pixel scales 0.1-15"/px, FWHM 1.2-20 px,
+#    detectors of 500 px up to the side below, raw frames with overscan, vignetting and
+#    dust donuts, Bayer frames, defocus, sparse fields) and every confounder, file format,
 #    sky level and star density the simulator draws;
 # 2. run the nightly job on each night: its exposures catalog names the good frames;
 # 3. train the autoencoder on patches of the good, confident detectors (Lightning, CPU),
@@ -13,7 +16,8 @@
 #    package. The JSON records this command line (the "recipe" key).
 #
 # About 15 minutes on 2 CPU cores, of which about 6 are training. Environment: PYTHON
-# (default: python), WORKERS (default 2), WEIGHTS (default: the packaged path).
+# (default: python), WORKERS (default 2), WEIGHTS (default: the packaged path),
+# TRAINING_NIGHTS_LIST (replaces the list below, for a trial; see models/training_nights.sh).
 set -euo pipefail
 
 WORK=${1:-data/autoencoder-training}
@@ -21,11 +25,11 @@ HERE=$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)
 WEIGHTS=${WEIGHTS:-$HERE/survey_qa/weights/autoencoder.safetensors}
 export SURVEY_QA_TRAIN_RECIPE="models/train_shipped.sh $*"
 
-# night        seed  detector side (px)  exposures
+# night        seed  largest side (px)  exposures  domain
 TRAINING_NIGHTS=(
-  "2023-01-10  3001  2048                 20"
-  "2023-01-11  3002  2048                 20"
-  "2023-01-12  3003  2048                 20"
+  "2023-01-10  3011  2048               24         wide"
+  "2023-01-11  3012  2048               24         wide"
+  "2023-01-12  3013  2048               24         wide"
 )
 
 source "$HERE/models/training_nights.sh"

@@ -1,11 +1,15 @@
 # Shared by models/train_shipped.sh and models/train_shipped_classifier.sh; sourced, not run.
 #
 # Before sourcing, the caller sets WORK (the work folder) and TRAINING_NIGHTS (lines of
-# "night seed detector-side exposures"). This file sets PYTHON, WORKERS, RAW and OUT,
-# single-threaded BLAS, and defines measure_training_nights MIX: simulate each night
-# once (survey-qa simulate, MIX "balanced" or "realistic") and run the nightly job on it
-# with the rule classifier (the training must not depend on whatever weights are
-# packaged). It leaves the nights in the array NIGHTS.
+# "night seed detector-side exposures [domain]"; domain "default" or "wide", see
+# `survey-qa simulate --help`; in the wide domain the side is the largest detector side).
+# TRAINING_NIGHTS_LIST (lines of the same form) replaces the caller's list: a small trial
+# of a recipe, e.g. TRAINING_NIGHTS_LIST="2024-06-01 1 1024 10 wide".
+# This file sets PYTHON, WORKERS, RAW and OUT, single-threaded BLAS, and defines
+# measure_training_nights MIX: simulate each night once (survey-qa simulate, MIX
+# "balanced" or "realistic") and run the nightly job on it with the rule classifier (the
+# training must not depend on whatever weights are packaged). It leaves the nights in the
+# array NIGHTS and prints the time each step took.
 set -euo pipefail
 
 PYTHON=${PYTHON:-python}
@@ -14,21 +18,32 @@ RAW=$WORK/raw
 OUT=$WORK/qa
 START=$SECONDS
 export OMP_NUM_THREADS=1 MKL_NUM_THREADS=1 OPENBLAS_NUM_THREADS=1 PYTHONWARNINGS=ignore
+if [[ -n ${TRAINING_NIGHTS_LIST:-} ]]; then
+  mapfile -t TRAINING_NIGHTS <<<"$TRAINING_NIGHTS_LIST"
+fi
 
 measure_training_nights() {
-  local mix=$1 line night seed size frames
+  local mix=$1 line night seed size frames domain t0
   NIGHTS=()
   mkdir -p "$RAW" "$OUT"
   for line in "${TRAINING_NIGHTS[@]}"; do
-    read -r night seed size frames <<<"$line"
+    [[ -n ${line// /} ]] || continue
+    domain=""
+    read -r night seed size frames domain <<<"$line"
+    domain=${domain:-default}
     NIGHTS+=("$night")
     if [[ ! -f $RAW/$night/_truth/truth.parquet ]]; then
-      echo "simulate $night: $frames exposures of ${size}px, seed $seed"
+      t0=$SECONDS
+      echo "simulate $night: $frames exposures of up to ${size}px, seed $seed, $domain domain"
       "$PYTHON" -m survey_qa.cli simulate --night "$night" --frames "$frames" --seed "$seed" \
-          --size "$size" --mix "$mix" --workers "$WORKERS" --raw-root "$RAW" >/dev/null
+          --size "$size" --mix "$mix" --domain "$domain" --workers "$WORKERS" \
+          --raw-root "$RAW" >/dev/null
+      echo "  simulated in $((SECONDS - t0)) s"
     fi
+    t0=$SECONDS
     echo "nightly job $night ($((SECONDS - START)) s so far)"
     "$PYTHON" -m survey_qa.cli --night "$night" --raw-root "$RAW" --out-root "$OUT" \
         --workers "$WORKERS" --no-progress --classifier rules | tail -n 3
+    echo "  measured in $((SECONDS - t0)) s"
   done
 }
