@@ -75,7 +75,8 @@ def write_report(cfg: Config, night: str, out: str | Path | None = None) -> Path
         "version": survey_qa.__version__,
         "summary": nightview.summary_lines(
             level["date_obs"].fillna("").tolist(), level["quality_class"].tolist(),
-            level["status"].tolist(), level["error"].fillna("").tolist()),
+            level["status"].tolist(), level["error"].fillna("").tolist(),
+            level["image_type"].fillna("").tolist()),
         "counts": _counts(level),
         "colours": nightview.CLASS_COLOURS,
         "timeline": timeline_html(level, cfg, include_js=True),
@@ -308,12 +309,12 @@ def _previews(cfg: Config, path: str, wanted: list) -> dict[str, np.ndarray]:
 
 def _block_px(cfg: Config) -> int | None:
     """Side of an autoencoder mask cell in detector pixels, from the weights' metadata."""
-    try:
-        from survey_qa.models.weights import packaged_weights, read_metadata
-
-        meta = read_metadata(cfg.autoencoder.weights or packaged_weights())
+    weights = cfg.autoencoder.weights or (Path(survey_qa.__file__).resolve().parent
+                                          / "weights" / "autoencoder.safetensors")
+    try:  # the JSON sidecar of the weights (survey_qa.models.weights), read without torch
+        meta = json.loads(Path(weights).with_suffix(".json").read_text())
         return int(meta["bin_factor"]) * int(meta["patch_px"])
-    except Exception:  # no weights: no mask to draw
+    except (OSError, ValueError, KeyError):  # no weights: no mask to draw
         return None
 
 

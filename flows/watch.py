@@ -362,6 +362,10 @@ def _gather(cfg: Config, night: str, models) -> None:
     out_root = cfg.run.out_root
     files = io.night_exposures(cfg.run.raw_root, night)
     store = io.zarr_path(out_root, night)
+    if not store.exists():  # no frame yet: an empty store, as a nightly run leaves it
+        from survey_qa.flows.nightly import array_variables
+
+        io.setup_zarr(store, [], array_variables(cfg, models, (1, 1)))
     measured = workdir.read_results(out_root, night, "exposures", list(files),
                                     EXPOSURE_SCHEMA).to_pylist()
     io.consolidate(rows_to_table(finish_night(measured, cfg, models, store)), out_root,
@@ -374,7 +378,7 @@ def _report(cfg: Config, night: str, echo) -> None:
     from survey_qa.flows.report import write_report
 
     try:
-        write_report(cfg, night)
+        echo(f"report: {write_report(cfg, night)}")
     except Exception as e:  # noqa: BLE001 -- the page is a view: never stop the watch for it
         echo(f"warning: the night report could not be written: {type(e).__name__}: {e}")
 

@@ -7,6 +7,7 @@
 """
 from __future__ import annotations
 
+import collections
 import math
 import re
 from dataclasses import dataclass
@@ -131,21 +132,30 @@ def _hhmm(t: str) -> str:
     return t[11:16] if len(t) >= 16 else (t or "?")
 
 
+CALIBRATION_TYPES = ("bias", "dark", "flat", "zero", "offset", "darkflat")
+
+
 def summary_lines(times: list[str], classes: list[str], statuses: list[str],
-                  errors: list[str]) -> list[str]:
+                  errors: list[str], image_types: list[str] | None = None) -> list[str]:
     """The night in a few sentences, one exposure per entry (in time order).
 
-    What share is usable, which defects and when (intervals of consecutive exposures), and
-    how many files failed and why.
+    What share of the sky frames is usable, which defects and when (intervals of
+    consecutive exposures), how many files failed and why, and how many calibration
+    frames (bias, dark, flat: ``image_types``) were set aside.
     """
+    types = [str(t or "").lower() for t in (image_types or [""] * len(classes))]
+    calib = collections.Counter(t for t in types if t in CALIBRATION_TYPES)
+    keep = [t not in CALIBRATION_TYPES for t in types]
+    times, classes, statuses, errors = ([v for v, k in zip(seq, keep) if k]
+                                        for seq in (times, classes, statuses, errors))
     n = len(classes)
-    if n == 0:
+    if n == 0 and not calib:
         return ["No exposures measured yet."]
     ok = [s == "ok" for s in statuses]
     n_good = sum(1 for c, o in zip(classes, ok) if o and c == "good")
     n_failed = n - sum(ok)
-    lines = [f"{n_good} of {n} exposures are usable (good), "
-             f"{100.0 * n_good / n:.0f}%."]
+    lines = [f"{n_good} of {n} sky exposures are usable (good), "
+             f"{100.0 * n_good / max(n, 1):.0f}%."]
     labels = [c if o else "failed" for c, o in zip(classes, ok)]
     runs = class_runs(times, labels)
     for cls in [*[c for c in PRIORITY if c != "good"], "failed"]:
@@ -166,4 +176,7 @@ def summary_lines(times: list[str], classes: list[str], statuses: list[str],
                 reasons[key] = reasons.get(key, 0) + 1
         top = "; ".join(f"{k} ({v})" for k, v in sorted(reasons.items(), key=lambda kv: -kv[1])[:3])
         lines.append(f"{n_failed} could not be measured: {top}")
+    if calib:
+        kinds = ", ".join(f"{k} {v}" for k, v in sorted(calib.items()))
+        lines.append(f"{sum(calib.values())} calibration frames set aside ({kinds}).")
     return lines

@@ -56,9 +56,15 @@ def test_summary_says_what_went_wrong_and_when():
     classes = ["good", "bad_seeing", "bad_seeing", "good", "good"]
     status = ["ok", "ok", "ok", "ok", "failed"]
     lines = nightview.summary_lines(times, classes, status, ["", "", "", "", "unreadable: x"])
-    assert lines[0].startswith("2 of 5 exposures are usable")
+    assert lines[0].startswith("2 of 5 sky exposures are usable")
     assert "bad seeing: 2 exposures (UTC 21:10-21:20)" in lines
     assert lines[-1] == "1 could not be measured: unreadable (1)"
+    types = ["light", "light", "light", "dark", "bias"]  # calibration frames set aside
+    lines = nightview.summary_lines(times, classes, ["ok"] * 3 + ["failed"] * 2, [""] * 5,
+                                    types)
+    assert lines[0].startswith("1 of 3 sky exposures are usable")
+    assert lines[-1] == "2 calibration frames set aside (bias 1, dark 1)."
+    assert not any("could not be measured" in line for line in lines)
 
 
 @pytest.fixture(scope="module")
@@ -97,6 +103,8 @@ def _browser():
     from selenium.webdriver.chrome.service import Service
 
     if not (Path(CHROMIUM).exists() and Path(CHROMEDRIVER).exists()):
+        if os.environ.get("CI") == "true":  # .ci/run installs them: their absence is a fault
+            pytest.fail("chromium or chromedriver missing in CI")
         pytest.skip("chromium and chromium-driver (Debian packages) are not installed")
     opts = webdriver.ChromeOptions()
     opts.binary_location = CHROMIUM
