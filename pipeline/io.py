@@ -80,9 +80,9 @@ UNEXPOSED_DEFICIT_SIGMA = 5.0
 """A row or column is unexposed when its median lies this many pixel noise sigmas below
 the frame's sky ..."""
 UNEXPOSED_NOISE_RATIO = 0.6
-"""... and either its pixel noise is below this share of the frame's (no photon noise:
-the read noise alone), or it sits at the bias level (under a quarter of the sky above
-the subtracted overscan)."""
+"""... and either it carries no photon noise (its pixel noise is below this share of the
+frame's and below twice the read noise), or it sits at the bias level (under a tenth of
+the sky above the subtracted overscan)."""
 
 
 # ---------------------------------------------------------------------------- discovery
@@ -477,7 +477,8 @@ def _read_hdu(hdu, primary: fits.Header | None, n_bytes: int, path: Path, exposu
         mask |= saturated
     data[~finite] = 0.0
 
-    unexposed = unexposed_lines(data, mask, bias_level=0.0 if bias_subtracted else None)
+    unexposed = unexposed_lines(data, mask, bias_level=0.0 if bias_subtracted else None,
+                                read_noise_adu=meta.read_noise_e / meta.gain_e_per_adu)
     if unexposed.any():
         if unexposed.mean() > MOSTLY_SATURATED:
             raise QualityError(f"unexposed: {100 * unexposed.mean():.0f}% of the pixels lie "
@@ -498,16 +499,17 @@ def _read_hdu(hdu, primary: fits.Header | None, n_bytes: int, path: Path, exposu
                          meta=meta, n_detectors=1, qa_flags=flags)
 
 
-def unexposed_lines(data: np.ndarray, mask: np.ndarray,
-                    bias_level: float | None = None) -> np.ndarray:
+def unexposed_lines(data: np.ndarray, mask: np.ndarray, bias_level: float | None = None,
+                    read_noise_adu: float = math.nan) -> np.ndarray:
     """Pixels of rows and columns that received no light (at the bias level).
 
     A row (column) is unexposed when its median lies far below the frame's sky
     (:data:`UNEXPOSED_DEFICIT_SIGMA` pixel sigmas) and it carries no photon noise (its
-    pixel-to-pixel noise under :data:`UNEXPOSED_NOISE_RATIO` of the frame's) or, when the
-    overscan level was subtracted (``bias_level``), it sits at that level. Such lines
-    (a shutter shadow, an unread band, a prescan the header does not name) would read as
-    a sky defect; vignetting dims a line without taking its photon noise away.
+    pixel-to-pixel noise under :data:`UNEXPOSED_NOISE_RATIO` of the frame's and, when the
+    read noise is known, under twice ``read_noise_adu``) or, when the overscan level was
+    subtracted (``bias_level``), it sits at that level. Such lines (a shutter shadow, an
+    unread band, a prescan the header does not name) would read as a sky defect; a
+    gradient or vignetting dims a line without taking its photon noise away.
 
     Returns
     -------
@@ -532,8 +534,10 @@ def unexposed_lines(data: np.ndarray, mask: np.ndarray,
                 continue
             low = level < sky - UNEXPOSED_DEFICIT_SIGMA * frame_noise
             quiet = noise < UNEXPOSED_NOISE_RATIO * frame_noise
+            if math.isfinite(read_noise_adu) and read_noise_adu > 0:
+                quiet &= noise < 2 * read_noise_adu
             at_bias = (np.zeros_like(low) if bias_level is None
-                       else level - bias_level < 0.25 * (sky - bias_level))
+                       else level - bias_level < 0.1 * (sky - bias_level))
             lines = np.nan_to_num(low & (quiet | at_bias)).astype(bool)
             if axis == 1:
                 out[lines, :] = True
