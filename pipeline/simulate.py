@@ -118,7 +118,7 @@ DOMAINS = ("default", "wide")
 ``wide``: frames as wide as real instruments give them (see :data:`WIDE`)."""
 
 WIDE_CONFOUNDERS: dict[str, float] = {
-    "raw": 0.5,          # as the telescope writes it: bias level, prescan/overscan, uint16
+    "raw": 0.5,          # as the camera writes it: bias, prescan/overscan, uint16, hot pixels
     "vignetting": 0.5,   # uncorrected flat: multiplicative radial falloff (sky and stars)
     "dust": 0.3,         # dust donuts: multiplicative rings of a few % (uncorrected flat)
     "bayer": 0.12,       # one-shot colour camera: RGGB colour-filter array (single chips)
@@ -699,10 +699,15 @@ def _with_wide_features(spec: ExposureSpec) -> ExposureSpec:
     red, blue = float(aux.uniform(0.35, 0.75)), float(aux.uniform(0.3, 0.7))
     defocus, obsc = float(aux.uniform(0.6, 0.92)), float(aux.uniform(0.25, 0.5))
     n_sparse = int(aux.integers(WIDE.sparse_stars[0], WIDE.sparse_stars[1] + 1))
-    out = {"confounders": tuple(sorted(chosen))}
-    if "raw" in chosen:
+    hot = _loguniform(aux, 1e-5, 3e-4)
+    out = {}
+    if "raw" in chosen:  # no dark frame subtracted: hot pixels are always there
         out.update(raw=True, bias_adu=round(bias, 1), prescan_px=prescan, overscan_px=overscan,
                    overscan_rows=over_rows)
+        if spec.hot_pixel_fraction <= 0:
+            out["hot_pixel_fraction"] = hot
+            chosen.add("hot_pixels")
+    out["confounders"] = tuple(sorted(chosen))
     if "vignetting" in chosen:
         out.update(vignetting_corner=vig, vignetting_dx=vdx, vignetting_dy=vdy)
     if "dust" in chosen:
