@@ -31,6 +31,14 @@ night, on a telescope that stares at one field. Two guards:
   moves over the sky, so that no sky gradient is on most frames.
 
 A frame with its own flat field never enters the night pattern.
+
+Raw frames of a camera without overscan keep their bias pedestal (about 1000 ADU on an
+SBIG STL-1001E) unless the reader subtracts it. The optics scale the sky, not the
+pedestal, so the pattern is diluted on frames whose sky is faint next to the pedestal, and
+dividing them by the night's pattern over-corrects a little (15-s focus frames at 40% sky
+over the bias: u 0.053 -> 0.070). A pedestal fitted from the frames' different sky levels
+was tried and is not identifiable on real nights (the light the sky adds changes with the
+sky level too); bias subtraction belongs to the reader.
 """
 from __future__ import annotations
 
