@@ -140,8 +140,8 @@ TRAIL_FACTOR = math.sqrt(12.0) * pm.SIGMA_PER_FWHM
 
 TRAILED_MODEL_MIN_RATIO = 0.5
 TRAILED_MODEL_MIN_COHERENCE = 0.5
-TRAILED_MODEL_STARS = 20
-TRAILED_MODEL_MAX_NFEV = 30
+TRAILED_MODEL_STARS = 16
+TRAILED_MODEL_MAX_NFEV = 20
 """When, on how many stars and with how many model evaluations the shared-motion model is
 fitted (its four shared parameters are pinned down by the brightest few stars)."""
 
@@ -612,15 +612,12 @@ def _fit_elliptical(data, background, mask, x, y, flux, rh, a, b, theta_deg, fwh
     st = _Stamps(data, background, mask, x, y, flux, half_k, bin_px=k)
     p0 = _first_guess(rh / k, a / k, b / k, theta_deg, fwhm_guess / k, (x - st.ix) / k,
                       (y - st.iy) / k)
-    gx, gy = pm.sample_grid(half_k, n_sub)
-
-    def evaluate(p, _shared):
-        model, jac = pm.moffat_model(p, gx, gy)
-        return model, jac, None
+    gx, gy = pm.sample_grid(half_k, n_sub, np.float32)
 
     # The FWHM settles within a few steps; beta of a non-Moffat (real) PSF creeps on for
     # many more, so this fit stops early.
-    p, _, _ = pm.fit_joint(evaluate, st.values, st.weights, p0, max_nfev=15, ftol=1e-4)
+    p, _ = pm.fit_independent(lambda q: pm.moffat_model(q, gx, gy), st.values, st.weights,
+                              p0, max_iter=15, ftol=1e-4)
     shape = pm.moffat_shape(p, n_sub)
     good = _good_fits(shape, p, half_k, fwhm_guess / k)
     shape["fwhm_major_px"] = shape["fwhm_major_px"] * k
@@ -633,10 +630,25 @@ class _Trail:
     """Result of the shared-motion fit."""
 
     fwhm_px: np.ndarray  # per star, good ones only
+    beta: np.ndarray  # their Moffat beta
     length_px: float  # extent of the motion
     angle_deg: float  # direction of the motion, [0, 180)
     end_weight: float  # m: 0 a uniform drift, 1 a jump
     first_fraction: float  # f: share of the time at the start of the segment
+
+
+def _seeing_sizes(fwhm_px: np.ndarray, beta: np.ndarray) -> np.ndarray:
+    """Fitted Moffat sizes, rescaled when the median ``beta`` is under
+    :data:`MIN_SEEING_BETA` (undersampled stars; module notes) to the
+    ``MIN_SEEING_BETA`` profile of the same pixel-convolved FWHM."""
+    beta_med = float(np.median(beta))
+    size = float(np.median(fwhm_px))
+    if not beta_med < MIN_SEEING_BETA:
+        return fwhm_px
+    image = pm.pixel_convolved_fwhm(size, beta_med)
+    if not image > 1.0:
+        return fwhm_px
+    return fwhm_px * (pm.seeing_fwhm_from_pixel_convolved(image, MIN_SEEING_BETA) / size)
 
 
 def _fit_trailed(data, background, mask, x, y, flux, fwhm0, length0, angle0_deg, beta0,
@@ -667,7 +679,7 @@ def _fit_trailed(data, background, mask, x, y, flux, fwhm0, length0, angle0_deg,
     shared0 = np.array([length0 * math.cos(t), length0 * math.sin(t),
                         logit(float(np.clip(end_weight0, 0.01, 0.99))),
                         logit(float(np.clip(first_fraction0, 0.05, 0.95)))])
-    gx, gy = pm.sample_grid(half, n_sub)
+    gx, gy = pm.sample_grid(half, n_sub, np.float32)
 
     def evaluate(p, shared):
         return pm.trailed_model(p, shared, gx, gy, n_line)
@@ -683,7 +695,8 @@ def _fit_trailed(data, background, mask, x, y, flux, fwhm0, length0, angle0_deg,
     length = float(np.hypot(shared[0], shared[1]))
     if not good.any() or not np.all(np.isfinite(shared)) or length > 2.0 * half:
         return None
-    return _Trail(fwhm_px=fwhm[good] * k, length_px=length * k,
+    return _Trail(fwhm_px=_seeing_sizes(fwhm[good] * k, beta[good]), beta=beta[good],
+                  length_px=length * k,
                   angle_deg=float(np.degrees(np.arctan2(shared[1], shared[0])) % 180.0),
                   end_weight=pm.sigmoid(float(shared[2])),
                   first_fraction=pm.sigmoid(float(shared[3])))
@@ -914,9 +927,7 @@ def _measure_single(data, background, mask, sources, order, cfg) -> dict:
     image_fwhm = pm.pixel_convolved_fwhm(float(np.median(size)), beta)
     # Undersampled stars leave beta free to run to a tiny, steep core that gives the same
     # pixels: the seeing is then the MIN_SEEING_BETA profile of that pixel-convolved FWHM.
-    if beta < MIN_SEEING_BETA and image_fwhm > 1.0:
-        size = size * (pm.seeing_fwhm_from_pixel_convolved(image_fwhm, MIN_SEEING_BETA)
-                       / float(np.median(size)))
+    size = _seeing_sizes(size, beta_star)
     e = shape["ellipticity"][good]
     spin2 = e * np.exp(2j * np.radians(shape["theta_deg"][good]))
     resolution = (float(np.median(size)) / image_fwhm) ** 2

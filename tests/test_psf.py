@@ -332,3 +332,27 @@ def test_sparse_field_falls_back_to_fainter_stars(scene):
     assert res.fwhm_px == pytest.approx(3.0, rel=0.05)  # faint stars: a few % noise
     strict = select_psf_stars(src, s.image.shape, PSFConfig(fallback_min_snr=30.0))
     assert strict.sum() < 5  # without the fallback: too few for a PSF
+
+
+def test_independent_fits_recover_the_stars_in_float32():
+    rng = np.random.default_rng(34)
+    n, half, n_sub = 12, 8, 3
+    gx64, gy64 = pm.sample_grid(half, n_sub)
+    gx, gy = pm.sample_grid(half, n_sub, np.float32)
+    p = np.zeros((n, pm.N_PARAMS))
+    p[:, 0], p[:, 1], p[:, 2] = rng.uniform(-0.5, 0.5, n), rng.uniform(-0.5, 0.5, n), 1.0
+    fwhm = rng.uniform(2.0, 4.0, n)
+    p[:, 4:7] = pm.shape_params(fwhm * 1.1, fwhm, rng.uniform(0, 180, n), 3.0)
+    p[:, 7] = math.log(2.0)
+    truth, _ = pm.moffat_model(p, gx64, gy64, False)
+    model32, _ = pm.moffat_model(p, gx, gy, False)
+    assert model32.dtype == np.float32 and np.allclose(model32, truth, rtol=1e-5, atol=1e-8)
+    start = p.copy()
+    start[:, 4:6] += 0.25  # sizes 22% off
+    start[:, 7] += 0.4
+    fitted, chi2 = pm.fit_independent(lambda q: pm.moffat_model(q, gx, gy), truth,
+                                      np.full(truth.shape, 1e4), start, max_iter=30,
+                                      ftol=1e-10)
+    got = pm.moffat_shape(fitted)["fwhm_minor_px"]
+    assert np.allclose(got, pm.moffat_shape(p)["fwhm_minor_px"], rtol=1e-3)
+    assert np.all(chi2 < 1e-3)
