@@ -134,7 +134,7 @@ and a defocused frame's seeing truth is the FWHM of its donut PSF."""
 
 @dataclass(frozen=True)
 class WideDomain:
-    """Ranges of the wide domain (issue: learned models that know their domain)."""
+    """Ranges of the wide domain: frames as wide as real instruments give them."""
 
     pixscale_arcsec: tuple[float, float] = (0.1, 15.0)
     fwhm_px: tuple[float, float] = (1.2, 20.0)
