@@ -30,12 +30,10 @@ import argparse
 import bz2
 import math
 import os
-import resource
 import shutil
 import subprocess
 import sys
 import tempfile
-import time
 import xml.etree.ElementTree as ET
 from pathlib import Path
 
@@ -97,31 +95,8 @@ def plain_copy(path: Path, tmp: Path) -> Path:
 
 
 def run_survey_qa(path: Path, cfg):
-    """Read and measure the first detector; returns (detector, row, psf result, times)."""
-    from survey_qa.pipeline import background, io, psf, sources, stamps
-
-    clock = time.process_time  # CPU time: fair on a machine shared with other work
-    t0 = clock()
-    det = io.read_detectors(path, cfg.io)[0]
-    t = {"read": clock() - t0}
-    if not hasattr(det, "data"):
-        raise RuntimeError(str(det))
-    # The same stages as the nightly flow's measure_detector, timed one by one.
-    t0 = clock()
-    bkg = background.measure_background(det.data, det.mask, cfg.background)
-    t["background"] = clock() - t0
-    t0 = clock()
-    src = sources.extract_sources(det.data, bkg, det.mask, cfg.sources, det.meta.saturate_adu)
-    t["sources"] = clock() - t0
-    t0 = clock()
-    star = psf.select_psf_stars(src, det.data.shape, cfg.psf)
-    res = psf.measure_psf(det.data, bkg, src, star, cfg.psf, mask=det.mask)
-    src = psf.annotate_sources(src, star, res, det.data.shape, cfg.psf)
-    t["psf"] = clock() - t0
-    t0 = clock()
-    stamps.cut_stamps(det.data, bkg, src, res.psf_star, cfg.stamps)
-    t["stamps"] = clock() - t0
-    return det, len(src), res, t
+    """Read and measure the first detector; returns (detector, n sources, PSF, times)."""
+    return speed.run_stages(path, cfg)
 
 
 def run_astromatic(det, work: Path, fwhm_px: float) -> dict:
@@ -146,25 +121,19 @@ def run_astromatic(det, work: Path, fwhm_px: float) -> dict:
     sex_cfg.write_text(speed.SEX_CONFIG.format(catalog=catalog, params=params, share=share))
     psf_cfg.write_text(PSFEX_CONFIG.replace("PSF_SIZE 25,25", f"PSF_SIZE {v},{v}")
                        .format(out=work, xml=xml))
-    t0 = _children_cpu()
+    t0 = speed.children_cpu()
     subprocess.run(["source-extractor", str(image), "-c", str(sex_cfg)], check=True,
                    capture_output=True)
-    t_sex = _children_cpu() - t0
-    t0 = _children_cpu()
+    t_sex = speed.children_cpu() - t0
+    t0 = speed.children_cpu()
     ok = subprocess.run(["psfex", str(catalog), "-c", str(psf_cfg)],
                         capture_output=True).returncode == 0
-    t_psfex = _children_cpu() - t0
+    t_psfex = speed.children_cpu() - t0
     fields = psfex_fields(xml) if ok and xml.exists() else {}
     return {"t_sex": t_sex, "t_psfex": t_psfex,
             "fwhm": float(fields.get("FWHM_Mean", "nan") or "nan"),
             "fwhm_free": float(fields.get("FWHM_PixelFree_Mean", "nan") or "nan"),
             "n_stars": int(float(fields.get("NStars_Accepted_Total", "0") or 0))}
-
-
-def _children_cpu() -> float:
-    """CPU time (user + system, s) of the finished child processes."""
-    usage = resource.getrusage(resource.RUSAGE_CHILDREN)
-    return usage.ru_utime + usage.ru_stime
 
 
 def psfex_fields(xml: Path) -> dict[str, str]:
