@@ -195,7 +195,7 @@ def run_survey_qa(path: str, cfg) -> dict:
     """Time each stage on one frame; returns the timings and the measured FWHM."""
     _, n_src, res, t = run_stages(path, cfg)
     t["total"] = sum(t.values())
-    return {"t": t, "fwhm": res.fwhm_px, "fwhm_image": res.fwhm_image_px,
+    return {"t": t, "fwhm": res.fwhm_px, "fwhm_image": getattr(res, "fwhm_image_px", math.nan),
             "n_sources": n_src, "n_stars": res.n_used}
 
 
