@@ -17,10 +17,11 @@ The fits (models in :mod:`.psf_models`)
    stars, fewer when the stamps are large: ``MAX_FIT_SAMPLES``) is fitted on stamps of
    2.5 first-guess FWHM radius (binned for stars wider than ``3 MIN_BINNED_FWHM_PX``:
    defocused donuts) by a pixel-integrated elliptical Moffat with free centre, flux,
-   local background, shape and ``beta``. All stars go through one
-   ``scipy.optimize.least_squares`` call with an analytic, block-diagonal sparse
-   Jacobian. The fitted sizes are intrinsic (pre-pixel) FWHM. Per star: FWHM along the major and minor
-   axes, ``e = 1 - b/a`` and the major-axis angle ``theta`` ([0, 180) from +x toward +y).
+   local background, shape and ``beta``, in float32, each star by its own
+   Levenberg-Marquardt steps (:func:`~.psf_models.fit_independent`: the stars' 8 x 8
+   normal equations solved together). The fitted sizes are intrinsic (pre-pixel) FWHM.
+   Per star: FWHM along the major and minor axes, ``e = 1 - b/a`` and the major-axis
+   angle ``theta`` ([0, 180) from +x toward +y).
 2. When the stars are coherently elongated (trail ratio of step 1 at least
    ``TRAILED_MODEL_MIN_RATIO``, coherence at least ``TRAILED_MODEL_MIN_COHERENCE``, the
    shared elongation at least ``ELONGATION_MIN_SIGNIFICANCE`` standard errors), the
