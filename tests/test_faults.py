@@ -172,7 +172,7 @@ def test_concurrent_runs_one_works_the_other_exits(tmp_path):
 
 def test_kill_9_of_the_run_then_rerun_finishes_the_night(tmp_path):
     raw, out = tmp_path / "raw", tmp_path / "out"
-    make_night(raw, 8, size=256)
+    make_night(raw, 6, size=224)
     conf = settings(tmp_path)
     proc = cli(raw, out, conf)
     try:
@@ -184,7 +184,7 @@ def test_kill_9_of_the_run_then_rerun_finishes_the_night(tmp_path):
     code, err = finish(cli(raw, out, conf))
     assert code == 0, err
     got = rows(out)
-    assert sorted(r["exposure"] for r in got) == [f"f{i:02d}" for i in range(8)]
+    assert sorted(r["exposure"] for r in got) == [f"f{i:02d}" for i in range(6)]
     assert all(r["status"] == "ok" for r in got)
     leftovers = [p for p in (out / "_work").rglob(".*.tmp")]
     assert not leftovers
@@ -193,7 +193,7 @@ def test_kill_9_of_the_run_then_rerun_finishes_the_night(tmp_path):
 def test_kill_9_of_a_worker_loses_nothing(tmp_path):
     psutil = pytest.importorskip("psutil")
     raw, out = tmp_path / "raw", tmp_path / "out"
-    make_night(raw, 8, size=256)
+    make_night(raw, 6, size=224)
     conf = settings(tmp_path)
     proc = cli(raw, out, conf)
     killed = []
@@ -215,7 +215,7 @@ def test_kill_9_of_a_worker_loses_nothing(tmp_path):
         _kill_group(proc)
     assert code == 0, err
     got = rows(out)
-    assert sorted(r["exposure"] for r in got) == [f"f{i:02d}" for i in range(8)]
+    assert sorted(r["exposure"] for r in got) == [f"f{i:02d}" for i in range(6)]
     assert all(r["status"] == "ok" for r in got)
     if not killed:
         pytest.skip("the night ended before a worker could be killed")
@@ -367,3 +367,24 @@ def test_dashboard_port_taken_breaks_nothing(tmp_path):
     finally:
         sock.close()
     assert summary.n_processed == 1
+
+
+def test_a_file_that_kills_its_worker_every_time_gets_a_failed_row(tmp_path):
+    from distributed import KilledWorker
+
+    from survey_qa.flows import nightly
+
+    class Dead:  # a finished future whose task killed every worker it ran on
+        def result(self):
+            raise KilledWorker("process_exposure-1", "tcp://127.0.0.1:1", 3)
+
+    cfg = config(tmp_path / "raw", tmp_path / "out")
+    fut = Dead()
+    nightly._follow([fut], iter, cfg, lambda *a: None, NIGHT,
+                    {fut: ("poison", str(tmp_path / "raw" / NIGHT / "poison.fits"))})
+    (row,) = pq.read_table(workdir.work_dir(tmp_path / "out", NIGHT) / "exposures"
+                           / "poison.parquet").to_pylist()
+    assert row["status"] == "failed" and row["detector"] == "ALL"
+    assert "worker process died on this file" in row["error"]
+    assert workdir.verified_done(tmp_path / "out", NIGHT, {
+        "poison": tmp_path / "raw" / NIGHT / "poison.fits"}) == {"poison"}
