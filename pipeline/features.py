@@ -13,7 +13,8 @@ import numpy as np
 import pandas as pd
 
 from survey_qa.pipeline.flags import CUT_SHORT, SOURCE_FLAGS, bits
-from survey_qa.pipeline.psf import FWHM_PER_HALF_LIGHT_RADIUS, direction_coherence
+from survey_qa.pipeline.psf import (ELLIPTICITY_NOISE_SNR, FWHM_PER_HALF_LIGHT_RADIUS,
+                                    coherent_elongation)
 from survey_qa.pipeline.records import BackgroundResult, DetectorImage, FrameMeta, PSFResult
 from survey_qa.pipeline.schema import empty_exposure_row
 
@@ -102,10 +103,13 @@ def update_source_shapes(row: dict, sources: pd.DataFrame) -> dict:
     e = 1.0 - b[ok] / a[ok]
     theta = np.deg2rad(sources["theta_deg"].to_numpy(float)[use][ok])
     rh = sources["flux_radius_px"].to_numpy(float)[use][ok]
+    snr = sources["snr"].to_numpy(float)[use][ok]
     spin2 = e * np.exp(2j * theta)
     row.update(src_fwhm_px=float(FWHM_PER_HALF_LIGHT_RADIUS * np.nanmedian(rh)),
                src_ellipticity=float(np.median(e)),
-               src_elongation_coherence=direction_coherence(e, spin2))
+               # S/N-weighted, noise removed: noise on round stars is not coherence.
+               src_elongation_coherence=coherent_elongation(
+                   spin2, ELLIPTICITY_NOISE_SNR / snr).coherence)
     return row
 
 
