@@ -460,17 +460,6 @@ def _grid_medians(x, y, values, shape, grid) -> list[float]:
     return out
 
 
-def direction_coherence(e: np.ndarray, spin2: np.ndarray) -> float:
-    """``|sum spin2| / sum e`` with ``spin2 = e exp(2i theta)``: 1 when every star is
-    stretched the same way, near 0 when directions are random; NaN without elongation.
-
-    Unweighted and not corrected for noise (the detection moments use it); the PSF stage
-    uses :func:`coherent_elongation`.
-    """
-    total = float(np.sum(e))
-    return float(abs(np.sum(spin2)) / total) if total > 0 else math.nan
-
-
 @dataclass
 class Elongation:
     """The elongation that the stars of a detector share."""
