@@ -138,6 +138,9 @@ def correct_night(rows: list[dict], cfg: Config, store) -> set[int]:
     (:func:`~survey_qa.pipeline.illumination.night_pattern`, or its radial part), and each
     of its rows gets ``sky_nonuniformity`` from its coarse sky map divided by it (noise
     floor removed as in the background stage) and the qa flag ``ILLUMINATION_NIGHT``.
+    A frame that the pattern does not describe (its map is less uniform divided by the
+    pattern than raw: a frame of another pointing or illumination, or a faint sky over a
+    bias pedestal) keeps its raw value.
 
     Returns
     -------
@@ -173,6 +176,8 @@ def correct_night(rows: list[dict], cfg: Config, store) -> set[int]:
             r = rows[i]
             mesh = int(root["sky_mesh_px"][frames[(r["exposure"], r["detector"])]])
             u = illumination.corrected_nonuniformity(sky_map, pattern)
+            if not u < illumination.corrected_nonuniformity(sky_map, 1.0):
+                continue  # the pattern does not describe this frame: its raw u stands
             if mesh > 0:
                 u = background.remove_noise_floor(u, background.noise_floor(
                     r["sky_noise"], r["sky_level"], mesh))

@@ -38,7 +38,8 @@ pedestal, so the pattern is diluted on frames whose sky is faint next to the ped
 dividing them by the night's pattern over-corrects a little (15-s focus frames at 40% sky
 over the bias: u 0.053 -> 0.070). A pedestal fitted from the frames' different sky levels
 was tried and is not identifiable on real nights (the light the sky adds changes with the
-sky level too); bias subtraction belongs to the reader.
+sky level too); bias subtraction belongs to the reader. The night pass therefore keeps a
+frame's raw ``u`` where the pattern makes it larger.
 """
 from __future__ import annotations
 
@@ -234,7 +235,7 @@ def radial_pattern(pattern: np.ndarray, ny_px: int, nx_px: int) -> np.ndarray | 
     return model / np.median(model[ok])
 
 
-def corrected_nonuniformity(sky_map: np.ndarray, pattern: np.ndarray) -> float:
+def corrected_nonuniformity(sky_map: np.ndarray, pattern: np.ndarray | float) -> float:
     """``(P99 - P1) / median`` of ``sky_map / pattern`` over the cells where both are finite.
 
     NaN with fewer than ``MIN_PATTERN_CELLS`` such cells or a median that is not positive.
