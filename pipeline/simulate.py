@@ -24,7 +24,11 @@ always drew for a given seed. ``wide`` widens the draws to real instruments: pix
 0.1-15"/px, FWHM 1.2-20 px, bad seeing up to tens of arcsec, detectors of 500 px to
 ``size_px`` (aspect 1-1.5), and the :data:`WIDE_CONFOUNDERS` (raw frames, vignetting and
 dust donuts, Bayer frames, defocused donut PSFs, sparse fields of 12-30 stars), with at
-least 60 stars per detector otherwise (about 20 above S/N 10).
+least 60 stars per detector otherwise (about 20 above S/N 10). A wide night is taken with
+one to three instruments (:func:`camera_of`): the frames of one share their detector shape,
+filters, raw layout and illumination pattern (vignetting, dust), so that a pipeline can
+learn that pattern from the night, as on a real night; the pixel scale follows each frame's
+seeing, so that every class spans the FWHM range.
 
 - **Illumination** (:func:`illumination`): vignetting and dust donuts multiply sky and
   sources alike, as an uncorrected flat field does; so does the colour-filter response
@@ -268,6 +272,7 @@ class ExposureSpec:
     bayer_blue: float = 1.0
     defocus_ratio: float = 0.0   # outer diameter of the geometric donut / seeing FWHM
     obscuration: float = 0.0     # central obstruction (inner / outer diameter)
+    camera_seed: int = -1        # the night's instrument (wide domain); -1: this frame's own
 
     @property
     def trail_ratio(self) -> float:
@@ -467,7 +472,7 @@ def draw_spec(rng: np.random.Generator, quality_class: str, *, exposure: str,
               trail_kind: str | None = None, background_kind: str | None = None,
               header_style: str | None = None, seeing_arcsec: float | None = None,
               trail_ratio: float | None = None, pixscale_arcsec: float | None = None,
-              domain: str = "default") -> ExposureSpec:
+              domain: str = "default", camera_seed: int | None = None) -> ExposureSpec:
     """Sample the physical parameters of one exposure of a quality class.
 
     Parameters
@@ -506,6 +511,11 @@ def draw_spec(rng: np.random.Generator, quality_class: str, *, exposure: str,
         same frame). ``wide`` draws pixel scales of 0.1-15"/px and FWHM of 1.2-20 px
         (:data:`WIDE`), bad seeing up to tens of arcsec, frames of 500 px to ``size_px``
         and the :data:`WIDE_CONFOUNDERS`.
+    camera_seed
+        Wide domain: the instrument the frame was taken with (:func:`camera_of`). Frames
+        of one camera share their detector shape, filters and the instrument confounders
+        (raw layout and bias, vignetting, dust donuts, Bayer pattern), as the frames of
+        one night do; None: the frame draws its own.
 
     Returns
     -------
@@ -532,8 +542,13 @@ def draw_spec(rng: np.random.Generator, quality_class: str, *, exposure: str,
 
     seeing_zone, track_zone, bg_zone = _zones(rng, quality_class, ambiguous, extra_defects)
     chosen = _draw_confounders(rng, confounders, confounder_rate)
+    camera = camera_of(camera_seed, size_px, confounder_rate) if wide and camera_seed is not None \
+        else None
     if wide and confounders is None:
-        chosen = tuple(sorted(set(chosen) | set(_draw_wide_confounders(rng, confounder_rate))))
+        frame_wide = set(_draw_wide_confounders(rng, confounder_rate))
+        if camera is not None:  # the instrument decides its own confounders
+            frame_wide = (frame_wide - set(CAMERA_CONFOUNDERS)) | set(camera["confounders"])
+        chosen = tuple(sorted(set(chosen) | frame_wide))
     if seeing_arcsec is not None:
         s = seeing_arcsec
     else:
@@ -562,9 +577,12 @@ def draw_spec(rng: np.random.Generator, quality_class: str, *, exposure: str,
     if n_det not in (1, 2, 4, 8):
         raise ValueError("n_detectors must be 1, 2, 4 or 8")
     cols, rows = {1: (1, 1), 2: (2, 1), 4: (2, 2), 8: (4, 2)}[n_det]
-    nx, ny = _draw_shape(rng, size_px) if wide else (int(size_px), int(size_px))
+    if camera is not None:
+        nx, ny = camera["shape"]
+    else:
+        nx, ny = _draw_shape(rng, size_px) if wide else (int(size_px), int(size_px))
 
-    cam = _draw_camera(rng, pixscale, chosen)
+    cam = _draw_camera(rng, pixscale, chosen, camera["filters"] if camera else None)
     density = (_loguniform(rng, 100.0, 400.0) if "crowded" in chosen
                else _loguniform(rng, 1.0, 40.0))  # stars / arcmin^2, sparse to crowded
     if wide:  # small apertures on wide fields reach few stars per arcmin^2
@@ -629,10 +647,36 @@ def draw_spec(rng: np.random.Generator, quality_class: str, *, exposure: str,
         dec_deg=float(np.degrees(np.arcsin(rng.uniform(-0.95, 0.95)))),
         rotation_deg=float(rng.choice([0.0, 90.0, 180.0, 270.0]) + rng.normal(0.0, 0.5)),
         field_seed=int(rng.integers(0, 2**31 - 1)), domain=domain,
+        camera_seed=int(camera_seed) if camera is not None else -1,
     )
     if set(chosen) & set(WIDE_CONFOUNDERS):
         spec = _with_wide_features(spec)
     return spec
+
+
+CAMERA_CONFOUNDERS = ("raw", "vignetting", "dust", "bayer")
+"""Wide-domain confounders that belong to the instrument, not to the frame."""
+
+
+def camera_of(camera_seed: int, size_px: int, confounder_rate: float = 1.0) -> dict:
+    """One instrument of a wide-domain night: detector shape (largest side up to
+    ``size_px``), 1-3 filters and its :data:`CAMERA_CONFOUNDERS`. The parameters of these
+    (bias and overscan, vignetting, dust donuts, Bayer pattern) follow from the seed too,
+    so that every frame of the camera has the same illumination pattern, as on a real
+    night."""
+    rng = np.random.default_rng([camera_seed, 701])
+    draws = {name: rng.random() for name in CAMERA_CONFOUNDERS}
+    chosen = tuple(sorted(n for n in CAMERA_CONFOUNDERS
+                          if draws[n] < WIDE_CONFOUNDERS[n] * confounder_rate))
+    shape = _draw_shape(rng, size_px)
+    n_filters = int(rng.integers(1, 4))
+    filters = [str(f) for f in rng.choice(list(_FILTERS), size=n_filters, replace=False)]
+    return {"confounders": chosen, "shape": shape, "filters": sorted(filters)}
+
+
+def _instrument_seed(spec: ExposureSpec) -> int:
+    """Seed of the instrument-level draws: the night's camera, else the frame's field."""
+    return spec.camera_seed if spec.camera_seed >= 0 else spec.field_seed
 
 
 def _draw_wide_confounders(rng: np.random.Generator, rate: float) -> tuple[str, ...]:
@@ -677,9 +721,11 @@ def _draw_shape(rng: np.random.Generator, size_px: int) -> tuple[int, int]:
 
 
 def _with_wide_features(spec: ExposureSpec) -> ExposureSpec:
-    """The parameters of the wide-domain confounders of ``spec`` (from its field seed,
-    so that the main draws of a frame do not depend on them)."""
-    aux = np.random.default_rng([spec.field_seed, 601])
+    """The parameters of the wide-domain confounders of ``spec`` (from its camera's seed,
+    else its field seed, so that the main draws of a frame do not depend on them). A Bayer
+    frame whose FWHM is under 2.4 px (1.2 px once binned) is left without its colour
+    filters."""
+    aux = np.random.default_rng([_instrument_seed(spec), 601])
     chosen = set(spec.confounders)
     if "defocus" in chosen and spec.fwhm_px < WIDE.defocus_min_fwhm_px:
         chosen.discard("defocus")  # a donut of a few pixels is not resolved
@@ -688,6 +734,7 @@ def _with_wide_features(spec: ExposureSpec) -> ExposureSpec:
     if "sparse" in chosen:
         chosen.discard("crowded")
     # every draw is made whatever is chosen: each feature's values depend on the seed only
+    # (the camera's, when the frame has one: its frames share bias, layout and flat)
     bias = float(min(aux.uniform(200.0, 2000.0), 65535.0 - spec.saturate_adu))
     prescan = int(aux.choice([0, 0, 4, 8, 20, 50]))
     overscan = int(aux.choice([16, 32, 50, 64, 100]))
@@ -742,10 +789,11 @@ def _zones(rng: np.random.Generator, quality_class: str, ambiguous: bool,
     return zones["s"], zones["t"], zones["b"]
 
 
-def _draw_camera(rng: np.random.Generator, pixscale: float, confounders: tuple[str, ...]
-                 ) -> dict:
-    """Filter, exposure time, gain, read noise, full well, saturation and sky (e-/px)."""
-    filt = str(rng.choice(list(_FILTERS)))
+def _draw_camera(rng: np.random.Generator, pixscale: float, confounders: tuple[str, ...],
+                 filters: list[str] | None = None) -> dict:
+    """Filter (one of ``filters``, default all), exposure time, gain, read noise, full well,
+    saturation and sky (e-/px)."""
+    filt = str(rng.choice(filters or list(_FILTERS)))
     exptime = float(rng.choice([5, 10, 30, 60, 90, 120, 180, 300, 600],
                                p=[0.04, 0.08, 0.14, 0.2, 0.1, 0.14, 0.1, 0.14, 0.06]))
     gain = round(_loguniform(rng, 0.5, 5.0), 3)
@@ -1736,7 +1784,7 @@ def illumination(spec: ExposureSpec, index: int) -> tuple[np.ndarray | None, int
         flat = (1.0 / (1.0 + np.float32(c) * (dx2 + dy2)) ** 2).astype(np.float32)
     n_dust = 0
     if spec.dust_per_detector > 0:
-        rd = np.random.default_rng([spec.field_seed, 602, index])
+        rd = np.random.default_rng([_instrument_seed(spec), 602, index])
         n_dust = int(rd.poisson(spec.dust_per_detector))
         if flat is None:
             flat = np.ones((ny, nx), dtype=np.float32)
@@ -1996,7 +2044,9 @@ def plan_night(night: str, n_frames: int, *, seed: int = 0, mix: str = "balanced
     ``balanced`` gives the five classes in equal shares (shuffled), ``realistic`` mostly
     good frames. A share ``ambiguous_fraction`` of the frames is drawn from the spec's gaps.
     Mosaics have detectors of ``size_px // 2``. ``domain`` (:data:`DOMAINS`) is passed to
-    :func:`draw_spec`: in the ``wide`` domain ``size_px`` is the largest detector side.
+    :func:`draw_spec`: in the ``wide`` domain ``size_px`` is the largest detector side and
+    the night is taken with one to three instruments (:func:`camera_of`), each with its own
+    detector shape, filters, raw layout and illumination pattern.
     """
     if mix not in MIXES:
         raise ValueError(f"unknown mix {mix!r}; expected one of {sorted(MIXES)}")
@@ -2022,13 +2072,25 @@ def plan_night(night: str, n_frames: int, *, seed: int = 0, mix: str = "balanced
     times = night_times(night, n_frames, rng)
     stem = night.replace("-", "")
     plans = []
+    cameras = _night_cameras(night, seed, n_frames) if domain == "wide" else None
     for i in range(n_frames):
         mosaic = formats[i].startswith("mosaic")
+        over = {} if domain == "default" else {"domain": domain}
+        if cameras is not None:
+            over["camera_seed"] = cameras[i] + (1 if mosaic else 0)  # a mosaic camera
         plans.append(FramePlan(i, f"{stem}_{i + 1:04d}", classes[i], bool(ambiguous[i]),
                                formats[i], times[i], i + 1,
-                               size_px // 2 if mosaic else size_px,
-                               overrides={"domain": domain} if domain != "default" else {}))
+                               size_px // 2 if mosaic else size_px, overrides=over))
     return plans
+
+
+def _night_cameras(night: str, seed: int, n_frames: int) -> list[int]:
+    """Camera seed of every frame of a wide-domain night: one to three instruments (even
+    seeds; a mosaic frame uses the seed after its camera's, a mosaic camera)."""
+    rng = np.random.default_rng(np.random.SeedSequence([seed, _night_number(night), 2]))
+    n_cameras = int(rng.integers(1, 4))
+    seeds = 2 * rng.integers(0, 2**30, n_cameras)
+    return [int(seeds[k]) for k in rng.integers(0, n_cameras, n_frames)]
 
 
 def _night_number(night: str) -> int:

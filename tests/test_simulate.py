@@ -601,3 +601,27 @@ def test_wide_night_is_deterministic_and_the_command_takes_domain(tmp_path, caps
     pd.testing.assert_frame_equal(cli.drop(columns="night"), seq.drop(columns="night"))
     for p in (tmp_path / "seq" / NIGHT).glob("*.fits*"):
         assert p.read_bytes() == (tmp_path / "cli" / NIGHT / p.name).read_bytes()
+
+
+def test_frames_of_one_wide_camera_share_shape_filters_and_illumination():
+    plans = sim.plan_night(NIGHT, 40, seed=9, size_px=800, domain="wide")
+    cams = {}
+    for p in plans:
+        if p.file_format.startswith("mosaic"):
+            continue
+        rng, _ = sim.exposure_seeds(NIGHT, 9, p.index, 8)
+        spec = sim.draw_spec(rng, p.quality_class, exposure=p.exposure, size_px=p.size_px,
+                             file_format=p.file_format, **p.overrides)
+        assert spec.camera_seed == p.overrides["camera_seed"] >= 0
+        cams.setdefault(spec.camera_seed, []).append(spec)
+    assert 1 <= len(cams) <= 3
+    for seed, specs in cams.items():
+        camera = sim.camera_of(seed, 800)
+        assert {(s.nx, s.ny) for s in specs} == {camera["shape"]}
+        assert {s.filter for s in specs} <= set(camera["filters"])
+        assert len({s.vignetting_corner for s in specs}) == 1
+        assert len({s.raw for s in specs}) == 1
+        flats = [sim.illumination(s, 0)[0] for s in specs[:2]]
+        if flats[0] is not None and not specs[0].bayer_pattern and not specs[1].bayer_pattern:
+            np.testing.assert_array_equal(flats[0], flats[1])  # the night's own flat
+        assert len({s.pixscale_arcsec for s in specs}) == len(specs)  # per frame
