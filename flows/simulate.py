@@ -18,7 +18,8 @@ field of the exposure's :class:`~survey_qa.pipeline.simulate.ExposureSpec`.
 Raw frames (``raw`` true) are written as ``uint16`` with their bias level, prescan and
 overscan (``BIASSEC``, ``DATASEC``, ``TRIMSEC``); their true star positions and defect
 masks refer to the exposed pixels (``DATASEC``), the grid the reader measures. Bayer
-frames (``bayer_pattern``) are written at full resolution; the reader bins them 2x2.
+frames (``bayer_pattern``) are written at full resolution and their truth (``fwhm_px_true``,
+star positions, masks) is on that grid; the reader bins them 2x2 (``read_binning``).
 
 Every file is written under a hidden temporary name and renamed into place.
 """

@@ -1751,6 +1751,7 @@ def render_detector(spec: ExposureSpec, index: int, rng: np.random.Generator) ->
         "defect_mask_fraction": float(mask.mean()),
         "sky_level_adu": spec.sky_level_adu, "pixscale_arcsec": spec.pixscale_arcsec,
         "atm_fwhm_arcsec": spec.atm_fwhm_arcsec, "n_dust_donuts": n_dust,
+        "read_binning": 2 if spec.bayer_pattern else 1,  # the reader bins Bayer frames 2x2
         "flat_nonuniformity": _nonuniformity(flat[::2, ::2]) if flat is not None else 0.0,
     }
     header = {**exposure_header(spec), **detector_header(spec, index)}

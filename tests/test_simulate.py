@@ -528,6 +528,7 @@ def test_bayer_frame_is_binned_by_the_reader(tmp_path):
     assert red / green == pytest.approx(0.5, rel=0.05)
     assert blue / green == pytest.approx(0.4, rel=0.05)
     assert det.header["BAYERPAT"][0] == "RGGB" and det.truth["u_true"] <= 0.03
+    assert det.truth["read_binning"] == 2
     path = tmp_path / "bayer.fits"
     sim.build_hdulist(spec, [det]).writeto(path)
     [read] = pio.read_detectors(path, IOConfig())
