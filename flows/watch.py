@@ -5,9 +5,10 @@ it is whole: its FITS structure parses to the end of its last HDU and either the
 closed it (a close-after-write event) or its size has not changed for ``settle_s``
 seconds. Each frame goes through the nightly flow's own per-exposure function
 (:func:`survey_qa.flows.nightly.process_exposure`), so its results land in the same
-``_work/`` files a nightly run writes and reads. A verdict line is printed at once; then the
-night's catalogs and report are rewritten, and ``--on-bad CMD`` runs for a frame that is
-not good.
+``_work/`` files a nightly run writes and reads. A verdict line is printed at once;
+``--on-bad CMD`` runs for a frame that is not good; then the night's catalogs and report
+are rewritten. When the watch stops, the catalogs are gathered once more with the
+night-level calibrations a nightly run applies at its end.
 
 Stop and start it at will: at start, every file of the night without whole results is
 measured (nothing is lost) and every file with them is skipped (nothing is measured
@@ -253,10 +254,9 @@ def watch(cfg: Config, night: str, *, until: datetime | None = None,
                         _report(cfg, night, echo)
                     dirty = False
             summary.stopped_by = summary.stopped_by or "signal"
-            if dirty:
-                _gather(cfg, night, models)
-                if report:
-                    _report(cfg, night, echo)
+            _gather(cfg, night, models, final=True)
+            if report:
+                _report(cfg, night, echo)
     finally:
         observer.stop()
         observer.join(timeout=5)
@@ -354,8 +354,13 @@ def _catalog(out_root: Path, night: str) -> Path:
     return out_root / "catalogs" / "exposures" / f"night={night}" / "part-0.parquet"
 
 
-def _gather(cfg: Config, night: str, models) -> None:
-    """The night's catalogs from every whole per-exposure result, as a nightly run ends."""
+def _gather(cfg: Config, night: str, models, final: bool = False) -> None:
+    """The night's catalogs from every whole per-exposure result.
+
+    During the night the rows are each frame's own measurements; ``final`` (when the watch
+    stops) applies the night-level calibrations as a nightly run does when it ends: they
+    look at the whole night, so they are not redone after every frame.
+    """
     from survey_qa.flows import workdir
     from survey_qa.flows.night_pass import finish_night
 
@@ -368,8 +373,8 @@ def _gather(cfg: Config, night: str, models) -> None:
         io.setup_zarr(store, [], array_variables(cfg, models, (1, 1)))
     measured = workdir.read_results(out_root, night, "exposures", list(files),
                                     EXPOSURE_SCHEMA).to_pylist()
-    io.consolidate(rows_to_table(finish_night(measured, cfg, models, store)), out_root,
-                   "exposures", night)
+    rows = finish_night(measured, cfg, models, store) if final else measured
+    io.consolidate(rows_to_table(rows), out_root, "exposures", night)
     io.consolidate(workdir.read_results(out_root, night, "sources", list(files), SOURCE_SCHEMA),
                    out_root, "sources", night)
 

@@ -164,8 +164,8 @@ def summary_lines(times: list[str], classes: list[str], statuses: list[str],
             continue
         total = sum(r[3] for r in spans)
         when = ", ".join(f"{_hhmm(a)}" if a == b else f"{_hhmm(a)}-{_hhmm(b)}"
-                         for _, a, b, _k in sorted(spans, key=lambda r: -r[3])[:4])
-        more = " ..." if len(spans) > 4 else ""
+                         for _, a, b, _k in spans[:5])
+        more = f" and {len(spans) - 5} more" if len(spans) > 5 else ""
         lines.append(f"{cls.replace('_', ' ')}: {total} exposure{'s' * (total > 1)} "
                      f"(UTC {when}{more})")
     if n_failed:
