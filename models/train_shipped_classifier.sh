@@ -5,7 +5,8 @@
 #
 # 1. simulate the training nights below (seeds 1001-1099 are reserved for training; nights
 #    and seeds used for evaluation, bench/classifier_eval.py, are disjoint from these) in
-#    the simulator's wide domain (`survey-qa simulate --domain wide`): every class in equal
+#    the simulator's wide domain (`survey-qa simulate --domain wide`), plus two nights of
+#    the default domain (survey-like 1024 px detectors at 0.15-0.5"/px): every class in equal
 #    shares, pixel scales 0.1-15"/px, FWHM 1.2-20 px, detectors of 500 px up to the side
 #    given below (not square), raw frames with overscan and a bias level, vignetting and
 #    dust donuts, Bayer frames, defocused (donut) PSFs, sparse fields, and every
@@ -32,7 +33,7 @@ HERE=$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)
 WEIGHTS=${WEIGHTS:-$HERE/survey_qa/weights/classifier.safetensors}
 export SURVEY_QA_TRAIN_RECIPE="models/train_shipped_classifier.sh $*"
 
-# night        seed  largest side (px)  exposures  domain     (448 Mpx, 1062 detectors)
+# night        seed  largest side (px)  exposures  domain     (648 Mpx)
 TRAINING_NIGHTS=(
   "2024-01-04  1021  1024               100        wide"
   "2024-01-11  1022  1024               100        wide"
@@ -42,6 +43,8 @@ TRAINING_NIGHTS=(
   "2024-02-08  1026  1024               100        wide"
   "2024-02-15  1027  2048                40        wide"
   "2024-02-22  1028  4096                12        wide"
+  "2024-03-07  1029  1024               100        default"
+  "2024-03-14  1030  1024               100        default"
 )
 
 TRAIN='
