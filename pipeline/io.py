@@ -477,6 +477,13 @@ def _read_hdu(hdu, primary: fits.Header | None, n_bytes: int, path: Path, exposu
         mask |= saturated
     data[~finite] = 0.0
 
+    if bias_subtracted:
+        dark = no_light(data, mask, meta.read_noise_e / meta.gain_e_per_adu)
+        if dark:
+            kind = "dark" if meta.exptime_s > 0 else "bias"
+            meta.image_type, meta.image_type_source = kind, f"by content: {dark}"
+            raise QualityError(f"calibration frame: {kind} ({meta.image_type_source})",
+                               meta=meta, image_type=kind)
     unexposed = unexposed_lines(data, mask, bias_level=0.0 if bias_subtracted else None,
                                 read_noise_adu=meta.read_noise_e / meta.gain_e_per_adu)
     if unexposed.any():
@@ -497,6 +504,34 @@ def _read_hdu(hdu, primary: fits.Header | None, n_bytes: int, path: Path, exposu
     return DetectorImage(exposure=exposure, detector=det, hdu=index, path=str(path),
                          data=np.ascontiguousarray(data), mask=np.ascontiguousarray(mask),
                          meta=meta, n_detectors=1, qa_flags=flags)
+
+
+NO_LIGHT_BRIGHT_FRACTION = 1e-3
+"""A frame without light has fewer pixels than this share 10 sigma above its median."""
+
+
+def no_light(data: np.ndarray, mask: np.ndarray, read_noise_adu: float) -> str:
+    """Why an overscan-subtracted frame received no light, or '' when it did.
+
+    No light: the median lies within one read noise of the overscan level and almost no
+    pixel stands out (hot pixels and cosmic rays aside, under
+    :data:`NO_LIGHT_BRIGHT_FRACTION` of the pixels 10 sigma above the median): a bias or a
+    dark, whatever the header says.
+    """
+    if not (math.isfinite(read_noise_adu) and read_noise_adu > 0):
+        return ""
+    good = data[~mask]
+    if good.size == 0:
+        return ""
+    level = float(np.median(good))
+    noise = 1.4826 * float(np.median(np.abs(good - level)))
+    if level >= read_noise_adu or noise <= 0:
+        return ""
+    bright = float(np.mean(good > level + 10 * noise))
+    if bright >= NO_LIGHT_BRIGHT_FRACTION:
+        return ""
+    return (f"median {level:.1f} ADU above the overscan, within the read noise "
+            f"{read_noise_adu:.1f} ADU, and no source")
 
 
 def unexposed_lines(data: np.ndarray, mask: np.ndarray, bias_level: float | None = None,

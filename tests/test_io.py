@@ -352,3 +352,20 @@ def test_unexposed_rows_and_columns_found_in_the_data():
     mask = io.unexposed_lines(vignetted, np.zeros(sky.shape, bool))
     assert mask.all(axis=1)[120:126].all() and mask.all(axis=1).sum() == 6
     assert mask.all(axis=0)[:4].all() and mask.all(axis=0).sum() == 4
+
+
+def test_frame_without_light_above_the_overscan_is_a_calibration_frame(tmp_path):
+    rng = np.random.default_rng(1)
+    data = (1000 + rng.normal(0, 3, (128, 144))).astype(np.float32)  # bias + read noise
+    h = _header(TRIMSEC="[1:128,1:128]", BIASSEC="[131:144,1:128]", GAIN=1.0, RDNOISE=3.0,
+                IMAGETYP="Light Frame")
+    p = tmp_path / "closed.fits"
+    fits.PrimaryHDU(data, h).writeto(p)
+    with pytest.raises(QualityError, match=r"calibration frame: dark \(by content: median "
+                                           r"-?0\.\d ADU above the overscan"):
+        io.read_exposure(p, IOConfig())
+    data[:, :128] += 40 + rng.normal(0, 6, (128, 128)).astype(np.float32)  # sky: light
+    p2 = tmp_path / "sky.fits"
+    fits.PrimaryHDU(data, h).writeto(p2)
+    (det,) = io.read_exposure(p2, IOConfig())
+    assert det.meta.image_type == "light"
