@@ -196,6 +196,8 @@ def make_corpus(d: Path) -> dict[str, tuple[str, str]]:
     gz = gzip.compress(plain)
     (d / "crcgz.fits.gz").write_bytes(gz[:-8] + _flip_byte(gz[-8:], 0))  # the CRC
     expect["crcgz"] = ("failed", "damaged gzip file")
+    (d / "flipgz.fits.gz").write_bytes(_flip_byte(gz, len(gz) // 2))  # inside the stream
+    expect["flipgz"] = ("failed", "damaged gzip file")
     (d / "cutgz.fits.gz").write_bytes(gz[: len(gz) // 2])
     expect["cutgz"] = ("failed", "damaged gzip file")
     (d / "goodbz2.fits.bz2").write_bytes(bz2.compress(plain))
