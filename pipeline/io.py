@@ -163,6 +163,10 @@ def night_exposures(raw_root: str | os.PathLike, night: str) -> dict[str, Path]:
 # ---------------------------------------------------------------------------- opening
 
 
+def _is_compressed(path: Path) -> bool:
+    return path.name.lower().endswith((".gz", ".bz2"))
+
+
 def _read_bytes(path: Path) -> bytes:
     """The file's bytes, decompressed in full for .gz and .bz2 (so checksums are checked)."""
     name = path.name.lower()
@@ -173,7 +177,8 @@ def _read_bytes(path: Path) -> bytes:
         if name.endswith(".bz2"):
             with bz2.open(path, "rb") as f:
                 return f.read()
-        return path.read_bytes()
+        with open(path, "rb") as f:
+            return f.read(80)  # an uncompressed file is opened from disk: its start is enough
     except (gzip.BadGzipFile, zlib.error, EOFError, lzma.LZMAError) as e:
         kind = "gzip" if name.endswith(".gz") else "bzip2"
         raise QualityError(f"damaged {kind} file: {_short(e)}") from None
@@ -190,13 +195,23 @@ def _short(e: Exception) -> str:
 
 def _open(path: Path) -> fits.HDUList:
     """Open a FITS file in memory; raises :class:`QualityError` for anything not FITS."""
-    data = _read_bytes(Path(path))
+    path = Path(path)
+    data = _read_bytes(path)
     if not data:
         raise QualityError("empty file (0 bytes)")
     if not data.startswith(b"SIMPLE  ="):
         start = data[:16].decode("ascii", "replace")
         start = "".join(c if c.isprintable() else "?" for c in start)
         raise QualityError(f"not a FITS file: it starts with {start!r}, not with SIMPLE")
+    if not _is_compressed(path):
+        try:
+            with warnings.catch_warnings():
+                warnings.simplefilter("ignore")
+                hdul = fits.open(path, memmap=False, lazy_load_hdus=False)
+            hdul.n_bytes = os.path.getsize(path)  # what the file really holds
+            return hdul
+        except Exception:  # e.g. a header announcing more than a seek can reach
+            data = path.read_bytes()  # in memory, astropy reads what there is
     try:
         with warnings.catch_warnings():
             warnings.simplefilter("ignore")
