@@ -393,8 +393,10 @@ def read_detectors(path: str | os.PathLike, cfg: IOConfig,
                                         f"{'x'.join(map(str, _shape(hdul[i])[::-1]))} pixels",
                                         detector=det, hdu=i))
             except Exception as e:  # corrupt data of this HDU
-                out.append(QualityError(f"unreadable HDU {i}: {type(e).__name__}: "
-                                        f"{_short(e)}", detector=det, hdu=i))
+                what = ("damaged tile-compressed image in HDU" if isinstance(
+                    hdul[i], fits.CompImageHDU) else "unreadable HDU")
+                out.append(QualityError(f"{what} {i}: {type(e).__name__}: {_short(e)}",
+                                        detector=det, hdu=i))
     sky = [d for d in out if not (isinstance(d, QualityError) and d.metadata.get("mask_like"))]
     if sky and len(sky) < len(out):  # integer masks beside sky images: not detectors
         out = sky
