@@ -67,9 +67,9 @@ CALIBRATION_TYPES = ("bias", "dark", "flat", "arc")
 # EXTNAME words of extensions that are not images of the sky.
 AUXILIARY_WORDS = frozenset((
     "bpm", "mask", "msk", "dq", "flags", "flag", "err", "error", "errors", "sig", "sigma",
-    "unc", "uncert", "std", "var", "variance", "ivar", "invvar", "wht", "weight", "weights",
-    "wgt", "wt", "cat", "catalog", "catalogue", "table", "expmap", "exp", "rms", "bkg",
-    "background", "back", "psf", "thumb", "thumbnail", "preview"))
+    "unc", "uncert", "var", "variance", "ivar", "invvar", "wht", "weight", "weights",
+    "wgt", "wt", "cat", "catalog", "catalogue", "table", "expmap", "rms", "bkg",
+    "background", "psf", "thumb", "thumbnail", "preview"))
 MASK_MAX_VALUES = 16
 """An integer image with this many distinct values or fewer is a mask, not a sky image."""
 # Keywords whose absence is recorded as a fallback (the others are optional).
