@@ -88,6 +88,7 @@ def main() -> None:
     c0, t0 = cpu_seconds(proc.pid), time.monotonic()
     time.sleep(a.idle_s)
     idle_before = (cpu_seconds(proc.pid) - c0) / (time.monotonic() - t0)
+    print(f"idle CPU before any frame: {100 * idle_before:.2f}% of a core", flush=True)
 
     latencies, cpu_latencies = {}, {}
     for f in frames:

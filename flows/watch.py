@@ -223,6 +223,7 @@ def watch(cfg: Config, night: str, *, until: datetime | None = None,
             done = nightly.done_exposures(out_root, night, files)
             summary.skipped = len(done)
             pending = {Path(p): _Pending() for e, p in files.items() if e not in done}
+            measured = {Path(p) for e, p in files.items() if e in done}
             echo(f"watching {folder} ({len(done)} frames already done, {len(pending)} to "
                  f"measure){' until ' + until.isoformat() if until else ''}; Ctrl-C stops")
             dirty = bool(pending) or not _catalog(out_root, night).exists()
@@ -230,12 +231,13 @@ def watch(cfg: Config, night: str, *, until: datetime | None = None,
                 if until and datetime.now(timezone.utc) >= until:
                     summary.stopped_by = "--until"
                     break
-                _drain(events, pending, folder, timeout=0.25 if pending else 1.0)
+                _drain(events, pending, folder, 0.25 if pending else 1.0, measured)
                 ready = _ready(pending, settle_s)
                 for path in ready:
                     del pending[path]
                     if stop.is_set():
                         break
+                    measured.add(path)
                     rows = _measure(cfg, night, path, done, models)
                     if rows is None:
                         continue
@@ -275,9 +277,17 @@ def ready_soon(pending: dict, events: queue.Queue) -> bool:
     return bool(pending) or not events.empty()
 
 
+WRITE_EVENTS = ("created", "modified", "moved", "closed")
+"""watchdog events that mean a file was written; opening or reading one (the watch's own
+reads included) is not."""
+
+
 def _drain(events: queue.Queue, pending: dict[Path, _Pending], folder: Path,
-           timeout: float) -> None:
-    """Take the file events that arrived; wait up to ``timeout`` for the first one."""
+           timeout: float, measured: set[Path]) -> None:
+    """Take the file events that arrived; wait up to ``timeout`` for the first one.
+
+    Files already measured are left alone (a frame is measured once).
+    """
     try:
         item = events.get(timeout=timeout)
     except queue.Empty:
@@ -285,7 +295,7 @@ def _drain(events: queue.Queue, pending: dict[Path, _Pending], folder: Path,
     while True:
         kind, name = item
         path = Path(name)
-        if kind != "stop" and kind != "deleted" and is_frame_name(path, folder):
+        if kind in WRITE_EVENTS and path not in measured and is_frame_name(path, folder):
             p = pending.setdefault(path, _Pending())
             if kind == "closed":
                 p.closed = True

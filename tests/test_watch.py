@@ -167,3 +167,19 @@ def test_watch_measures_each_frame_once_across_a_restart(tmp_path):
             assert (hooks / f"{e}.class").read_text().strip() == row["quality_class"]
     page = (out / "reports" / f"{NIGHT}.html").read_text()
     assert all(f'id="exp-{e}"' in page for e in ids)
+
+
+def test_only_writes_make_a_frame_pending(tmp_path):
+    """Opening or reading a frame (the watch's own reads) never queues it again."""
+    from survey_qa.flows.watch import _drain
+
+    folder = tmp_path / NIGHT
+    a, b, c = (folder / n for n in ("a.fits", "b.fits", "sub/_truth.fits"))
+    events = queue.Queue()
+    for kind, path in [("opened", a), ("closed_no_write", a), ("modified", b),
+                       ("closed", b), ("created", c), ("created", folder / "notes.txt"),
+                       ("closed", folder / "done.fits")]:
+        events.put((kind, str(path)))
+    pending = {}
+    _drain(events, pending, folder, 0.1, measured={folder / "done.fits"})
+    assert list(pending) == [b] and pending[b].closed
