@@ -19,9 +19,9 @@
 #    (range of pixel scale, FWHM, frame size and source counts) outside which the
 #    nightly job lets the rules decide.
 #
-# About 20-25 minutes on an idle 2-core machine (estimated from measured CPU time:
-# simulation plus measurement about 3.4 CPU-s per megapixel, 40 s per night to start its
-# clusters, 2-3 min of training), 35-40 minutes if the measurement stages get 50% slower.
+# About 30-36 minutes on an idle 2-core machine, estimated from the CPU time of trial
+# nights (simulation plus measurement: about 5.3 CPU-s per megapixel and 40 CPU-s per
+# night; 648 Mpx in 10 nights, then 2-3 minutes of training).
 # Deterministic for a given survey-qa version (seeds fixed; single-threaded BLAS).
 # Environment: PYTHON (default: python), WORKERS (default 2), WEIGHTS (default: the
 # packaged path), TRAINING_NIGHTS_LIST (replaces the list below, for a trial; see
