@@ -4,7 +4,8 @@ Detection is at ``thresh_sigma`` times the global sky RMS (a noise map doubles s
 time for little gain on survey frames). Per detection: sep's isophotal shape (``a_px``,
 ``b_px``, ``theta_deg``), a Kron ("AUTO") aperture flux with its error from the local sky
 noise map, the half-light radius, the S/N, and a windowed centroid (``sep.winpos``,
-SExtractor's XWIN/YWIN; aperture boundaries sampled 3 x 3 per pixel). Saturated pixels
+SExtractor's XWIN/YWIN; aperture boundaries sampled 3 x 3 per pixel, once per pixel for
+apertures of at least ``FINE_APERTURE_MAX_PX``). Saturated pixels
 are masked for sep (sep has no saturation flag of its own); a detection touching a
 saturated pixel gets the ``SATURATED`` source flag.
 
@@ -44,6 +45,19 @@ OVERFLOW_MESSAGES = ("internal pixel buffer full", "deblending overflow")
 
 MAX_RETRIES = 4
 THRESH_FACTOR_PER_RETRY = 2.0
+FINE_APERTURE_MAX_PX = 10.0
+"""Apertures (flux radius, 4-sigma winpos windows) at least this wide are sampled once per
+pixel instead of 3 x 3: the sub-pixel boundary is a negligible part of them."""
+
+FLUX_RADIUS_MAX_PX = 60.0
+"""Largest aperture searched for the half-light radius: a detection whose half light lies
+farther out (a halo, a ghost, a big galaxy) is far off the stellar locus either way."""
+
+WINPOS_MAX_SIGMA_PX = 10.0
+"""Widest window of the windowed centroid (sigma, pixels): stars up to ~25 px FWHM (donuts)
+get their matched window; halos, ghosts and galaxies with half-light radii of 100 px and
+more would otherwise cost more than all the stars."""
+
 KRON_FACTOR = 2.5
 MIN_KRON_RADIUS_PX = 1.75
 """Detections whose Kron radius (kron x sqrt(a b), pixels) is under this get a circular
@@ -128,21 +142,31 @@ def _photometry(sub, rms, mask, segmap, objects, seg_ids):
                                        err=rms, mask=mask, segmap=segmap,
                                        seg_id=seg_ids[small], subpix=1)
         flux[small], flux_err[small], flag[small] = cf, ce, cflag
-    rmax = np.maximum(6.0 * a, 3.0)  # a is finite and positive here
+    rmax = np.clip(6.0 * a, 3.0, FLUX_RADIUS_MAX_PX)  # a is finite and positive here
     positive = flux > 0
     rhalf = np.full(len(objects), np.nan)
-    if positive.any():
-        r, _ = sep.flux_radius(sub, x[positive], y[positive], rmax[positive], 0.5,
-                               normflux=flux[positive], mask=mask, segmap=segmap,
-                               seg_id=seg_ids[positive], subpix=3)
-        rhalf[positive] = r
+    # Sub-pixel sampling matters for small apertures only; on wide ones (bright stars,
+    # galaxies, donuts) it would cost 9 times the pixels for nothing.
+    for sel, subpix in ((positive & (rmax < FINE_APERTURE_MAX_PX), 3),
+                        (positive & (rmax >= FINE_APERTURE_MAX_PX), 1)):
+        if sel.any():
+            rhalf[sel], _ = sep.flux_radius(sub, x[sel], y[sel], rmax[sel], 0.5,
+                                            normflux=flux[sel], mask=mask, segmap=segmap,
+                                            seg_id=seg_ids[sel], subpix=subpix)
     return flux, flux_err, rhalf
 
 
 def _windowed_centroids(sub, mask, x, y, rhalf):
     """sep.winpos centroids; the isophotal barycentre where winpos fails or wanders."""
     sig = np.where(np.isfinite(rhalf), 2.0 * rhalf / 2.3548, 1.0)
-    xw, yw, flag = sep.winpos(sub, x, y, sig, mask=mask, subpix=3)
+    sig = np.minimum(sig, WINPOS_MAX_SIGMA_PX)
+    xw, yw = np.full(len(x), np.nan), np.full(len(x), np.nan)
+    flag = np.zeros(len(x), np.int64)
+    small = sig < FINE_APERTURE_MAX_PX / 4.0  # winpos reaches 4 sigma
+    for sel, subpix in ((small, 3), (~small, 1)):
+        if sel.any():
+            xw[sel], yw[sel], flag[sel] = sep.winpos(sub, x[sel], y[sel], sig[sel],
+                                                     mask=mask, subpix=subpix)
     moved = np.hypot(xw - x, yw - y)
     ok = (flag == 0) & np.isfinite(xw) & np.isfinite(yw) & (moved < np.maximum(1.0, sig))
     return np.where(ok, xw, x), np.where(ok, yw, y)
