@@ -5,7 +5,7 @@
 #
 # 1. simulate the training nights below (seeds 1001-1099 are reserved for training; nights
 #    and seeds used for evaluation, bench/classifier_eval.py, are disjoint from these) in
-#    the simulator's wide domain (`survey-qa simulate --domain wide`), plus two nights of
+#    the simulator's wide domain (`survey-qa simulate --domain wide`), plus one night of
 #    the default domain (survey-like 1024 px detectors at 0.15-0.5"/px): every class in equal
 #    shares, pixel scales 0.1-15"/px, FWHM 1.2-20 px, detectors of 500 px up to the side
 #    given below (not square), raw frames with overscan and a bias level, vignetting and
@@ -19,9 +19,8 @@
 #    (range of pixel scale, FWHM, frame size and source counts) outside which the
 #    nightly job lets the rules decide.
 #
-# About 30-36 minutes on an idle 2-core machine, estimated from the CPU time of trial
-# nights (simulation plus measurement: about 5.3 CPU-s per megapixel and 40 CPU-s per
-# night; 648 Mpx in 10 nights, then 2-3 minutes of training).
+# Simulation plus measurement cost about 5.3 CPU-s per megapixel and 40 CPU-s per night
+# (trial nights), then 2-3 minutes of training: about 20 minutes on an idle 2-core machine.
 # Deterministic for a given survey-qa version (seeds fixed; single-threaded BLAS).
 # Environment: PYTHON (default: python), WORKERS (default 2), WEIGHTS (default: the
 # packaged path), TRAINING_NIGHTS_LIST (replaces the list below, for a trial; see
@@ -33,18 +32,14 @@ HERE=$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)
 WEIGHTS=${WEIGHTS:-$HERE/survey_qa/weights/classifier.safetensors}
 export SURVEY_QA_TRAIN_RECIPE="models/train_shipped_classifier.sh $*"
 
-# night        seed  largest side (px)  exposures  domain     (648 Mpx)
+# night        seed  largest side (px)  exposures  domain
 TRAINING_NIGHTS=(
   "2024-01-04  1021  1024               100        wide"
   "2024-01-11  1022  1024               100        wide"
   "2024-01-18  1023  1024               100        wide"
   "2024-01-25  1024  1024               100        wide"
-  "2024-02-01  1025  1024               100        wide"
-  "2024-02-08  1026  1024               100        wide"
-  "2024-02-15  1027  2048                40        wide"
-  "2024-02-22  1028  4096                12        wide"
+  "2024-02-15  1027  2048                30        wide"
   "2024-03-07  1029  1024               100        default"
-  "2024-03-14  1030  1024               100        default"
 )
 
 TRAIN='
