@@ -356,6 +356,8 @@ def usable_sky_fraction(mask: np.ndarray, box_px: int) -> float:
     A mesh (the last one of a row or column may be partial) is usable when at least
     ``GOOD_MESH_FRACTION`` of its pixels are unmasked. 0 when every pixel is masked.
     """
+    if not mask.any():
+        return 1.0
     stride = next(k for k in (8, 4, 2, 1) if box_px % k == 0 and box_px // k >= 8
                   or k == 1)  # counts in stride x stride blocks: exact, and many times faster
     good = block_sum(~mask, stride, np.uint8) if stride > 1 else (~mask).astype(np.int32)
@@ -410,14 +412,34 @@ def residual_statistics(data: np.ndarray, back: np.ndarray,
         ADU; the noise is 1.4826 MAD of the clipped residuals; ``n`` the number of sky
         pixels. NaN when there are none.
     """
-    step = _prime_step(sky.size / (4 * CHECK_SAMPLES), sky.shape[1])
+    step = _prime_step(sky.size / CHECK_SAMPLES, sky.shape[1])
     sub = sky.ravel()[::step]
     n = int(np.count_nonzero(sub)) * step
     if n == 0:
         return math.nan, math.nan, 0
     resid = np.ravel(data)[::step][sub] - np.ravel(back)[::step][sub]
-    _, median, noise = sigma_clipped_stats(resid, sigma=3.0, maxiters=5, stdfunc="mad_std")
-    return float(median), float(noise), n
+    median, noise = clipped_median_noise(resid)
+    return median, noise, n
+
+
+def clipped_median_noise(values: np.ndarray, sigma: float = 3.0, iterations: int = 3
+                         ) -> tuple[float, float]:
+    """Median and 1.4826 MAD of ``values``, clipped ``iterations`` times at ``sigma``.
+
+    The same statistics as astropy's ``sigma_clipped_stats(..., stdfunc="mad_std")``
+    around the median, several times faster on the sizes used here.
+    """
+    values = np.asarray(values, np.float64)
+    median, noise = math.nan, math.nan
+    for _ in range(iterations):
+        if values.size == 0:
+            break
+        median = float(np.median(values))
+        noise = 1.4826 * float(np.median(np.abs(values - median)))
+        if not noise > 0:
+            break
+        values = values[np.abs(values - median) <= sigma * noise]
+    return median, noise
 
 
 def _prime_step(at_least: float, row_px: int) -> int:
@@ -587,8 +609,7 @@ def _unmeasured(data: np.ndarray, mask: np.ndarray) -> BackgroundResult:
     what source extraction needs, with a NaN non-uniformity."""
     values = data[~mask]
     values = values[:: max(1, values.size // CHECK_SAMPLES)]
-    _, level, noise = sigma_clipped_stats(values, sigma=3.0, maxiters=10, stdfunc="mad_std")
-    level, noise = float(level), float(noise)
+    level, noise = clipped_median_noise(values, iterations=10)
     if not noise > 0:
         noise = float(np.std(values)) or 1.0
     return BackgroundResult(level=level, noise=noise, nonuniformity=math.nan,
