@@ -61,6 +61,12 @@ sides from its centre."""
 MIN_PATTERN_CELLS = 16
 """A pattern (or a corrected map) needs at least this many finite cells."""
 
+MIN_PATTERN_CONTRAST = 0.03
+"""A night pattern whose own ``P99 - P1`` is below this (the spec's limit of a good sky) is
+not used: it would not move a frame out of ``good``, and on a few frames of a telescope
+without vignetting it is the noise of a median of unrelated skies (0.003-0.014 on
+simulated nights; vignetting gives 0.09-0.6 on the real ones)."""
+
 
 def normalise_flat(flat: np.ndarray, mask: np.ndarray | None = None
                    ) -> tuple[np.ndarray, np.ndarray]:
@@ -165,7 +171,8 @@ def night_pattern(maps: list[np.ndarray], min_frames: int) -> np.ndarray | None:
     -------
     numpy.ndarray or None
         The pattern normalised to median 1 (NaN where fewer than half of the maps have a
-        value), or None with fewer than ``min_frames`` usable maps.
+        value); None with fewer than ``min_frames`` usable maps, or when its ``P99 - P1``
+        is below ``MIN_PATTERN_CONTRAST``.
     """
     usable = [n for n in (_normalised(np.asarray(m, np.float64)) for m in maps)
               if n is not None]
@@ -176,7 +183,10 @@ def night_pattern(maps: list[np.ndarray], min_frames: int) -> np.ndarray | None:
     pattern = np.full(stack.shape[1:], np.nan)
     if enough.any():
         pattern[enough] = np.nanmedian(stack[:, enough], axis=0)
-    return _normalised(pattern)
+    pattern = _normalised(pattern)
+    if pattern is None or np.ptp(np.nanpercentile(pattern, [1.0, 99.0])) < MIN_PATTERN_CONTRAST:
+        return None
+    return pattern
 
 
 def _cell_coordinates(shape: tuple[int, int], ny_px: int, nx_px: int

@@ -174,3 +174,12 @@ def test_night_pass_rewrites_u_of_the_vignetted_frames_only(scene, tmp_path):
     cfg = Config()
     cfg.background.illumination = "none"
     assert flow.correct_night(rows, cfg, store) == set()
+
+
+def test_a_night_without_vignetting_gets_no_pattern(scene):
+    frames = [scene(shape=SHAPE, n_stars=20, sky=SKY + 300.0 * k, seed=200 + k).image
+              for k in range(7)]
+    frames[1] = frames[1] + gradient()
+    frames[4] = frames[4] + glow()
+    measured = sky_maps(frames)
+    assert illumination.night_pattern([m for _, m in measured], min_frames=5) is None
