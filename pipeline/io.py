@@ -32,7 +32,7 @@ from astropy.io import fits
 from astropy.time import Time
 
 from survey_qa.config import IOConfig
-from survey_qa.pipeline.errors import QualityError
+from survey_qa.pipeline.errors import QualityError, RunEnvironmentError
 from survey_qa.pipeline.flags import bits
 from survey_qa.pipeline.records import DetectorImage, FrameMeta
 
@@ -107,13 +107,21 @@ def discover_night(raw_root: str | os.PathLike, night: str) -> list[Path]:
 
     Files and folders whose names start with ``.`` or ``_`` are skipped (hidden files,
     simulator truth). Folder links are followed once (a link loop is not entered twice).
-    Raises ``ValueError`` when the night folder does not exist.
+    Raises ``ValueError`` when the night folder does not exist and
+    :class:`~survey_qa.pipeline.errors.RunEnvironmentError` when a folder of it cannot be
+    read (its files would be missed without a row).
     """
     folder = Path(raw_root) / night
     if not folder.is_dir():
         raise ValueError(f"no night folder {folder}")
     found, seen = [], set()
-    for dirpath, dirnames, filenames in os.walk(folder, followlinks=True):
+
+    def unreadable(e: OSError):
+        if e.filename and Path(e.filename).name.startswith((".", "_")):
+            return
+        raise RunEnvironmentError(f"cannot read folder {e.filename}: {e.strerror or e}")
+
+    for dirpath, dirnames, filenames in os.walk(folder, onerror=unreadable, followlinks=True):
         real = os.path.realpath(dirpath)
         if real in seen:  # a folder link back into the night: walked already
             dirnames[:] = []

@@ -388,3 +388,20 @@ def test_a_file_that_kills_its_worker_every_time_gets_a_failed_row(tmp_path):
     assert "worker process died on this file" in row["error"]
     assert workdir.verified_done(tmp_path / "out", NIGHT, {
         "poison": tmp_path / "raw" / NIGHT / "poison.fits"}) == {"poison"}
+
+
+def test_unreadable_sub_folder_stops_the_night_instead_of_losing_its_files(tmp_path,
+                                                                           monkeypatch):
+    raw = tmp_path / "raw"
+    make_night(raw, 1)
+    (raw / NIGHT / "sub").mkdir()
+    scandir = os.scandir
+
+    def refuse(path):  # as root, chmod cannot refuse: the operating system's answer instead
+        if str(path).endswith("sub"):
+            raise PermissionError(13, "Permission denied", str(path))
+        return scandir(path)
+
+    monkeypatch.setattr(os, "scandir", refuse)
+    with pytest.raises(RunEnvironmentError, match="cannot read folder .*sub: Permission"):
+        run_night(config(raw, tmp_path / "out"), NIGHT, echo=lambda *a: None)
