@@ -8,14 +8,14 @@
     survey-qa train autoencoder|som|classifier --out-root DIR [--night N ...] [options]
     survey-qa evaluate --out-root DIR --raw-root DIR --night N [--night N ...]
     survey-qa config            # print the configuration in force, as YAML
+    survey-qa report --night N  # the night's HTML report
+    survey-qa watch --night N [--until HH:MM] [--on-bad CMD]   # rate frames as they land
+    survey-qa select --night N [--where EXPR | --class C] [--copy-to DIR | --link-to DIR]
 
 Exit codes: 0 the night was processed (unreadable frames get failed rows); 2 a wrong
 argument or configuration (no night folder, broken YAML...); 3 the run cannot be done in
 this environment (out-root not writable or full); 4 another run holds the same night and
 out-root.
-    survey-qa report --night N  # the night's HTML report
-    survey-qa watch --night N [--until HH:MM] [--on-bad CMD]   # rate frames as they land
-    survey-qa select --night N [--where EXPR | --class C] [--copy-to DIR | --link-to DIR]
 """
 from __future__ import annotations
 
