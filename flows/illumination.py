@@ -130,10 +130,16 @@ def _usable(row: dict) -> bool:
             and math.isfinite(row.get("sky_nonuniformity") or math.nan))
 
 
+def _detector_key(row: dict) -> str:
+    """A mosaic detector's name; "" for a single-detector frame, whose name is only the
+    HDU that holds it (a compressed copy of the same camera's frame sits in HDU 1)."""
+    return row["detector"] if int(row.get("n_detectors") or 1) > 1 else ""
+
+
 def correct_night(rows: list[dict], cfg: Config, store) -> set[int]:
     """Sky non-uniformity measured on ``sky / night pattern`` (in place).
 
-    Rows are grouped by detector, size and filter; a group of at least
+    Rows are grouped by detector (of a mosaic), size and filter; a group of at least
     ``background.illumination_min_frames`` usable frames gets a pattern
     (:func:`~survey_qa.pipeline.illumination.night_pattern`, or its radial part), and each
     of its rows gets ``sky_nonuniformity`` from its coarse sky map divided by it (noise
@@ -159,7 +165,7 @@ def correct_night(rows: list[dict], cfg: Config, store) -> set[int]:
     groups = collections.defaultdict(list)
     for i, r in enumerate(rows):
         if _usable(r) and (r["exposure"], r["detector"]) in frames:
-            groups[(r["detector"], r["nx"], r["ny"], r.get("filter") or "")].append(i)
+            groups[(_detector_key(r), r["nx"], r["ny"], r.get("filter") or "")].append(i)
     changed = set()
     for (_, nx, ny, _), members in groups.items():
         if len(members) < cfg.background.illumination_min_frames:
