@@ -101,7 +101,8 @@ def moffat_model(p: np.ndarray, gx: np.ndarray, gy: np.ndarray,
     np.exp(f, out=f)  # (1 + q)^-beta
     k_norm = bm1 * a * b / math.pi
     f *= flux * k_norm
-    mean_f = f.mean(axis=2)
+    avg = np.full(gx.shape[1], 1.0 / gx.shape[1], dtype=f.dtype)  # mean over samples
+    mean_f = f @ avg
     model = mean_f + bg[:, :, 0]
     if not with_jacobian:
         return model, None
@@ -109,17 +110,17 @@ def moffat_model(p: np.ndarray, gx: np.ndarray, gy: np.ndarray,
     g *= -beta  # d f / d q
     gu, gv = g * u, g * v
     a2, b2, c2 = a[:, :, 0], b[:, :, 0], c[:, :, 0]
-    mean_gu = gu.mean(axis=2)
+    mean_gu = gu @ avg
     jac = np.empty(model.shape + (N_PARAMS,), dtype=model.dtype)
     jac[..., 0] = -2.0 * a2 * mean_gu
-    jac[..., 1] = -2.0 * (c2 * mean_gu + b2 * gv.mean(axis=2))
-    jac[..., 2] = mean_f / flux[:, :, 0] if np.all(flux != 0) else (k_norm * np.exp(
-        -beta * lg)).mean(axis=2)
+    jac[..., 1] = -2.0 * (c2 * mean_gu + b2 * (gv @ avg))
+    jac[..., 2] = mean_f / flux[:, :, 0] if np.all(flux != 0) else ((k_norm * np.exp(
+        -beta * lg)) @ avg)
     jac[..., 3] = 1.0
-    jac[..., 4] = mean_f + 2.0 * a2 * (gu * dx).mean(axis=2)
-    jac[..., 5] = mean_f + 2.0 * b2 * (gv * dy).mean(axis=2)
-    jac[..., 6] = 2.0 * (gu * dy).mean(axis=2)
-    jac[..., 7] = mean_f - bm1[:, :, 0] * (f * lg).mean(axis=2)
+    jac[..., 4] = mean_f + 2.0 * a2 * ((gu * dx) @ avg)
+    jac[..., 5] = mean_f + 2.0 * b2 * ((gv * dy) @ avg)
+    jac[..., 6] = 2.0 * ((gu * dy) @ avg)
+    jac[..., 7] = mean_f - bm1[:, :, 0] * ((f * lg) @ avg)
     return model, jac
 
 
@@ -455,8 +456,9 @@ def fit_independent(evaluate, stamps: np.ndarray, weights: np.ndarray, p0: np.nd
         if not active.any():
             break
         jw = np.nan_to_num(jac * weights[:, :, None], nan=0.0, posinf=0.0, neginf=0.0)
-        a = np.einsum("npi,npj->nij", jw, jw)
-        g = np.einsum("npi,np->ni", jw, np.nan_to_num(r))
+        jt = jw.transpose(0, 2, 1)
+        a = jt @ jw  # batched J^T J (BLAS; einsum is several times slower here)
+        g = (jt @ np.nan_to_num(r)[:, :, None])[..., 0]
         diag = np.maximum(np.einsum("nii->ni", a), 1e-12)
         damped = a + lam[:, None, None] * diag[:, :, None] * eye
         try:
