@@ -484,8 +484,10 @@ def class_weights(counts: np.ndarray) -> list[float]:
 
 # ---------------------------------------------------------------------------- domain
 
-DOMAIN_COLUMNS = ("pixscale_arcsec", "fwhm_px", "fwhm_arcsec", "nx", "ny", "n_sources")
-"""Measured quantities whose training range is saved with the weights."""
+DOMAIN_COLUMNS = ("pixscale_arcsec", "fwhm_px", "fwhm_arcsec")
+"""Measured quantities whose training range is saved with the weights. The features are
+scale-free, so frame size and source counts are left out: a 4k frame of a familiar
+instrument is not out of the domain."""
 
 
 def training_domain(table: pd.DataFrame, columns: tuple[str, ...] = DOMAIN_COLUMNS
