@@ -215,11 +215,12 @@ def trailed_model(p: np.ndarray, shared: np.ndarray, gx: np.ndarray, gy: np.ndar
     jac_local = np.zeros((n, gx.shape[0], N_ROUND), dtype)
     jac_shared = np.zeros((n, gx.shape[0], N_SHARED), dtype)
     bx, by = gx[None] - p[:, 0, None, None], gy[None] - p[:, 1, None, None]
+    avg = np.full(gx.shape[1], 1.0 / gx.shape[1], dtype)
     for k in range(len(t)):
         if w[k] < 1e-9 and abs(dw_dm[k]) < 1e-9:
             continue  # an end point while the kernel is uniform (m ~ 0)
         fk, jk = round_moffat(p, bx - float(t[k] * shared[0]), by - float(t[k] * shared[1]))
-        fk, jk = fk.mean(axis=2), jk.mean(axis=2)
+        fk, jk = fk @ avg, np.swapaxes(jk, 2, 3) @ avg  # means over the samples
         star += float(w[k]) * fk
         jac_local += float(w[k]) * jk
         jac_shared[..., 0] += float(w[k] * t[k]) * jk[..., 0]
