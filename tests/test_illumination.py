@@ -1,6 +1,8 @@
 """Illumination: vignetting (a flat field or the night's own pattern) is not a sky defect;
 light that the sky adds still is."""
 import math
+import os
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -183,3 +185,31 @@ def test_a_night_without_vignetting_gets_no_pattern(scene):
     frames[4] = frames[4] + glow()
     measured = sky_maps(frames)
     assert illumination.night_pattern([m for _, m in measured], min_frames=5) is None
+
+
+SHARED = Path(os.environ.get("SURVEY_QA_SHARED",
+                             Path(__file__).resolve().parents[2] / "shared"))
+C14_NIGHT = (SHARED / "real-nights" / "cminsky__asteroid2713" / "Data" / "Uncalibrated"
+             / "20181012p3")
+
+
+@pytest.mark.skipif(not C14_NIGHT.is_dir(), reason="shared real nights not available")
+def test_real_raw_night_vignetting_is_divided_out_and_the_sky_agrees():
+    """Raw C14 frames (every other one of 25): vignetting alone gave u 0.08-0.11; the night
+    pattern leaves the sky flat, and each frame's sky agrees with its source-free pixels."""
+    from survey_qa.pipeline.background import residual_statistics, source_mask
+
+    cfg = Config()
+    maps, raw_u = [], []
+    for path in sorted(C14_NIGHT.glob("*Light*.fit"))[::2]:
+        det = io.read_detectors(path, cfg.io)[0]
+        bkg = measure_background(det.data, det.mask, cfg.background)
+        sky = ~(det.mask | source_mask(det.data, bkg.back, bkg.noise, bkg.level, det.mask))
+        median, noise, _ = residual_statistics(det.data, bkg.back, sky)
+        assert abs(median) < 0.3 * noise and bkg.qa_flags == 0
+        maps.append(illumination.coarse_sky_map(bkg.back, det.mask))
+        raw_u.append(bkg.nonuniformity)
+    assert len(maps) == 13 and min(raw_u) > LIMIT
+    pattern = illumination.night_pattern(maps, cfg.background.illumination_min_frames)
+    u = [illumination.corrected_nonuniformity(m, pattern) for m in maps]
+    assert max(u) < 0.045 and np.median(u) < 0.025
