@@ -326,6 +326,10 @@ class Config:
             raise ValueError("cluster.slurm.processes must not exceed cluster.slurm.cores")
         if self.stamps.size_px % 2:
             raise ValueError("stamps.size_px must be even")
+        for name, path in [("flat", self.background.flat),
+                           *((f"flats[{k!r}]", v) for k, v in self.background.flats.items())]:
+            if path is not None and not (isinstance(path, str) and Path(path).is_file()):
+                raise ValueError(f"background.{name}: no flat-field file {path!r}")
         from survey_qa.hpc.cluster import check_cluster_config  # hpc imports this module
 
         check_cluster_config(self.cluster)

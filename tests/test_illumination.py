@@ -213,3 +213,15 @@ def test_real_raw_night_vignetting_is_divided_out_and_the_sky_agrees():
     pattern = illumination.night_pattern(maps, cfg.background.illumination_min_frames)
     u = [illumination.corrected_nonuniformity(m, pattern) for m in maps]
     assert max(u) < 0.045 and np.median(u) < 0.025
+
+
+def test_a_missing_flat_field_is_a_configuration_error(tmp_path):
+    from survey_qa.config import load_config
+
+    with pytest.raises(ValueError, match="background.flat: no flat-field file"):
+        load_config(overrides={"background": {"flat": str(tmp_path / "nope.fits")}})
+    with pytest.raises(ValueError, match=r"background.flats\['V'\]"):
+        load_config(overrides={"background": {"flats": {"V": str(tmp_path / "nope.fits")}}})
+    path = tmp_path / "flat.fits"
+    fits.PrimaryHDU(np.ones((64, 64), np.float32)).writeto(path)
+    assert load_config(overrides={"background": {"flat": str(path)}}).background.flat == str(path)
