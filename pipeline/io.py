@@ -468,9 +468,12 @@ def _read_hdu(hdu, primary: fits.Header | None, n_bytes: int, path: Path, exposu
     if meta.pixscale_source == "none":
         flags |= bits("NO_PIXSCALE")
 
-    data, trimmed, bias_subtracted = _trim_overscan(data, header, cfg)
+    data, trimmed, bias = _trim_overscan(data, header, cfg)
+    bias_subtracted = bias is not None
     if trimmed:
         flags |= bits("OVERSCAN_TRIMMED")
+    if bias_subtracted and math.isfinite(meta.saturate_adu):
+        meta.saturate_adu -= bias  # the header's level is in raw ADU, the pixels are not
     if min(data.shape) < 8:
         raise QualityError(f"image of {data.shape[1]}x{data.shape[0]} pixels after "
                            "overscan trimming is too small to measure", meta=meta)
@@ -637,24 +640,24 @@ def _section(text) -> tuple[slice, slice] | None:
 
 
 def _trim_overscan(data: np.ndarray, header: fits.Header, cfg: IOConfig):
-    """(trimmed data, whether trimmed, whether the overscan level was subtracted)."""
+    """(trimmed data, whether trimmed, the overscan level subtracted or None)."""
     if cfg.overscan == "none":
-        return data, False, False
+        return data, False, None
     datasec = _section(header.get("TRIMSEC") or header.get("DATASEC"))
     if datasec is None:
-        return data, False, False
+        return data, False, None
     ys, xs = datasec
     if ys.stop > data.shape[0] or xs.stop > data.shape[1]:
-        return data, False, False
+        return data, False, None
     if (ys.stop - ys.start, xs.stop - xs.start) == data.shape:
-        return data, False, False
+        return data, False, None
     biassec = _section(header.get("BIASSEC"))
-    bias, subtracted = 0.0, False
+    bias = None
     if biassec is not None:
         region = data[biassec]
         if region.size and np.isfinite(region).any():
-            bias, subtracted = float(np.nanmedian(region)), True
-    return np.ascontiguousarray(data[ys, xs] - np.float32(bias)), True, subtracted
+            bias = float(np.nanmedian(region))
+    return np.ascontiguousarray(data[ys, xs] - np.float32(bias or 0.0)), True, bias
 
 
 def _first(header: fits.Header, keys: tuple[str, ...]):

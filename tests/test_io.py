@@ -106,6 +106,18 @@ def test_overscan_trimmed_and_bias_removed(tmp_path):
     assert "OVERSCAN_TRIMMED" in decode_flags(det.qa_flags)
 
 
+def test_raw_saturation_level_follows_the_bias_subtraction(tmp_path):
+    data = np.full((64, 80), 1000.0, dtype=np.float32)
+    data[:, :64] += 50 + np.random.default_rng(0).normal(0, 1, (64, 64))
+    data[30:33, 30:33] = 60000.0  # a saturated star core, in raw ADU
+    h = _header(DATASEC="[1:64,1:64]", BIASSEC="[65:80,1:64]")
+    p = tmp_path / "raw.fits"
+    fits.PrimaryHDU(data, h).writeto(p)
+    (det,) = io.read_exposure(p, IOConfig(min_image_pixels=100))
+    assert det.meta.saturate_adu == pytest.approx(59000.0, abs=1)
+    assert det.mask[30:33, 30:33].all() and det.mask.sum() == 9
+
+
 def test_bayer_frames_are_binned(tmp_path):
     p = tmp_path / "dslr.fits"
     fits.PrimaryHDU(_image(), _header(BAYERPAT="RGGB")).writeto(p)
