@@ -99,6 +99,14 @@ def write_report(cfg: Config, night: str, out: str | Path | None = None) -> Path
     return target
 
 
+def try_write_report(cfg: Config, night: str) -> str:
+    """The report's path, or why it could not be written: a run never fails for its view."""
+    try:
+        return str(write_report(cfg, night))
+    except Exception as e:  # noqa: BLE001 -- the catalogs stand; say what went wrong
+        return f"not written ({type(e).__name__}: {e})"
+
+
 # ---------------------------------------------------------------------------- data
 
 

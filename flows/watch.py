@@ -390,12 +390,9 @@ def _gather(cfg: Config, night: str, models, final: bool = False) -> None:
 
 
 def _report(cfg: Config, night: str, echo) -> None:
-    from survey_qa.flows.report import write_report
+    from survey_qa.flows.report import try_write_report
 
-    try:
-        echo(f"report: {write_report(cfg, night)}")
-    except Exception as e:  # noqa: BLE001 -- the page is a view: never stop the watch for it
-        echo(f"warning: the night report could not be written: {type(e).__name__}: {e}")
+    echo(f"report: {try_write_report(cfg, night)}")  # a view: it never stops the watch
 
 
 def _run_on_bad(command: str, row: dict, night: str) -> subprocess.Popen:

@@ -163,11 +163,12 @@ def summary_lines(times: list[str], classes: list[str], statuses: list[str],
         if not spans:
             continue
         total = sum(r[3] for r in spans)
-        when = ", ".join(f"{_hhmm(a)}" if a == b else f"{_hhmm(a)}-{_hhmm(b)}"
-                         for _, a, b, _k in spans[:5])
-        more = f" and {len(spans) - 5} more" if len(spans) > 5 else ""
-        lines.append(f"{cls.replace('_', ' ')}: {total} exposure{'s' * (total > 1)} "
-                     f"(UTC {when}{more})")
+        known = [(a or b, b or a) for _, a, b, _k in spans if a or b]  # files without a date
+        when = ", ".join(f"{_hhmm(a)}" if _hhmm(a) == _hhmm(b) else f"{_hhmm(a)}-{_hhmm(b)}"
+                         for a, b in known[:5])
+        more = f" and {len(known) - 5} more" if len(known) > 5 else ""
+        when = f"UTC {when}{more}" if known else "time unknown"
+        lines.append(f"{cls.replace('_', ' ')}: {total} exposure{'s' * (total > 1)} ({when})")
     if n_failed:
         reasons: dict[str, int] = {}
         for e, o in zip(errors, ok):

@@ -91,9 +91,9 @@ def night_main(argv: list[str]) -> int:
 
     summary = run_night(cfg, a.night)
     print(summary.report())
-    from survey_qa.flows.report import write_report
+    from survey_qa.flows.report import try_write_report
 
-    print(f"night report:      {write_report(cfg, a.night)}")
+    print(f"night report:      {try_write_report(cfg, a.night)}")
     return 0
 
 
