@@ -403,11 +403,10 @@ def test_training_domain_is_the_range_that_decide_reads():
     from survey_qa.pipeline.decide import outside_domain
 
     table = pd.DataFrame({"pixscale_arcsec": [0.2, 0.5, np.nan], "fwhm_px": [2.0, 9.0, 4.0],
-                          "nx": [500, 4096, 1024], "n_sources": [np.nan] * 3})
+                          "fwhm_arcsec": [np.nan] * 3, "nx": [500, 4096, 1024]})
     domain, stats = training_domain(table)
-    assert domain == {"pixscale_arcsec": [0.2, 0.5], "fwhm_px": [2.0, 9.0],
-                      "nx": [500.0, 4096.0]}
-    assert stats["pixscale_arcsec"]["n_finite"] == 2 and stats["n_sources"]["n_finite"] == 0
+    assert domain == {"pixscale_arcsec": [0.2, 0.5], "fwhm_px": [2.0, 9.0]}  # not nx
+    assert stats["pixscale_arcsec"]["n_finite"] == 2 and stats["fwhm_arcsec"]["n_finite"] == 0
     assert json.loads(json.dumps(domain)) == domain
     assert outside_domain({"pixscale_arcsec": 0.3, "fwhm_px": 3.0}, domain) == ""
     assert outside_domain({"pixscale_arcsec": 0.3, "fwhm_px": 15.0}, domain).startswith("fwhm_px")
