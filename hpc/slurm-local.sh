@@ -84,7 +84,7 @@ node_line() {
         echo "$line NodeAddr=127.0.0.1 State=UNKNOWN"
         return
     fi
-    cpus=$(nproc)
+    cpus=$(env -u OMP_NUM_THREADS -u OMP_THREAD_LIMIT nproc)  # nproc obeys OMP_NUM_THREADS
     mem_mb=$(awk '/^MemTotal:/ {print int($2 / 1024)}' /proc/meminfo)
     echo "NodeName=$host CPUs=$cpus RealMemory=$mem_mb NodeAddr=127.0.0.1 State=UNKNOWN"
 }
