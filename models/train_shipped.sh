@@ -5,10 +5,7 @@
 #
 # 1. simulate the training nights below (seeds 3001-3099 are reserved for training the
 #    autoencoder; bench/ae_eval.py evaluates on seeds 4001 and up, never used here), with
-#    the "realistic" mix (mostly good frames) in the simulator's wide domain
-#    (`survey-qa simulate --domain wide`: pixel scales 0.1-15"/px, FWHM 1.2-20 px,
-#    detectors of 500 px up to the side below, raw frames with overscan, vignetting and
-#    dust donuts, Bayer frames, defocus, sparse fields) and every confounder, file format,
+#    the "realistic" mix (mostly good frames), every confounder, file format, pixel scale,
 #    sky level and star density the simulator draws;
 # 2. run the nightly job on each night: its exposures catalog names the good frames;
 # 3. train the autoencoder on patches of the good, confident detectors (Lightning, CPU),
@@ -25,11 +22,11 @@ HERE=$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)
 WEIGHTS=${WEIGHTS:-$HERE/survey_qa/weights/autoencoder.safetensors}
 export SURVEY_QA_TRAIN_RECIPE="models/train_shipped.sh $*"
 
-# night        seed  largest side (px)  exposures  domain
+# night        seed  detector side (px)  exposures
 TRAINING_NIGHTS=(
-  "2023-01-10  3011  2048               24         wide"
-  "2023-01-11  3012  2048               24         wide"
-  "2023-01-12  3013  2048               24         wide"
+  "2023-01-10  3001  2048                 20"
+  "2023-01-11  3002  2048                 20"
+  "2023-01-12  3003  2048                 20"
 )
 
 source "$HERE/models/training_nights.sh"

@@ -4,27 +4,17 @@
 #   models/train_shipped_classifier.sh [WORK_DIR]        (default: data/classifier-training)
 #
 # 1. simulate the training nights below (seeds 1001-1099 are reserved for training; nights
-#    and seeds used for evaluation, bench/classifier_eval.py, are disjoint from these) in
-#    the simulator's wide domain (`survey-qa simulate --domain wide`), plus one night of
-#    the default domain (survey-like 1024 px detectors at 0.15-0.5"/px): every class in equal
-#    shares, pixel scales 0.1-15"/px, FWHM 1.2-20 px, detectors of 500 px up to the side
-#    given below (not square), raw frames with overscan and a bias level, vignetting and
-#    dust donuts, Bayer frames, defocused (donut) PSFs, sparse fields, and every
-#    confounder, file format (single, .fz, .gz, mosaics), sky level and star density;
+#    and seeds used for evaluation, bench/classifier_eval.py, are disjoint from these);
+#    every class in equal shares, every confounder, file format (single, .fz, .gz, mosaics),
+#    pixel scale (mostly 0.15-0.5"/px), sky level and star density the simulator draws;
 # 2. run the nightly job on each night (with the rule classifier: the labels come from the
 #    truth table, and the training must not depend on whatever weights are packaged);
 # 3. train the SOM on their star stamps;
 # 4. train the classifier (Lightning, CPU), calibrate it on the held-out night and write
-#    the weights into the package; their JSON records the recipe and the training domain
-#    (range of pixel scale, FWHM, frame size and source counts) outside which the
-#    nightly job lets the rules decide.
+#    the weights into the package.
 #
-# Simulation plus measurement cost about 5.3 CPU-s per megapixel and 40 CPU-s per night
-# (trial nights), then 2-3 minutes of training: about 20 minutes on an idle 2-core machine.
-# Deterministic for a given survey-qa version (seeds fixed; single-threaded BLAS).
-# Environment: PYTHON (default: python), WORKERS (default 2), WEIGHTS (default: the
-# packaged path), TRAINING_NIGHTS_LIST (replaces the list below, for a trial; see
-# models/training_nights.sh).
+# About an hour on 2 CPU cores. Deterministic for a given survey-qa version (seeds
+# fixed; single-threaded BLAS). Environment: PYTHON (default: python), WORKERS (default 2).
 set -euo pipefail
 
 WORK=${1:-data/classifier-training}
@@ -32,14 +22,24 @@ HERE=$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)
 WEIGHTS=${WEIGHTS:-$HERE/survey_qa/weights/classifier.safetensors}
 export SURVEY_QA_TRAIN_RECIPE="models/train_shipped_classifier.sh $*"
 
-# night        seed  largest side (px)  exposures  domain
+# night        seed  detector side (px)  exposures
 TRAINING_NIGHTS=(
-  "2024-01-04  1021  1024               100        wide"
-  "2024-01-11  1022  1024               100        wide"
-  "2024-01-18  1023  1024               100        wide"
-  "2024-01-25  1024  1024               100        wide"
-  "2024-02-15  1027  2048                30        wide"
-  "2024-03-07  1029  1024               100        default"
+  "2024-01-04  1001  1024                100"
+  "2024-01-11  1002  1024                100"
+  "2024-01-18  1003  1024                100"
+  "2024-01-25  1004  1536                 60"
+  "2024-02-01  1005  1024                100"
+  "2024-02-08  1006  2048                 30"
+  "2024-02-15  1007  1024                100"
+  "2024-02-22  1008  1024                100"
+  "2024-02-29  1009  1536                 60"
+  "2024-03-07  1010  1024                100"
+  "2024-03-14  1011  1024                100"
+  "2024-03-21  1012  1024                100"
+  "2024-03-28  1013  1536                 60"
+  "2024-04-04  1014  1024                100"
+  "2024-04-11  1015  1024                100"
+  "2024-04-18  1016  1024                100"
 )
 
 TRAIN='

@@ -1,4 +1,4 @@
-# Shared by models/train_shipped.sh and models/train_shipped_classifier.sh; sourced, not run.
+# Shared by the training recipes in models/; sourced, not run.
 #
 # Before sourcing, the caller sets WORK (the work folder) and TRAINING_NIGHTS (lines of
 # "night seed detector-side exposures [domain]"; domain "default" or "wide", see
