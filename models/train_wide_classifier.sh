@@ -20,7 +20,7 @@
 # 3. train the SOM on their star stamps;
 # 4. train the classifier (Lightning, CPU), calibrate it on the held-out night and write
 #    the weights; their JSON records the recipe and the training domain
-#    (range of pixel scale, FWHM, frame size and source counts) outside which the
+#    (range of pixel scale and FWHM) outside which the
 #    nightly job lets the rules decide.
 #
 # Simulation plus measurement cost about 5.3 CPU-s per megapixel and 40 CPU-s per night
@@ -46,29 +46,6 @@ TRAINING_NIGHTS=(
   "2024-03-07  1029  1024               100        default"
 )
 
-TRAIN='
-import sys
-import time
-from survey_qa.config import load_config
-from survey_qa.flows.train_classifier import train_classifier, train_som
-
-out, raw, weights, *nights = sys.argv[1:]
-cfg = load_config(overrides={"train": {"max_epochs": 60, "batch_size": 64,
-                                       "learning_rate": 2e-3, "seed": 0,
-                                       "val_fraction": 0.17,
-                                       "checkpoint_dir": "checkpoints-shipped"}})
-t0 = time.perf_counter()
-som = train_som(cfg, out, nights)
-print(f"SOM: {som} ({time.perf_counter() - t0:.0f} s)")
-t1 = time.perf_counter()
-path = train_classifier(cfg, out, nights, raw, som_path=som, output=weights)
-print(f"classifier: {path} ({time.perf_counter() - t1:.0f} s)")
-'
-
 source "$HERE/models/training_nights.sh"
 measure_training_nights balanced
-
-echo "train SOM and classifier on ${NIGHTS[*]} ($((SECONDS - START)) s so far)"
-rm -rf "$OUT/checkpoints-shipped"  # a fresh training, never a resumed one
-"$PYTHON" -c "$TRAIN" "$OUT" "$RAW" "$WEIGHTS" "${NIGHTS[@]}"
-echo "done in $((SECONDS - START)) s: $WEIGHTS"
+train_classifier_on_nights "$WEIGHTS"

@@ -1,4 +1,5 @@
-# Shared by the training recipes in models/; sourced, not run.
+# Shared by the training recipes in models/; sourced, not run. Defines
+# measure_training_nights and train_classifier_on_nights (below).
 #
 # Before sourcing, the caller sets WORK (the work folder) and TRAINING_NIGHTS (lines of
 # "night seed detector-side exposures [domain]"; domain "default" or "wide", see
@@ -46,4 +47,31 @@ measure_training_nights() {
         --workers "$WORKERS" --no-progress --classifier rules | tail -n 3
     echo "  measured in $((SECONDS - t0)) s"
   done
+}
+
+# train_classifier_on_nights WEIGHTS: the SOM and the classifier on the nights in NIGHTS
+# (after measure_training_nights), a fresh training, never a resumed one.
+train_classifier_on_nights() {
+  local weights=$1
+  echo "train SOM and classifier on ${NIGHTS[*]} ($((SECONDS - START)) s so far)"
+  rm -rf "$OUT/checkpoints-shipped"
+  "$PYTHON" - "$OUT" "$RAW" "$weights" "${NIGHTS[@]}" <<'PY'
+import sys
+import time
+from survey_qa.config import load_config
+from survey_qa.flows.train_classifier import train_classifier, train_som
+
+out, raw, weights, *nights = sys.argv[1:]
+cfg = load_config(overrides={"train": {"max_epochs": 60, "batch_size": 64,
+                                       "learning_rate": 2e-3, "seed": 0,
+                                       "val_fraction": 0.17,
+                                       "checkpoint_dir": "checkpoints-shipped"}})
+t0 = time.perf_counter()
+som = train_som(cfg, out, nights)
+print(f"SOM: {som} ({time.perf_counter() - t0:.0f} s)")
+t1 = time.perf_counter()
+path = train_classifier(cfg, out, nights, raw, som_path=som, output=weights)
+print(f"classifier: {path} ({time.perf_counter() - t1:.0f} s)")
+PY
+  echo "done in $((SECONDS - START)) s: $weights"
 }

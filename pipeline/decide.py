@@ -165,14 +165,17 @@ def _fmt(value, spec: str) -> str:
     return format(value, spec) if _finite(value) else "n/a"
 
 
-def _seeing_words(row: dict, cfg: ClassifyConfig, above: bool) -> str:
-    sign = ">" if above else "<="
+def _seeing_words(row: dict, cfg: ClassifyConfig) -> str:
     if _finite(row.get("fwhm_arcsec")):
-        return f'FWHM {row["fwhm_arcsec"]:.2f}" {sign} {cfg.seeing_limit_arcsec:g}" seeing limit'
+        value, limit = row["fwhm_arcsec"], cfg.seeing_limit_arcsec
+        sign = ">" if value > limit else "<="
+        return f'FWHM {value:.2f}" {sign} {limit:g}" seeing limit'
     if _finite(row.get("fwhm_px")):
-        limit = (f" {sign} {cfg.seeing_limit_px:g} px limit" if cfg.seeing_limit_px
-                 else " (no pixel scale: no seeing limit)")
-        return f"FWHM {row['fwhm_px']:.2f} px{limit}"
+        value, limit = row["fwhm_px"], cfg.seeing_limit_px
+        words = " (no pixel scale: no seeing limit)"
+        if limit:
+            words = f" {'>' if value > limit else '<='} {limit:g} px limit"
+        return f"FWHM {value:.2f} px{words}"
     return "FWHM not measured"
 
 
@@ -205,8 +208,8 @@ def measured_reason(row: dict, cls: str, cfg: ClassifyConfig) -> str:
     if cls == "background_issues":
         return _sky_words(row, cfg)
     if cls == "bad_seeing":
-        return _seeing_words(row, cfg, above=True)
-    seeing = _seeing_words(row, cfg, above=False)
+        return _seeing_words(row, cfg)
+    seeing = _seeing_words(row, cfg)
     return (f"{seeing}, trail ratio {_fmt(row.get('trail_ratio'), '.2f')}, "
             f"{_sky_words(row, cfg)}")
 

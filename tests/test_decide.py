@@ -85,3 +85,11 @@ def test_outside_domain():
     assert outside_domain(row(nx=2000), domain) == ""
     assert "pixscale_arcsec" in outside_domain(row(pixscale_arcsec=3.0), domain)
     assert outside_domain(row(pixscale_arcsec=math.nan, nx=2000), domain) == ""
+
+
+def test_reason_never_states_a_false_comparison():
+    r = row(fwhm_arcsec=1.32, fwhm_px=2.64)
+    learned = np.array([0.1, 0.05, 0.05, 0.7, 0.1])  # bad_seeing below the limit
+    result, reason, _ = decide(r, CFG, learned)
+    assert result.quality_class == "bad_seeing"
+    assert 'FWHM 1.32" <= 1.4" seeing limit' in reason and "rules say good" in reason
