@@ -109,11 +109,12 @@ def _record(name: str, value) -> None:
 
 @pytest.fixture(scope="module")
 def raw_night(tmp_path_factory):
-    """A small simulated night (seeded): N_FRAMES frames of FRAME_PX pixels."""
+    """A small simulated night (seeded): N_FRAMES frames of FRAME_PX pixels, mostly good
+    (the DDP test trains the autoencoder on its confidently good frames)."""
     from survey_qa.flows.simulate import simulate_night
 
     raw = tmp_path_factory.mktemp("raw")
-    simulate_night(raw, NIGHT, N_FRAMES, seed=11, size_px=FRAME_PX)
+    simulate_night(raw, NIGHT, N_FRAMES, seed=11, size_px=FRAME_PX, mix="realistic")
     return raw
 
 
