@@ -387,18 +387,32 @@ def _run_locked(cfg: Config, night: str, files: dict[str, Path], models: Models,
                                  [night] * n, [str(store)] * n, [index] * n, list(todo),
                                  pure=False)
             _follow(futures, as_completed, cfg, echo, night, dict(zip(futures, todo.items())))
-    elif not store.exists():
-        io.setup_zarr(store, [], array_variables(cfg, models, (1, 1)))
-
-    work = work_dir(out_root, night)
-    measured = workdir.read_results(out_root, night, "exposures", list(files), EXPOSURE_SCHEMA).to_pylist()
-    exposures = rows_to_table(finish_night(measured, cfg, models, store))
-    exp_path = io.consolidate(exposures, out_root, "exposures", night)
-    src_path = io.consolidate(workdir.read_results(out_root, night, "sources", list(files),
-                                                   SOURCE_SCHEMA),
-                              out_root, "sources", night)
+    exposures, exp_path, src_path = gather_night(cfg, night, list(files), models)
     return _summarize(night, exposures.to_pylist(), len(files), len(todo), exp_path,
                       src_path, store, time.perf_counter() - t0)
+
+
+def gather_night(cfg: Config, night: str, exposures: list[str], models: Models,
+                 calibrate: bool = True) -> tuple[pa.Table, Path, Path]:
+    """The night's catalogs from the whole per-exposure results of ``exposures``.
+
+    With ``calibrate`` the night-level calibrations (:func:`finish_night`) are applied to
+    the rows; without, each frame's own rows are written (the watch, during the night).
+    An empty array store is laid out when no frame wrote one. Returns the exposure table
+    and the paths of the two catalogs.
+    """
+    out_root = Path(cfg.run.out_root)
+    store = io.zarr_path(out_root, night)
+    if not store.exists():
+        io.setup_zarr(store, [], array_variables(cfg, models, (1, 1)))
+    rows = workdir.read_results(out_root, night, "exposures", exposures,
+                                EXPOSURE_SCHEMA).to_pylist()
+    table = rows_to_table(finish_night(rows, cfg, models, store) if calibrate else rows)
+    exp_path = io.consolidate(table, out_root, "exposures", night)
+    src_path = io.consolidate(workdir.read_results(out_root, night, "sources", exposures,
+                                                   SOURCE_SCHEMA),
+                              out_root, "sources", night)
+    return table, exp_path, src_path
 
 
 def _follow(futures, as_completed, cfg: Config, echo, night: str = "",

@@ -31,7 +31,6 @@ from pathlib import Path
 
 from survey_qa.config import Config
 from survey_qa.pipeline import io
-from survey_qa.pipeline.schema import EXPOSURE_SCHEMA, SOURCE_SCHEMA, rows_to_table
 
 SETTLE_S = 2.0
 """Seconds a file's size must stay the same when no close-after-write event is seen."""
@@ -371,22 +370,10 @@ def _gather(cfg: Config, night: str, models, final: bool = False) -> None:
     stops) applies the night-level calibrations as a nightly run does when it ends: they
     look at the whole night, so they are not redone after every frame.
     """
-    from survey_qa.flows import workdir
-    from survey_qa.flows.night_pass import finish_night
+    from survey_qa.flows.nightly import gather_night
 
-    out_root = cfg.run.out_root
-    files = io.night_exposures(cfg.run.raw_root, night)
-    store = io.zarr_path(out_root, night)
-    if not store.exists():  # no frame yet: an empty store, as a nightly run leaves it
-        from survey_qa.flows.nightly import array_variables
-
-        io.setup_zarr(store, [], array_variables(cfg, models, (1, 1)))
-    measured = workdir.read_results(out_root, night, "exposures", list(files),
-                                    EXPOSURE_SCHEMA).to_pylist()
-    rows = finish_night(measured, cfg, models, store) if final else measured
-    io.consolidate(rows_to_table(rows), out_root, "exposures", night)
-    io.consolidate(workdir.read_results(out_root, night, "sources", list(files), SOURCE_SCHEMA),
-                   out_root, "sources", night)
+    gather_night(cfg, night, list(io.night_exposures(cfg.run.raw_root, night)), models,
+                 calibrate=final)
 
 
 def _report(cfg: Config, night: str, echo) -> None:
