@@ -57,19 +57,9 @@ def read_flat(path: str, io_cfg: IOConfig) -> dict[str, tuple[np.ndarray, np.nda
 
 @functools.lru_cache(maxsize=8)
 def _read_flat(path: str, io_items: tuple) -> dict[str, tuple[np.ndarray, np.ndarray]]:
-    io_cfg = IOConfig(**dict(io_items))
     try:
-        with io._open(Path(path)) as hdul:
-            indices = [i for i, h in enumerate(hdul) if io._is_image(h, io_cfg)]
-            names = io.detector_names(hdul, indices)
-            out = {}
-            for i in indices:
-                header = hdul[i].header
-                data = np.asarray(hdul[i].data, dtype=np.float32)
-                data, _, _ = io._trim_overscan(data, header, io_cfg)
-                if io._is_bayer(header, io_cfg):
-                    data = io.bin2x2(data)
-                out[names[i]] = illumination.normalise_flat(data)
+        images = io.read_calibration_images(path, IOConfig(**dict(io_items)))
+        out = {name: illumination.normalise_flat(data) for name, data in images.items()}
     except (QualityError, OSError) as e:
         raise ValueError(f"flat field {path}: {getattr(e, 'reason', e)}") from None
     if not out:

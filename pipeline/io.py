@@ -414,6 +414,24 @@ def read_detectors(path: str | os.PathLike, cfg: IOConfig,
     return out
 
 
+def read_calibration_images(path: str | os.PathLike, cfg: IOConfig) -> dict[str, np.ndarray]:
+    """The image HDUs of a calibration file (a master flat), on the grid frames are
+    measured on: overscan trimmed, Bayer frames binned 2x2. Keyed by detector name.
+
+    Raises :class:`QualityError` when the file cannot be opened.
+    """
+    with _open(Path(path)) as hdul:
+        indices = [i for i, h in enumerate(hdul) if _is_image(h, cfg)]
+        names = detector_names(hdul, indices)
+        out = {}
+        for i in indices:
+            header = hdul[i].header
+            data, _, _ = _trim_overscan(np.asarray(hdul[i].data, dtype=np.float32), header,
+                                        cfg)
+            out[names[i]] = bin2x2(data) if _is_bayer(header, cfg) else data
+        return out
+
+
 def read_exposure(path: str | os.PathLike, cfg: IOConfig) -> list[DetectorImage]:
     """Every detector of an exposure; raises the first :class:`QualityError` met."""
     dets = read_detectors(path, cfg)
