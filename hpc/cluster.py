@@ -1,30 +1,33 @@
 """The cluster factory: one code path for a local machine and a SLURM cluster.
 
-``make_cluster(cfg)`` turns a :class:`~survey_qa.config.ClusterConfig` into a running Dask
-cluster: a :class:`distributed.LocalCluster` for ``kind="local"``, a
-:class:`dask_jobqueue.SLURMCluster` (one Dask worker job per SLURM job) for
-``kind="slurm"``. The flow then connects a ``distributed.Client`` to it and calls
-``scale_for_night`` once it knows how many frames the night holds.
+Each cluster kind (``cluster.kind`` of the configuration) is one :class:`ClusterKind`
+class, registered under its name in :data:`KINDS`: :class:`LocalCluster` gives a
+:class:`distributed.LocalCluster`, :class:`SlurmCluster` a
+:class:`dask_jobqueue.SLURMCluster` (one Dask worker job per SLURM job). A kind says which
+cluster class to start with which arguments, and how many workers a night asks for.
 
-``render_job_script(cfg)`` returns the batch script a SLURM worker job would run, without
-a scheduler and without submitting anything, so that the configuration can be checked on
-a laptop.
+``make_cluster(cfg)`` starts the cluster of ``cfg.kind``; the flow then connects a
+``distributed.Client`` to it and calls ``scale_for_night`` once it knows how many frames
+the night holds. ``render_job_script(cfg)`` returns the batch script a SLURM worker job
+would run, without a scheduler and without submitting anything, so that the
+configuration can be checked on a laptop.
+
+The configuration is validated once, when it is loaded
+(:func:`survey_qa.config.load_config`); a block built in code is checked with
+:func:`survey_qa.config.validate_block`. Nothing here validates it again.
 """
 from __future__ import annotations
 
 import math
 import os
-import re
 import sys
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, ClassVar
 
-from survey_qa.config import ClusterConfig, _validate_block
+from survey_qa.config import CLUSTER_KINDS, ClusterConfig
 
-# SLURM --time formats: M, M:S, H:M:S, D-H, D-H:M, D-H:M:S.
-_WALLTIME = re.compile(r"^(\d+-\d+(:\d+(:\d+)?)?|\d+(:\d+(:\d+)?)?)$")
 # Scheduler address written into a rendered script that is not submitted.
-_PLACEHOLDER_SCHEDULER = "tcp://<scheduler-address>:8786"
+PLACEHOLDER_SCHEDULER = "tcp://<scheduler-address>:8786"
 
 
 @dataclass(frozen=True)
@@ -43,58 +46,6 @@ class ScalePlan:
     mode: str
     minimum_jobs: int
     maximum_jobs: int
-
-
-def check_cluster_config(cfg: ClusterConfig) -> None:
-    """Check a cluster block before anything is started or submitted.
-
-    Parameters
-    ----------
-    cfg
-        The ``cluster`` block of the configuration.
-
-    Raises
-    ------
-    ValueError
-        On a field of the wrong type or out of range, a memory size or walltime that
-        SLURM would not understand, an ``#SBATCH`` directive that is not an option, or
-        conflicting job sizes.
-    """
-    from dask.utils import parse_bytes
-
-    _validate_block(cfg, "cluster.")
-    if cfg.memory_limit not in ("auto", "0"):
-        _check_bytes(parse_bytes, cfg.memory_limit, "cluster.memory_limit")
-    s = cfg.slurm
-    if _check_bytes(parse_bytes, s.memory, "cluster.slurm.memory") < 1024**2:
-        raise ValueError(f"cluster.slurm.memory: {s.memory!r} is less than 1 MiB")
-    if not _WALLTIME.match(s.walltime.strip()):
-        raise ValueError(f"cluster.slurm.walltime: {s.walltime!r} is not a SLURM time "
-                         "(e.g. '01:30:00' or '2-00:00:00')")
-    for line in s.job_extra_directives:
-        if not isinstance(line, str) or not line.strip().startswith("-"):
-            raise ValueError(f"cluster.slurm.job_extra_directives: {line!r} is not an "
-                             "sbatch option such as '--qos=low'")
-    for line in s.job_script_prologue:
-        if not isinstance(line, str):
-            raise ValueError(f"cluster.slurm.job_script_prologue: {line!r} is not a string")
-    if not s.job_name or re.search(r"\s", s.job_name):
-        raise ValueError(f"cluster.slurm.job_name: {s.job_name!r} must be one word")
-    if s.min_jobs > s.max_jobs:
-        raise ValueError("cluster.slurm.min_jobs must not exceed cluster.slurm.max_jobs")
-    if s.cores % s.processes:
-        raise ValueError(f"cluster.slurm.cores ({s.cores}) must be a multiple of "
-                         f"cluster.slurm.processes ({s.processes})")
-
-
-def _check_bytes(parse_bytes: Any, text: str, name: str) -> int:
-    try:
-        n_bytes = parse_bytes(text)
-    except (ValueError, TypeError) as exc:
-        raise ValueError(f"{name}: {text!r} is not a memory size such as '4GiB'") from exc
-    if n_bytes <= 0:
-        raise ValueError(f"{name}: {text!r} must be positive")
-    return n_bytes
 
 
 def slurm_job_kwargs(cfg: ClusterConfig) -> dict[str, Any]:
@@ -129,11 +80,127 @@ def slurm_job_kwargs(cfg: ClusterConfig) -> dict[str, Any]:
     }
 
 
-def _scheduler_options(cfg: ClusterConfig) -> dict[str, Any]:
-    if cfg.dashboard_address is None:
-        # The scheduler always serves HTTP; a free port keeps it off :8787.
-        return {"dashboard": False, "dashboard_address": ":0"}
-    return {"dashboard_address": cfg.dashboard_address}
+class ClusterKind:
+    """One place the nightly job can run: which Dask cluster, and how it is sized.
+
+    A subclass names itself with ``name`` (a value of ``cluster.kind``, listed in
+    :data:`survey_qa.config.CLUSTER_KINDS`) and is registered in :data:`KINDS` when it is
+    defined. The methods take the ``cluster`` block of the configuration, already
+    validated.
+    """
+
+    name: ClassVar[str]
+
+    def __init_subclass__(cls, **kwargs: Any) -> None:
+        super().__init_subclass__(**kwargs)
+        if cls.name not in CLUSTER_KINDS:
+            raise TypeError(f"cluster kind {cls.name!r} is not in "
+                            f"survey_qa.config.CLUSTER_KINDS {CLUSTER_KINDS}")
+        KINDS[cls.name] = cls()
+
+    def spec(self, cfg: ClusterConfig) -> tuple[type, dict[str, Any]]:
+        """The cluster class and the keyword arguments that start it."""
+        raise NotImplementedError
+
+    def make(self, cfg: ClusterConfig):
+        """Start the cluster and return it."""
+        cls, kwargs = self.spec(cfg)
+        return cls(**kwargs)
+
+    def plan(self, cfg: ClusterConfig, n_frames: int) -> ScalePlan:
+        """How many workers (or worker jobs) a night of ``n_frames`` frames asks for."""
+        raise NotImplementedError
+
+    def scale(self, cluster: Any, plan: ScalePlan) -> None:
+        """Ask ``cluster`` for what ``plan`` says; by default the cluster is left as it is."""
+
+
+#: The registered cluster kinds by name (each :class:`ClusterKind` subclass adds itself).
+KINDS: dict[str, ClusterKind] = {}
+
+
+class LocalKind(ClusterKind):
+    """A :class:`distributed.LocalCluster`: ``workers`` processes (one per core when 0)."""
+
+    name = "local"
+
+    def spec(self, cfg: ClusterConfig) -> tuple[type, dict[str, Any]]:
+        from distributed import LocalCluster
+
+        return LocalCluster, {
+            "n_workers": self.n_workers(cfg),
+            "threads_per_worker": cfg.threads_per_worker,
+            "processes": True,
+            "memory_limit": cfg.memory_limit,
+            **({"dashboard_address": cfg.dashboard_address} if cfg.dashboard_address else
+               {"dashboard_address": ":0", "scheduler_kwargs": {"dashboard": False}}),
+        }
+
+    def plan(self, cfg: ClusterConfig, n_frames: int) -> ScalePlan:
+        n = self.n_workers(cfg)
+        return ScalePlan("fixed", n, n)
+
+    @staticmethod
+    def n_workers(cfg: ClusterConfig) -> int:
+        """Worker processes: ``cfg.workers``, or one per core when it is 0."""
+        return cfg.workers or os.cpu_count() or 1
+
+
+class SlurmKind(ClusterKind):
+    """A :class:`dask_jobqueue.SLURMCluster`: the scheduler runs in this process and each
+    Dask worker is a SLURM job, fixed in number (``workers > 0``) or adaptive."""
+
+    name = "slurm"
+
+    def spec(self, cfg: ClusterConfig) -> tuple[type, dict[str, Any]]:
+        from dask_jobqueue import SLURMCluster
+
+        return SLURMCluster, {**slurm_job_kwargs(cfg),
+                              "scheduler_options": self.scheduler_options(cfg)}
+
+    def plan(self, cfg: ClusterConfig, n_frames: int) -> ScalePlan:
+        if cfg.workers > 0:
+            return ScalePlan("fixed", cfg.workers, cfg.workers)
+        s = cfg.slurm
+        needed = math.ceil(n_frames / tasks_per_job(cfg))
+        return ScalePlan("adaptive", s.min_jobs, max(s.min_jobs, min(s.max_jobs, needed)))
+
+    def scale(self, cluster: Any, plan: ScalePlan) -> None:
+        if plan.mode == "fixed":
+            cluster.scale(jobs=plan.maximum_jobs)
+        else:
+            cluster.adapt(minimum_jobs=plan.minimum_jobs, maximum_jobs=plan.maximum_jobs)
+
+    @staticmethod
+    def scheduler_options(cfg: ClusterConfig) -> dict[str, Any]:
+        """Options of the scheduler that runs in this process (its dashboard)."""
+        if cfg.dashboard_address is None:
+            # The scheduler always serves HTTP; a free port keeps it off :8787.
+            return {"dashboard": False, "dashboard_address": ":0"}
+        return {"dashboard_address": cfg.dashboard_address}
+
+    @staticmethod
+    def job_script(cfg: ClusterConfig) -> str:
+        """The batch script of one worker job, with a placeholder scheduler address."""
+        from dask_jobqueue.slurm import SLURMJob
+
+        job = SLURMJob(scheduler=PLACEHOLDER_SCHEDULER, name="dummy-name",
+                       **slurm_job_kwargs(cfg))
+        return job.job_script()
+
+
+def cluster_kind(cfg: ClusterConfig) -> ClusterKind:
+    """The registered kind of ``cfg.kind``.
+
+    Raises
+    ------
+    ValueError
+        For a kind that no :class:`ClusterKind` registers.
+    """
+    try:
+        return KINDS[cfg.kind]
+    except KeyError:
+        raise ValueError(f"cluster.kind {cfg.kind!r} is not one of {tuple(KINDS)}") from None
 
 
 def cluster_spec(cfg: ClusterConfig) -> tuple[type, dict[str, Any]]:
@@ -142,30 +209,14 @@ def cluster_spec(cfg: ClusterConfig) -> tuple[type, dict[str, Any]]:
     Parameters
     ----------
     cfg
-        The ``cluster`` block, already checked.
+        The ``cluster`` block, already validated.
 
     Returns
     -------
     tuple
         ``(cls, kwargs)`` such that ``cls(**kwargs)`` starts the cluster.
     """
-    if cfg.kind == "local":
-        from distributed import LocalCluster
-
-        return LocalCluster, {
-            "n_workers": cfg.workers or os.cpu_count() or 1,
-            "threads_per_worker": cfg.threads_per_worker,
-            "processes": True,
-            "memory_limit": cfg.memory_limit,
-            **({"dashboard_address": cfg.dashboard_address} if cfg.dashboard_address else
-               {"dashboard_address": ":0", "scheduler_kwargs": {"dashboard": False}}),
-        }
-    if cfg.kind == "slurm":
-        from dask_jobqueue import SLURMCluster
-
-        return SLURMCluster, {**slurm_job_kwargs(cfg),
-                              "scheduler_options": _scheduler_options(cfg)}
-    raise ValueError(f"cluster.kind {cfg.kind!r} is not one of ('local', 'slurm')")
+    return cluster_kind(cfg).spec(cfg)
 
 
 def make_cluster(cfg: ClusterConfig):
@@ -174,10 +225,11 @@ def make_cluster(cfg: ClusterConfig):
     Parameters
     ----------
     cfg
-        The ``cluster`` block. ``kind="local"`` gives a :class:`distributed.LocalCluster`
-        with ``workers`` processes (one per core when 0); ``kind="slurm"`` gives a
-        :class:`dask_jobqueue.SLURMCluster` whose scheduler runs in this process and
-        which has no worker job yet: call :func:`scale_for_night` next.
+        The ``cluster`` block, already validated. ``kind="local"`` gives a
+        :class:`distributed.LocalCluster` with ``workers`` processes (one per core when
+        0); ``kind="slurm"`` gives a :class:`dask_jobqueue.SLURMCluster` whose scheduler
+        runs in this process and which has no worker job yet: call
+        :func:`scale_for_night` next.
 
     Returns
     -------
@@ -187,11 +239,9 @@ def make_cluster(cfg: ClusterConfig):
     Raises
     ------
     ValueError
-        When the configuration is invalid (see :func:`check_cluster_config`).
+        For a kind that is not registered.
     """
-    check_cluster_config(cfg)
-    cls, kwargs = cluster_spec(cfg)
-    return cls(**kwargs)
+    return cluster_kind(cfg).make(cfg)
 
 
 def render_job_script(cfg: ClusterConfig) -> str:
@@ -203,24 +253,14 @@ def render_job_script(cfg: ClusterConfig) -> str:
     Parameters
     ----------
     cfg
-        The ``cluster`` block (its ``kind`` does not matter).
+        The ``cluster`` block, already validated (its ``kind`` does not matter).
 
     Returns
     -------
     str
         The script: ``#SBATCH`` header, prologue and the ``dask worker`` command line.
-
-    Raises
-    ------
-    ValueError
-        When the configuration is invalid.
     """
-    from dask_jobqueue.slurm import SLURMJob
-
-    check_cluster_config(cfg)
-    job = SLURMJob(scheduler=_PLACEHOLDER_SCHEDULER, name="dummy-name",
-                   **slurm_job_kwargs(cfg))
-    return job.job_script()
+    return SlurmKind.job_script(cfg)
 
 
 def tasks_per_job(cfg: ClusterConfig) -> int:
@@ -249,14 +289,7 @@ def plan_scaling(cfg: ClusterConfig, n_frames: int) -> ScalePlan:
     """
     if n_frames < 0:
         raise ValueError(f"n_frames must be >= 0, got {n_frames}")
-    if cfg.kind == "local":
-        n = cfg.workers or os.cpu_count() or 1
-        return ScalePlan("fixed", n, n)
-    if cfg.workers > 0:
-        return ScalePlan("fixed", cfg.workers, cfg.workers)
-    s = cfg.slurm
-    needed = math.ceil(n_frames / tasks_per_job(cfg))
-    return ScalePlan("adaptive", s.min_jobs, max(s.min_jobs, min(s.max_jobs, needed)))
+    return cluster_kind(cfg).plan(cfg, n_frames)
 
 
 def scale_for_night(cluster, cfg: ClusterConfig, n_frames: int) -> ScalePlan:
@@ -278,11 +311,7 @@ def scale_for_night(cluster, cfg: ClusterConfig, n_frames: int) -> ScalePlan:
         What was asked for: ``cluster.scale(jobs=...)`` for a fixed plan,
         ``cluster.adapt(minimum_jobs=..., maximum_jobs=...)`` for an adaptive one.
     """
+    kind = cluster_kind(cfg)
     plan = plan_scaling(cfg, n_frames)
-    if cfg.kind != "slurm":
-        return plan
-    if plan.mode == "fixed":
-        cluster.scale(jobs=plan.maximum_jobs)
-    else:
-        cluster.adapt(minimum_jobs=plan.minimum_jobs, maximum_jobs=plan.maximum_jobs)
+    kind.scale(cluster, plan)
     return plan

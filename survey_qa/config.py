@@ -22,6 +22,7 @@ from __future__ import annotations
 
 import dataclasses
 import os
+import re
 import types
 import typing
 from dataclasses import dataclass, field
@@ -29,6 +30,12 @@ from pathlib import Path
 from typing import Any
 
 import yaml
+
+#: Names of the places the nightly job can run (``cluster.kind``); each has a cluster
+#: class of the same name in :mod:`survey_qa.hpc.cluster`.
+CLUSTER_KINDS = ("local", "slurm")
+# SLURM --time formats: M, M:S, H:M:S, D-H, D-H:M, D-H:M:S.
+SLURM_WALLTIME = re.compile(r"^(\d+-\d+(:\d+(:\d+)?)?|\d+(:\d+(:\d+)?)?)$")
 
 
 def F(default: Any, doc: str, *, range: tuple | None = None, choices: tuple | None = None):
@@ -90,6 +97,13 @@ class BackgroundConfig:
         5, "Frames of one detector geometry and filter needed for a night illumination "
         "pattern; fewer keep their raw sky non-uniformity.", range=(2, None))
 
+    def check(self, prefix: str) -> None:
+        """Every flat field named must be a file."""
+        for name, path in [("flat", self.flat),
+                           *((f"flats[{k!r}]", v) for k, v in self.flats.items())]:
+            if path is not None and not (isinstance(path, str) and Path(path).is_file()):
+                raise ValueError(f"{prefix}{name}: no flat-field file {path!r}")
+
 
 @dataclass
 class SourcesConfig:
@@ -133,6 +147,11 @@ class StampsConfig:
     size_px: int = F(32, "Stamp side (pixels).", range=(8, 128))
     per_detector: int = F(64, "Stamps kept per detector (brightest usable stars).",
                           range=(1, 4096))
+
+    def check(self, prefix: str) -> None:
+        """Stamps have an even side."""
+        if self.size_px % 2:
+            raise ValueError(f"{prefix}size_px must be even")
 
 
 @dataclass
@@ -179,6 +198,12 @@ class ClassifyConfig:
                                          "is flagged.", range=(0.0, None))
     softness: float = F(0.15, "Relative width of the soft threshold that turns margins into "
                               "probabilities.", range=(0.01, 1.0))
+
+    def check(self, prefix: str) -> None:
+        """Very bad tracking starts above bad tracking."""
+        if self.trail_ratio_very_bad <= self.trail_ratio_bad:
+            raise ValueError(f"{prefix}trail_ratio_very_bad must exceed "
+                             f"{prefix}trail_ratio_bad")
 
 
 @dataclass
@@ -261,13 +286,38 @@ class SlurmConfig:
                                       "before it exits (and its job ends).",
                                range=(1.0, 86_400.0))
 
+    def check(self, prefix: str) -> None:
+        """What SLURM and dask-jobqueue would refuse, found before anything is submitted:
+        memory size, walltime, ``#SBATCH`` options, job name and job sizes."""
+        if _memory_bytes(self.memory, f"{prefix}memory") < 1024**2:
+            raise ValueError(f"{prefix}memory: {self.memory!r} is less than 1 MiB")
+        if not SLURM_WALLTIME.match(self.walltime.strip()):
+            raise ValueError(f"{prefix}walltime: {self.walltime!r} is not a SLURM time "
+                             "(e.g. '01:30:00' or '2-00:00:00')")
+        for line in self.job_extra_directives:
+            if not isinstance(line, str) or not line.strip().startswith("-"):
+                raise ValueError(f"{prefix}job_extra_directives: {line!r} is not an "
+                                 "sbatch option such as '--qos=low'")
+        for line in self.job_script_prologue:
+            if not isinstance(line, str):
+                raise ValueError(f"{prefix}job_script_prologue: {line!r} is not a string")
+        if not self.job_name or re.search(r"\s", self.job_name):
+            raise ValueError(f"{prefix}job_name: {self.job_name!r} must be one word")
+        if self.min_jobs > self.max_jobs:
+            raise ValueError(f"{prefix}min_jobs must not exceed {prefix}max_jobs")
+        if self.processes > self.cores:
+            raise ValueError(f"{prefix}processes must not exceed {prefix}cores")
+        if self.cores % self.processes:
+            raise ValueError(f"{prefix}cores ({self.cores}) must be a multiple of "
+                             f"{prefix}processes ({self.processes})")
+
 
 @dataclass
 class ClusterConfig:
     """Where the nightly job runs."""
 
     kind: str = F("local", "'local' (a Dask LocalCluster) or 'slurm' (dask-jobqueue).",
-                  choices=("local", "slurm"))
+                  choices=CLUSTER_KINDS)
     workers: int = F(0, "Local worker processes (0: one per core); with kind 'slurm', a "
                         "fixed number of worker jobs (0: adaptive between slurm.min_jobs and "
                         "slurm.max_jobs).", range=(0, 4096))
@@ -277,6 +327,11 @@ class ClusterConfig:
         ":0", "Dask dashboard address; ':0' takes a free port (printed on start), None "
         "disables it.")
     slurm: SlurmConfig = field(default_factory=SlurmConfig)
+
+    def check(self, prefix: str) -> None:
+        """The local worker memory limit is 'auto', '0' or a memory size."""
+        if self.memory_limit not in ("auto", "0"):
+            _memory_bytes(self.memory_limit, f"{prefix}memory_limit")
 
 
 @dataclass
@@ -314,38 +369,41 @@ class Config:
     cluster: ClusterConfig = field(default_factory=ClusterConfig)
 
     def validate(self) -> "Config":
-        """Check every field and the cross-field rules; raise ValueError on the first fault."""
-        _validate_block(self, "")
-        c = self.classify
-        if c.trail_ratio_very_bad <= c.trail_ratio_bad:
-            raise ValueError("classify.trail_ratio_very_bad must exceed classify.trail_ratio_bad")
-        s = self.cluster.slurm
-        if s.min_jobs > s.max_jobs:
-            raise ValueError("cluster.slurm.min_jobs must not exceed cluster.slurm.max_jobs")
-        if s.processes > s.cores:
-            raise ValueError("cluster.slurm.processes must not exceed cluster.slurm.cores")
-        if self.stamps.size_px % 2:
-            raise ValueError("stamps.size_px must be even")
-        for name, path in [("flat", self.background.flat),
-                           *((f"flats[{k!r}]", v) for k, v in self.background.flats.items())]:
-            if path is not None and not (isinstance(path, str) and Path(path).is_file()):
-                raise ValueError(f"background.{name}: no flat-field file {path!r}")
-        from survey_qa.hpc.cluster import check_cluster_config  # hpc imports this module
-
-        check_cluster_config(self.cluster)
+        """Check every field and each block's cross-field rules; raise ValueError on the
+        first fault. :func:`load_config` runs it once, on the finished tree."""
+        validate_block(self, "")
         return self
 
     def to_dict(self) -> dict:
         return dataclasses.asdict(self)
 
 
-def _validate_block(block: Any, prefix: str) -> None:
+def validate_block(block: Any, prefix: str) -> None:
+    """Check a configuration block and the blocks inside it.
+
+    Each field is checked against its type, range and choices, then the block's own
+    cross-field rules run (its ``check(prefix)`` method, where it has one).
+
+    Parameters
+    ----------
+    block
+        A configuration dataclass: the whole :class:`Config` or one of its blocks (a block
+        built in code, e.g. ``validate_block(ClusterConfig(kind="slurm"), "cluster.")``).
+    prefix
+        The block's place in the tree, ending in a dot (``"cluster."``), or ``""`` for the
+        whole tree; error messages name fields with it.
+
+    Raises
+    ------
+    ValueError
+        On the first field or rule that fails, naming the field.
+    """
     hints = typing.get_type_hints(type(block))
     for f in dataclasses.fields(block):
         name = f"{prefix}{f.name}"
         value = getattr(block, f.name)
         if dataclasses.is_dataclass(value):
-            _validate_block(value, name + ".")
+            validate_block(value, name + ".")
             continue
         if not _type_ok(value, hints[f.name]):
             raise ValueError(f"{name}: {value!r} is not a {hints[f.name]}")
@@ -356,6 +414,22 @@ def _validate_block(block: Any, prefix: str) -> None:
         choices = f.metadata.get("choices")
         if choices and value not in choices:
             raise ValueError(f"{name}: {value!r} not one of {choices}")
+    check = getattr(block, "check", None)
+    if check is not None:
+        check(prefix)
+
+
+def _memory_bytes(text: str, name: str) -> int:
+    """Bytes of a memory size such as '4GiB' (dask's parser, as the cluster uses it)."""
+    from dask.utils import parse_bytes
+
+    try:
+        n_bytes = parse_bytes(text)
+    except (ValueError, TypeError) as exc:
+        raise ValueError(f"{name}: {text!r} is not a memory size such as '4GiB'") from exc
+    if n_bytes <= 0:
+        raise ValueError(f"{name}: {text!r} must be positive")
+    return n_bytes
 
 
 def _type_ok(value: Any, hint: Any) -> bool:

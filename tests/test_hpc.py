@@ -10,11 +10,11 @@ from pathlib import Path
 
 import pytest
 
-from survey_qa.config import ClusterConfig, SlurmConfig, load_config
+from survey_qa.config import (CLUSTER_KINDS, ClusterConfig, SlurmConfig, load_config,
+                              validate_block)
 from survey_qa.hpc import SCRIPTS, script_path
-from survey_qa.hpc.cluster import (ScalePlan, check_cluster_config, cluster_spec,
-                                   make_cluster, plan_scaling, render_job_script,
-                                   scale_for_night)
+from survey_qa.hpc.cluster import (KINDS, ClusterKind, ScalePlan, cluster_spec, make_cluster,
+                                   plan_scaling, render_job_script, scale_for_night)
 
 HPC = Path(__file__).resolve().parents[1] / "hpc"
 # distributed warns when its scratch folder takes over 1 s to create: on a loaded machine
@@ -182,11 +182,48 @@ def test_bad_cluster_configuration_raises(cluster, message):
         load_config(overrides={"cluster": cluster})
 
 
-def test_factory_checks_a_block_built_in_code():
-    cfg = slurm_cfg(walltime="soon")
-    for call in (make_cluster, render_job_script, check_cluster_config):
-        with pytest.raises(ValueError, match="walltime"):
+def test_a_block_built_in_code_is_checked_by_the_same_rules():
+    with pytest.raises(ValueError, match="cluster.slurm.walltime"):
+        validate_block(slurm_cfg(walltime="soon"), "cluster.")
+    with pytest.raises(ValueError, match="cluster.memory_limit"):
+        validate_block(ClusterConfig(memory_limit="much"), "cluster.")
+    validate_block(slurm_cfg(walltime="2-12"), "cluster.")
+
+
+def test_configuration_does_not_import_the_cluster_package():
+    code = ("import sys; from survey_qa.config import load_config; load_config(); "
+            "print([m for m in sys.modules if m.startswith('survey_qa.hpc')])")
+    out = run([sys.executable, "-c", code], env={"SURVEY_QA_CONFIG": ""}, check=True)
+    assert out.stdout.strip() == "[]"
+
+
+# ------------------------------------------------------------------ cluster kinds
+
+
+def test_every_configured_kind_has_one_registered_class():
+    assert tuple(KINDS) == CLUSTER_KINDS
+    assert all(kind.name == name for name, kind in KINDS.items())
+
+
+def test_unknown_kind_is_refused_by_name():
+    cfg = ClusterConfig(kind="pbs")  # built in code, never validated
+    for call in (make_cluster, cluster_spec):
+        with pytest.raises(ValueError, match=r"cluster.kind 'pbs' is not one of \('local', 'slurm'\)"):
             call(cfg)
+    with pytest.raises(ValueError, match="not one of"):
+        plan_scaling(cfg, 10)
+
+
+def test_a_kind_outside_the_configuration_cannot_register():
+    with pytest.raises(TypeError, match="CLUSTER_KINDS"):
+        type("PbsKind", (ClusterKind,), {"name": "pbs"})
+    assert "pbs" not in KINDS
+
+
+def test_local_kind_leaves_its_cluster_as_it_is():
+    cluster = RecordingCluster()
+    plan = scale_for_night(cluster, ClusterConfig(kind="local", workers=3), n_frames=100)
+    assert plan == ScalePlan("fixed", 3, 3) and cluster.calls == []
 
 
 @pytest.mark.parametrize("walltime", ["30", "30:00", "12:00:00", "2-12", "2-12:30",
