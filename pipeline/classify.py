@@ -34,33 +34,19 @@ the primary class the most probable: the decision and its probabilities never di
 from __future__ import annotations
 
 import math
-from collections import Counter
 
 import numpy as np
+import pyarrow as pa
 
 from survey_qa.config import ClassifyConfig
+from survey_qa.pipeline.columns import EXPOSURE_COLUMNS, Column
 from survey_qa.pipeline.flags import bits
 from survey_qa.pipeline.records import ClassResult
-from survey_qa.pipeline.schema import CLASSES, PRIORITY, TRACKING_FLAGS, empty_exposure_row
+from survey_qa.pipeline.schema import CLASSES, PRIORITY, empty_exposure_row, empty_value
 
 CLASSIFIER = "rules"
 ARGMAX_MARGIN = 1e-6
 """The primary class exceeds every other probability by at least this much."""
-
-IDENTITY_COLUMNS = ("exposure", "path", "date_obs", "mjd_obs", "exptime_s", "filter", "airmass",
-                    "object", "expnum", "gain_e_per_adu", "read_noise_e", "saturate_adu",
-                    "pixscale_arcsec", "pixscale_source", "nx", "ny", "classifier",
-                    "pipeline_version", "model_version")
-"""Columns of the mosaic row taken from its first detector."""
-
-MEDIAN_COLUMNS = ("fwhm_arcsec", "fwhm_px", "moffat_beta", "ellipticity", "ellipticity_pa_deg",
-                  "elongation_coherence", "trail_ratio", "sky_level", "sky_noise",
-                  "sky_nonuniformity", "saturated_fraction", "ae_score", "mask_fraction")
-"""Columns of the mosaic row that are the median over its detectors."""
-
-COUNT_COLUMNS = ("n_sources", "n_stars_used")
-TIME_COLUMNS = ("t_read_s", "t_background_s", "t_sources_s", "t_psf_s", "t_stamps_s",
-                "t_ae_s", "t_classify_s", "t_total_s")
 
 
 def _finite(value) -> bool:
@@ -79,34 +65,62 @@ def soft_margin(value: float, limit: float, softness: float) -> float:
     return 1.0 / (1.0 + math.exp(-min(max(z, -60.0), 60.0)))
 
 
-def _seeing(row: dict, cfg: ClassifyConfig) -> tuple[bool, float]:
-    """Seeing flag and its soft probability (arcsec, or pixels without a scale)."""
+def seeing_measure(row: dict, cfg: ClassifyConfig) -> tuple[float, float]:
+    """The FWHM and the seeing limit it is held against.
+
+    ``fwhm_arcsec`` and ``cfg.seeing_limit_arcsec``; without a pixel scale, ``fwhm_px``
+    and ``cfg.seeing_limit_px`` when that limit is set; else ``(nan, nan)``.
+    """
     if _finite(row.get("fwhm_arcsec")):
-        value, limit = row["fwhm_arcsec"], cfg.seeing_limit_arcsec
-    elif cfg.seeing_limit_px is not None and _finite(row.get("fwhm_px")):
-        value, limit = row["fwhm_px"], cfg.seeing_limit_px
-    else:
-        return False, 0.0
-    return bool(value > limit), soft_margin(value, limit, cfg.softness)
+        return row["fwhm_arcsec"], cfg.seeing_limit_arcsec
+    if cfg.seeing_limit_px is not None and _finite(row.get("fwhm_px")):
+        return row["fwhm_px"], cfg.seeing_limit_px
+    return math.nan, math.nan
 
 
-def _tracking(row: dict, cfg: ClassifyConfig) -> tuple[str, float, float]:
-    """Tracking flag and the soft probabilities of (at least bad, very bad)."""
+def seeing_flag(row: dict, cfg: ClassifyConfig) -> bool:
+    """The seeing rule: the FWHM of :func:`seeing_measure` is above its limit."""
+    value, limit = seeing_measure(row, cfg)
+    return _finite(value) and bool(value > limit)
+
+
+def background_flag(u: float, cfg: ClassifyConfig) -> bool:
+    """The background rule: sky non-uniformity ``u`` at or above ``nonuniformity_limit``."""
+    return bool(_finite(u) and u >= cfg.nonuniformity_limit)
+
+
+def very_bad_trail_limit(row: dict, cfg: ClassifyConfig) -> float:
+    """The trail ratio from which tracking is very bad: ``jump_ratio_very_bad`` when the
+    stars are doubled (qa flag ``DOUBLED_STARS``), else ``trail_ratio_very_bad``."""
+    doubled = bool(int(row.get("qa_flags") or 0) & bits("DOUBLED_STARS"))
+    return cfg.jump_ratio_very_bad if doubled else cfg.trail_ratio_very_bad
+
+
+def tracking_flag(row: dict, cfg: ClassifyConfig) -> str:
+    """The tracking rule: ``very_bad``, ``bad`` or ``none``.
+
+    The trail ratio counts only when the elongation is coherent over the field
+    (``elongation_coherence >= min_coherence``); NaN raises no flag.
+    """
+    ratio, coherence = row.get("trail_ratio"), row.get("elongation_coherence")
+    if not _finite(ratio) or not _finite(coherence) or coherence < cfg.min_coherence:
+        return "none"
+    if ratio >= very_bad_trail_limit(row, cfg):
+        return "very_bad"
+    if ratio >= cfg.trail_ratio_bad:
+        return "bad"
+    return "none"
+
+
+def _tracking_probabilities(row: dict, cfg: ClassifyConfig) -> tuple[float, float]:
+    """Soft probabilities of tracking at least bad and very bad."""
     ratio, coherence = row.get("trail_ratio"), row.get("elongation_coherence")
     if not _finite(ratio) or not _finite(coherence):
-        return "none", 0.0, 0.0
-    coherent = coherence >= cfg.min_coherence
-    doubled = bool(int(row.get("qa_flags") or 0) & bits("DOUBLED_STARS"))
-    very_bad_limit = cfg.jump_ratio_very_bad if doubled else cfg.trail_ratio_very_bad
-    flag = "none"
-    if coherent and ratio >= very_bad_limit:
-        flag = "very_bad"
-    elif coherent and ratio >= cfg.trail_ratio_bad:
-        flag = "bad"
+        return 0.0, 0.0
     p_coh = soft_margin(coherence, cfg.min_coherence, cfg.softness)
     p_bad = soft_margin(ratio, cfg.trail_ratio_bad, cfg.softness) * p_coh
-    p_very = soft_margin(ratio, very_bad_limit, cfg.softness) * p_coh
-    return flag, p_bad, min(p_very, p_bad)
+    p_very = soft_margin(ratio, very_bad_trail_limit(row, cfg), cfg.softness) * p_coh
+    return p_bad, min(p_very, p_bad)
 
 
 def primary_class(flag_tracking: str, flag_background: bool, flag_bad_seeing: bool) -> str:
@@ -150,10 +164,12 @@ def classify_rules(row: dict, cfg: ClassifyConfig) -> ClassResult:
         Class, probabilities of :data:`CLASSES` (summing to one, the class the most
         probable) and defect flags.
     """
-    flag_tracking, p_t, p_v = _tracking(row, cfg)
-    flag_seeing, p_s = _seeing(row, cfg)
+    flag_tracking = tracking_flag(row, cfg)
+    p_t, p_v = _tracking_probabilities(row, cfg)
+    flag_seeing = seeing_flag(row, cfg)
+    p_s = soft_margin(*seeing_measure(row, cfg), cfg.softness)
     u = row.get("sky_nonuniformity")
-    flag_background = bool(_finite(u) and u >= cfg.nonuniformity_limit)
+    flag_background = background_flag(u, cfg)
     p_b = soft_margin(u, cfg.nonuniformity_limit, cfg.softness)
     probs = {
         "very_bad_tracking": p_v,
@@ -181,14 +197,20 @@ def apply_classification(row: dict, result: ClassResult) -> dict:
     return out
 
 
+def worst_held(values: list, levels: tuple):
+    """The first of ``levels`` (worst first) held by at least a quarter of ``values``, else
+    the last level: the mosaic rule of classes and defect flags."""
+    n = len(values)
+    for level in levels:
+        count = sum(1 for v in values if v == level)
+        if count and 4 * count >= n:
+            return level
+    return levels[-1]
+
+
 def mosaic_class(classes: list[str]) -> str:
     """The worst class (by PRIORITY) held by at least a quarter of the detectors."""
-    counts = Counter(classes)
-    n = len(classes)
-    for c in PRIORITY:
-        if counts[c] and 4 * counts[c] >= n:
-            return c
-    return "good"
+    return worst_held(classes, PRIORITY)
 
 
 def mosaic_reason(rows: list[dict], cls: str) -> str:
@@ -199,18 +221,46 @@ def mosaic_reason(rows: list[dict], cls: str) -> str:
             f"at least a quarter of them ({cls})")
 
 
-def _worst_tracking(flags: list[str]) -> str:
-    """The worst tracking flag held by at least a quarter of the detectors."""
-    n = len(flags)
-    for f in reversed(TRACKING_FLAGS):
-        if 4 * sum(1 for g in flags if g == f) >= n:
-            return f
-    return "none"
-
-
 def _median(values: list) -> float:
     v = np.array([x for x in values if _finite(x)], dtype=float)
     return float(np.median(v)) if v.size else math.nan
+
+
+def _first(column: Column, rows: list[dict]):
+    return rows[0][column.name] if column.name in rows[0] else empty_value(column)
+
+
+def _sum(column: Column, rows: list[dict]) -> int | float:
+    if pa.types.is_integer(column.type):
+        return int(sum(int(r.get(column.name) or 0) for r in rows))
+    return float(sum(r[column.name] for r in rows if _finite(r.get(column.name))))
+
+
+def _none(column: Column, rows: list[dict]):
+    return [] if pa.types.is_list(column.type) else empty_value(column)
+
+
+MOSAIC_COMBINE = {
+    "first": _first,
+    "median": lambda column, rows: _median([r.get(column.name) for r in rows]),
+    "sum": _sum,
+    "mean": lambda column, rows: float(np.mean([r[column.name] for r in rows])),
+    "or": lambda column, rows: int(np.bitwise_or.reduce(
+        [int(r.get(column.name) or 0) for r in rows])),
+    "worst": lambda column, rows: worst_held([r[column.name] for r in rows], column.levels),
+    "none": _none,
+}
+"""How each mosaic rule of :data:`~survey_qa.pipeline.columns.MOSAIC_RULES` (but
+``decided``) combines a column over the detector rows."""
+
+
+def mosaic_decided(rows: list[dict], combined: dict) -> dict:
+    """The columns whose mosaic rule is ``decided``: the exposure row's identity, outcome
+    and reason, given the ``combined`` values of the other columns."""
+    first = rows[0]
+    return {"detector": "ALL", "hdu": -1, "status": "ok", "error": "",
+            "n_detectors": max(int(first.get("n_detectors") or 0), len(rows)),
+            "reason": mosaic_reason(rows, combined["quality_class"])}
 
 
 def combine_detectors(rows: list[dict]) -> dict:
@@ -224,35 +274,19 @@ def combine_detectors(rows: list[dict]) -> dict:
     Returns
     -------
     dict
-        Identity and header facts of the first detector (``IDENTITY_COLUMNS``); the class
-        is the worst class held by at least a quarter of the detectors (each defect flag
-        likewise); probabilities are the mean over detectors; ``MEDIAN_COLUMNS`` are
-        medians, counts and times sums, ``qa_flags`` OR-ed. Per-region grids are per
-        detector and stay empty here. The mean probabilities need not peak at the class:
-        the quarter rule of the spec decides it.
+        Every column combined over the detectors by its mosaic rule
+        (:data:`~survey_qa.pipeline.columns.EXPOSURE_COLUMNS`): identity and header facts
+        of the first detector; the class the worst held by at least a quarter of the
+        detectors (each defect flag likewise); probabilities the mean; PSF, sky and
+        autoencoder quantities the median; counts and times sums; ``qa_flags`` OR-ed;
+        per-detector quantities (grids, detection moments) left empty. The mean
+        probabilities need not peak at the class: the quarter rule of the spec decides it.
     """
     if not rows:
         raise ValueError("combine_detectors needs at least one detector row")
     out = empty_exposure_row()
-    first = rows[0]
-    for key in IDENTITY_COLUMNS:
-        if key in first:
-            out[key] = first[key]
-    out.update(detector="ALL", hdu=-1, status="ok", error="", fwhm_grid_px=[],
-               ellipticity_grid=[],
-               n_detectors=max(int(first.get("n_detectors") or 0), len(rows)))
-    for key in MEDIAN_COLUMNS:
-        out[key] = _median([r.get(key) for r in rows])
-    for key in COUNT_COLUMNS:
-        out[key] = int(sum(int(r.get(key) or 0) for r in rows))
-    for key in TIME_COLUMNS:
-        out[key] = float(sum(r[key] for r in rows if _finite(r.get(key))))
-    out["qa_flags"] = int(np.bitwise_or.reduce([int(r.get("qa_flags") or 0) for r in rows]))
-    for c in CLASSES:
-        out[f"p_{c}"] = float(np.mean([r[f"p_{c}"] for r in rows]))
-    out["quality_class"] = mosaic_class([r["quality_class"] for r in rows])
-    out["reason"] = mosaic_reason(rows, out["quality_class"])
-    out["flag_tracking"] = _worst_tracking([r["flag_tracking"] for r in rows])
-    for key in ("flag_bad_seeing", "flag_background"):
-        out[key] = 4 * sum(bool(r[key]) for r in rows) >= len(rows)
+    for column in EXPOSURE_COLUMNS:
+        if column.mosaic != "decided":
+            out[column.name] = MOSAIC_COMBINE[column.mosaic](column, rows)
+    out.update(mosaic_decided(rows, out))
     return out

@@ -27,8 +27,8 @@ import math
 import numpy as np
 
 from survey_qa.config import ClassifyConfig
-from survey_qa.pipeline.classify import (apply_classification, classify_rules,
-                                          make_primary_most_probable)
+from survey_qa.pipeline.classify import (apply_classification, background_flag, classify_rules,
+                                          make_primary_most_probable, seeing_flag)
 from survey_qa.pipeline.flags import bits
 from survey_qa.pipeline.psf import trail_ratio
 from survey_qa.pipeline.records import ClassResult
@@ -168,13 +168,13 @@ def _fmt(value, spec: str) -> str:
 def _seeing_words(row: dict, cfg: ClassifyConfig) -> str:
     if _finite(row.get("fwhm_arcsec")):
         value, limit = row["fwhm_arcsec"], cfg.seeing_limit_arcsec
-        sign = ">" if value > limit else "<="
+        sign = ">" if seeing_flag(row, cfg) else "<="
         return f'FWHM {value:.2f}" {sign} {limit:g}" seeing limit'
     if _finite(row.get("fwhm_px")):
         value, limit = row["fwhm_px"], cfg.seeing_limit_px
         words = " (no pixel scale: no seeing limit)"
         if limit:
-            words = f" {'>' if value > limit else '<='} {limit:g} px limit"
+            words = f" {'>' if seeing_flag(row, cfg) else '<='} {limit:g} px limit"
         return f"FWHM {value:.2f} px{words}"
     return "FWHM not measured"
 
@@ -193,7 +193,7 @@ def _sky_words(row: dict, cfg: ClassifyConfig) -> str:
     u = row.get("sky_nonuniformity")
     words = "sky non-uniformity not measured"
     if _finite(u):
-        sign = ">=" if u >= cfg.nonuniformity_limit else "<"
+        sign = ">=" if background_flag(u, cfg) else "<"
         words = f"sky non-uniformity {u:.3f} {sign} {cfg.nonuniformity_limit:g}"
     if _finite(row.get("mask_fraction")) and row["mask_fraction"] > 0:
         words += (f", autoencoder masks {100 * row['mask_fraction']:.0f}% "

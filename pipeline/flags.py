@@ -1,8 +1,11 @@
 """One registry of every flag bit survey-qa writes.
 
-Exposure rows carry ``qa_flags`` (:data:`EXPOSURE_FLAGS`); source rows carry ``flags``
-(:data:`SOURCE_FLAGS`). sep's own object flags are translated here, at the wrapper
-boundary, so that nothing downstream depends on sep's bit values.
+Exposure rows carry ``qa_flags`` (:data:`EXPOSURE_FLAGS`): the readers', the stages' and
+the decision's bits alike; source rows carry ``flags`` (:data:`SOURCE_FLAGS`). Every bit
+is declared here once, with its doc; code sets and tests bits by name (:func:`bits`),
+never by number. sep's own object flags are translated here, at the wrapper boundary, so
+that nothing downstream depends on sep's bit values. A new bit is one line here (then
+regenerate ``docs/columns.md``: ``python -m survey_qa.pipeline.schema --markdown``).
 """
 from __future__ import annotations
 
@@ -13,16 +16,29 @@ import numpy as np
 
 @dataclass(frozen=True)
 class Flag:
+    """One flag bit: its position, name and what it means."""
+
     bit: int
     name: str
     doc: str
 
     @property
     def value(self) -> int:
+        """The integer with only this bit set."""
         return 1 << self.bit
 
 
-EXPOSURE_FLAGS = {f.name: f for f in [
+def flag_registry(*flags: Flag) -> dict[str, Flag]:
+    """Flags by name; a bit or a name declared twice is an error."""
+    for attr in ("bit", "name"):
+        seen = [getattr(f, attr) for f in flags]
+        twice = sorted({v for v in seen if seen.count(v) > 1})
+        if twice:
+            raise ValueError(f"flag {attr}s declared twice: {twice}")
+    return {f.name: f for f in flags}
+
+
+EXPOSURE_FLAGS = flag_registry(
     Flag(0, "NO_PIXSCALE", "pixel scale unknown: sizes are in pixels, arcsec columns are NaN"),
     Flag(1, "HEADER_FALLBACK", "a header keyword was missing and the configuration value used"),
     Flag(2, "NO_SOURCES", "no source above the detection threshold"),
@@ -61,9 +77,10 @@ EXPOSURE_FLAGS = {f.name: f for f in [
                                  "calibrate it: ae_score and mask_fraction are NaN"),
     Flag(24, "AE_NIGHT_THRESHOLD", "the autoencoder mask threshold was raised to the night's "
                                    "best frames (an instrument unlike the reference frames)"),
-]}
+)
+"""Bits of the exposure catalog's ``qa_flags``."""
 
-SOURCE_FLAGS = {f.name: f for f in [
+SOURCE_FLAGS = flag_registry(
     Flag(0, "BLENDED", "deblended from a larger detection (sep OBJ_MERGED)"),
     Flag(1, "TRUNCATED", "touches the image edge or a masked region (sep OBJ_TRUNC)"),
     Flag(2, "SATURATED", "contains saturated pixels"),
@@ -73,7 +90,8 @@ SOURCE_FLAGS = {f.name: f for f in [
     Flag(6, "FIT_FAILED", "the PSF fit did not converge"),
     Flag(7, "PSF_STAR", "used for the PSF measurement"),
     Flag(8, "COMPACT", "smaller than the stellar locus (cosmic ray, hot pixel)"),
-]}
+)
+"""Bits of the source catalog's ``flags``."""
 
 CUT_SHORT = ("SATURATED", "TRUNCATED", "NEAR_EDGE")
 """Source flags of detections whose pixels are cut short: never stamped or summarised."""
@@ -103,3 +121,12 @@ def bits(*names: str, registry: dict = EXPOSURE_FLAGS) -> int:
 def decode_flags(value: int, registry: dict = EXPOSURE_FLAGS) -> list[str]:
     """Names of the bits set in ``value``, in bit order."""
     return [f.name for f in sorted(registry.values(), key=lambda f: f.bit) if int(value) & f.value]
+
+
+def flags_markdown(registry: dict[str, Flag]) -> list[str]:
+    """A Markdown table of ``registry`` (bit, value, name, doc), one line per bit."""
+    lines = ["| bit | value | name | meaning |", "|---|---|---|---|"]
+    for f in sorted(registry.values(), key=lambda f: f.bit):
+        doc = f.doc.replace("|", "\\|")
+        lines.append(f"| {f.bit} | {f.value} | `{f.name}` | {doc} |")
+    return lines

@@ -1,93 +1,57 @@
-"""Fixed schemas of the catalogs.
+"""Fixed schemas of the catalogs, made from the column registry (:mod:`.columns`).
 
 Every column is always present; a quantity that cannot be measured is NaN (plus a bit
 in ``qa_flags``), never a missing column. ``night`` is the Hive partition key: it lives
 in the folder name ``night=YYYY-MM-DD`` and a dataset reader adds it back.
+
+``python -m survey_qa.pipeline.schema --markdown`` prints ``docs/columns.md``: every
+column and every flag bit.
 """
 from __future__ import annotations
 
+import argparse
 import math
 
 import pyarrow as pa
 
-CLASSES = ("good", "bad_tracking", "very_bad_tracking", "bad_seeing", "background_issues")
-"""Quality classes in the order of the contract's probability columns."""
+from survey_qa.pipeline.columns import (CLASSES, EXPOSURE_COLUMNS, MOSAIC_RULES, PRIORITY,
+                                        SOURCE_COLUMNS, TRACKING_FLAGS, Column)
+from survey_qa.pipeline.flags import EXPOSURE_FLAGS, SOURCE_FLAGS, flags_markdown
 
-PRIORITY = ("very_bad_tracking", "bad_tracking", "background_issues", "bad_seeing", "good")
-"""The primary class is the first of these that applies (quality-classes.md)."""
-
-TRACKING_FLAGS = ("none", "bad", "very_bad")
+__all__ = ["CLASSES", "PRIORITY", "TRACKING_FLAGS", "EXPOSURE_SCHEMA", "SOURCE_SCHEMA",
+           "TIME_COLUMNS", "STAGE_TIME_COLUMNS", "empty_value", "empty_exposure_row",
+           "rows_to_table", "markdown"]
 
 NAN = math.nan
 
-EXPOSURE_SCHEMA = pa.schema([
-    # identity
-    ("exposure", pa.string()), ("detector", pa.string()), ("path", pa.string()),
-    ("hdu", pa.int32()), ("n_detectors", pa.int32()),
-    # header metadata (after configuration fallbacks)
-    ("date_obs", pa.string()), ("mjd_obs", pa.float64()), ("exptime_s", pa.float64()),
-    ("filter", pa.string()), ("airmass", pa.float64()), ("object", pa.string()),
-    ("expnum", pa.string()), ("gain_e_per_adu", pa.float64()), ("read_noise_e", pa.float64()),
-    ("saturate_adu", pa.float64()), ("pixscale_arcsec", pa.float64()),
-    ("pixscale_source", pa.string()), ("nx", pa.int32()), ("ny", pa.int32()),
-    ("image_type", pa.string()),  # light | bias | dark | flat | ... (header or content)
-    # the decision
-    ("quality_class", pa.string()),
-    *[(f"p_{c}", pa.float64()) for c in CLASSES],
-    ("flag_bad_seeing", pa.bool_()), ("flag_tracking", pa.string()),
-    ("flag_background", pa.bool_()), ("classifier", pa.string()),
-    ("reason", pa.string()),  # one line in words: the quantities and limits behind the class
-    # PSF size and shape
-    ("fwhm_arcsec", pa.float64()), ("fwhm_px", pa.float64()), ("moffat_beta", pa.float64()),
-    ("ellipticity", pa.float64()), ("ellipticity_pa_deg", pa.float64()),
-    ("elongation_coherence", pa.float64()), ("trail_ratio", pa.float64()),
-    ("fwhm_grid_px", pa.list_(pa.float64())), ("ellipticity_grid", pa.list_(pa.float64())),
-    # background
-    ("sky_level", pa.float64()), ("sky_noise", pa.float64()), ("sky_nonuniformity", pa.float64()),
-    # what the measurement rests on
-    ("n_sources", pa.int32()), ("n_stars_used", pa.int32()),
-    ("saturated_fraction", pa.float64()),
-    # moments of the bright detections, PSF stars or not (there when the PSF fit is not)
-    ("src_fwhm_px", pa.float64()), ("src_ellipticity", pa.float64()),
-    ("src_elongation_coherence", pa.float64()),
-    # autoencoder
-    ("ae_score", pa.float64()), ("mask_fraction", pa.float64()),
-    # outcome and provenance
-    ("status", pa.string()), ("error", pa.string()), ("qa_flags", pa.int64()),
-    ("pipeline_version", pa.string()), ("model_version", pa.string()),
-    ("processed_at", pa.timestamp("s", tz="UTC")),
-    ("t_read_s", pa.float64()), ("t_background_s", pa.float64()),
-    ("t_sources_s", pa.float64()), ("t_psf_s", pa.float64()), ("t_stamps_s", pa.float64()),
-    ("t_ae_s", pa.float64()),
-    ("t_classify_s", pa.float64()), ("t_total_s", pa.float64()),
-])
+EXPOSURE_SCHEMA = pa.schema([(c.name, c.type) for c in EXPOSURE_COLUMNS])
+SOURCE_SCHEMA = pa.schema([(c.name, c.type) for c in SOURCE_COLUMNS])
 
-SOURCE_SCHEMA = pa.schema([
-    ("exposure", pa.string()), ("detector", pa.string()), ("id", pa.int32()),
-    ("x", pa.float64()), ("y", pa.float64()),  # 0-based pixel coordinates, numpy convention
-    ("flux", pa.float64()), ("flux_err", pa.float64()), ("peak", pa.float64()),
-    ("snr", pa.float64()), ("a_px", pa.float64()), ("b_px", pa.float64()),
-    ("theta_deg", pa.float64()), ("flux_radius_px", pa.float64()),
-    ("fwhm_px", pa.float64()), ("ellipticity", pa.float64()), ("flags", pa.int64()),
-])
+TIME_COLUMNS = tuple(c.name for c in EXPOSURE_COLUMNS if c.group == "stage times")
+"""Run-time columns (seconds): one per stage, then ``t_total_s``."""
+
+STAGE_TIME_COLUMNS = tuple(n for n in TIME_COLUMNS if n != "t_total_s")
+"""Run-time columns of the single stages (``t_total_s`` left out)."""
+
+
+def empty_value(column: Column):
+    """A column's 'not measured' value: its own, else NaN, 0, '', False or None by type."""
+    if column.empty is not None:
+        return column.empty
+    if pa.types.is_floating(column.type):
+        return NAN
+    if pa.types.is_integer(column.type):
+        return 0
+    if pa.types.is_string(column.type):
+        return ""
+    if pa.types.is_boolean(column.type):
+        return False
+    return None
 
 
 def empty_exposure_row() -> dict:
     """A row with every column set to its 'not measured' value (NaN, '', 0 or None)."""
-    row = {}
-    for f in EXPOSURE_SCHEMA:
-        if pa.types.is_floating(f.type):
-            row[f.name] = NAN
-        elif pa.types.is_integer(f.type):
-            row[f.name] = 0
-        elif pa.types.is_string(f.type):
-            row[f.name] = ""
-        elif pa.types.is_boolean(f.type):
-            row[f.name] = False
-        else:
-            row[f.name] = None
-    row["flag_tracking"] = "none"
-    return row
+    return {c.name: empty_value(c) for c in EXPOSURE_COLUMNS}
 
 
 def rows_to_table(rows: list[dict], schema: pa.Schema = EXPOSURE_SCHEMA) -> pa.Table:
@@ -98,3 +62,71 @@ def rows_to_table(rows: list[dict], schema: pa.Schema = EXPOSURE_SCHEMA) -> pa.T
         if extra:
             raise ValueError(f"columns not in the schema: {sorted(extra)}")
     return pa.Table.from_pylist(rows, schema=schema)
+
+
+def _cell(text: object) -> str:
+    return str(text).replace("|", "\\|")
+
+
+def _columns_markdown(columns: tuple[Column, ...], with_mosaic: bool) -> list[str]:
+    head = "| column | type | unit | " + ("mosaic | " if with_mosaic else "") + "description |"
+    lines = []
+    group = None
+    for c in columns:
+        if c.group != group:
+            group = c.group
+            lines += ["", f"### {group}", "", head,
+                      "|---|---|---|" + ("---|" if with_mosaic else "") + "---|"]
+        mosaic = f" {c.mosaic} |" if with_mosaic else ""
+        doc = c.doc + (f" (levels, worst first: {', '.join(map(str, c.levels))})"
+                       if c.levels else "")
+        lines.append(f"| `{c.name}` | {_cell(c.type)} | {_cell(c.unit)} |{mosaic} "
+                     f"{_cell(doc)} |")
+    return lines
+
+
+def markdown() -> str:
+    """``docs/columns.md``: every column of both catalogs and every flag bit."""
+    lines = [
+        "# Catalog columns and flags",
+        "",
+        "Generated by `python -m survey_qa.pipeline.schema --markdown > docs/columns.md` "
+        "from `pipeline/columns.py` and `pipeline/flags.py`; edit those, not this file.",
+        "",
+        "## Exposure catalog (`catalogs/exposures/night=YYYY-MM-DD/part-0.parquet`)",
+        "",
+        "One row per detector; a file with several detectors (a mosaic) adds an exposure "
+        "row with `detector = ALL`, each column combined over the detectors as its "
+        "*mosaic* rule says:",
+        "",
+        "| mosaic rule | the exposure row's value |",
+        "|---|---|",
+        *(f"| {name} | {_cell(doc)} |" for name, doc in MOSAIC_RULES.items()),
+        *_columns_markdown(EXPOSURE_COLUMNS, with_mosaic=True),
+        "",
+        "## Source catalog (`catalogs/sources/night=YYYY-MM-DD/part-0.parquet`)",
+        *_columns_markdown(SOURCE_COLUMNS, with_mosaic=False),
+        "",
+        "## Exposure flags (`qa_flags`)",
+        "",
+        *flags_markdown(EXPOSURE_FLAGS),
+        "",
+        "## Source flags (`flags`)",
+        "",
+        *flags_markdown(SOURCE_FLAGS),
+    ]
+    return "\n".join(lines) + "\n"
+
+
+def main(argv: list[str] | None = None) -> None:
+    """Print the column and flag documentation (``--markdown``)."""
+    parser = argparse.ArgumentParser(prog="python -m survey_qa.pipeline.schema",
+                                     description=__doc__.splitlines()[0])
+    parser.add_argument("--markdown", action="store_true", required=True,
+                        help="print docs/columns.md")
+    parser.parse_args(argv)
+    print(markdown(), end="")
+
+
+if __name__ == "__main__":
+    main()

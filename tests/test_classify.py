@@ -5,9 +5,10 @@ import numpy as np
 import pytest
 
 from survey_qa.config import ClassifyConfig
-from survey_qa.pipeline.classify import (apply_classification, classify_rules,
+from survey_qa.pipeline.classify import (apply_classification, background_flag, classify_rules,
                                          combine_detectors, make_primary_most_probable,
-                                         mosaic_class, soft_margin)
+                                         mosaic_class, seeing_flag, seeing_measure,
+                                         soft_margin, tracking_flag, worst_held)
 from survey_qa.pipeline.flags import bits
 from survey_qa.pipeline.schema import CLASSES, EXPOSURE_SCHEMA, empty_exposure_row, rows_to_table
 
@@ -65,6 +66,38 @@ def test_doubled_stars_use_the_jump_limit():
     r = row(trail=2.4, qa_flags=bits("DOUBLED_STARS"))
     assert classify_rules(r, CFG).quality_class == "very_bad_tracking"
     assert classify_rules(row(trail=2.4), CFG).quality_class == "bad_tracking"
+
+
+def test_rule_functions_at_their_limits():
+    assert background_flag(CFG.nonuniformity_limit, CFG)  # at the limit: flagged
+    assert not background_flag(0.999 * CFG.nonuniformity_limit, CFG)
+    assert not background_flag(math.nan, CFG) and not background_flag(None, CFG)
+    assert not seeing_flag(row(fwhm_arcsec=CFG.seeing_limit_arcsec), CFG)  # strictly above
+    assert seeing_flag(row(fwhm_arcsec=1.001 * CFG.seeing_limit_arcsec), CFG)
+    assert tracking_flag(row(trail=CFG.trail_ratio_bad), CFG) == "bad"
+    assert tracking_flag(row(trail=CFG.trail_ratio_very_bad), CFG) == "very_bad"
+    assert tracking_flag(row(trail=CFG.trail_ratio_very_bad,
+                             coherence=0.99 * CFG.min_coherence), CFG) == "none"
+    no_scale = row(fwhm_arcsec=math.nan)
+    no_scale["fwhm_px"] = 6.0
+    assert all(math.isnan(v) for v in seeing_measure(no_scale, CFG))
+    px = ClassifyConfig(seeing_limit_px=5.0)
+    assert seeing_measure(no_scale, px) == (6.0, 5.0) and seeing_flag(no_scale, px)
+
+
+def test_rule_functions_make_the_class_flags():
+    for kw in ({}, {"fwhm_arcsec": 2.0}, {"u": 0.2}, {"trail": 1.5}, {"trail": 4.0}):
+        r = row(**kw)
+        res = classify_rules(r, CFG)
+        assert res.flag_bad_seeing == seeing_flag(r, CFG)
+        assert res.flag_background == background_flag(r["sky_nonuniformity"], CFG)
+        assert res.flag_tracking == tracking_flag(r, CFG)
+
+
+def test_worst_held():
+    assert worst_held(["bad", "none", "none", "none"], ("very_bad", "bad", "none")) == "bad"
+    assert worst_held([True] + [False] * 4, (True, False)) is False
+    assert worst_held([True] + [False] * 3, (True, False)) is True
 
 
 def test_probabilities_over_random_rows():
