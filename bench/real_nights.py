@@ -16,13 +16,14 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 
+from survey_qa.pipeline.schema import TIME_COLUMNS
+
 NIGHTS = {"2018-10-12": "real-nights/cminsky__asteroid2713",
           "2019-03-26": "real-nights/LowellObservatory__DeadParrots",
           "2018-07-29": "real-nights/mommermi__cloudynight",
           "2020-01-01": "real-frames"}
 HIDDEN_FLAGS = {"HEADER_FALLBACK", "SATURATION_INFERRED", "NONFINITE_PIXELS"}
-STAGES = ("t_read_s", "t_background_s", "t_sources_s", "t_psf_s", "t_stamps_s", "t_ae_s",
-          "t_classify_s", "t_total_s")
+STAGES = TIME_COLUMNS
 
 
 def _cell(value, spec: str) -> str:
