@@ -9,11 +9,11 @@ Layout of a night (the nightly reader skips names starting with ``_`` or ``.``):
 
 Truth columns (per exposure and detector): identity (``night``, ``exposure``,
 ``detector`` as a FITS reader names it, ``hdu``, ``path``), the truth of
-:func:`survey_qa.pipeline.simulate.render_detector` (``quality_class`` of the detector,
+:func:`survey_qa.simulate.render_detector` (``quality_class`` of the detector,
 ``exposure_class`` of the exposure, ``target_class``, ``ambiguous``, ``seeing_arcsec``,
 ``fwhm_px_true``, ``trail_arcsec``, ``trail_ratio``, ``trail_pa_deg``, ``trail_kind``,
 ``ellipticity_true``, ``u_true``, ``k_true``, flags, counts, ``confounders``...) and every
-field of the exposure's :class:`~survey_qa.pipeline.simulate.ExposureSpec`.
+field of the exposure's :class:`~survey_qa.simulate.ExposureSpec`.
 
 Raw frames (``raw`` true) are written as ``uint16`` with their bias level, prescan and
 overscan (``BIASSEC``, ``DATASEC``, ``TRIMSEC``); their true star positions and defect
@@ -34,7 +34,7 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 
-from survey_qa.pipeline import simulate as sim
+from survey_qa import simulate as sim
 
 TRUTH_DIR = "_truth"
 
@@ -81,7 +81,7 @@ def write_night(raw_root: str | os.PathLike, night: str, plans: list[sim.FramePl
     raw_root, night
         Frames go to ``<raw_root>/<night>/``, truth to its ``_truth/`` folder.
     plans
-        What to simulate (:func:`survey_qa.pipeline.simulate.plan_night`).
+        What to simulate (:func:`survey_qa.simulate.plan_night`).
     seed
         Night seed; each exposure's generators derive from it, the night and its index.
     client
@@ -117,7 +117,7 @@ def simulate_night(raw_root: str | os.PathLike, night: str, n_frames: int, *, se
     mosaics of ``size_px // 2`` detectors). Deterministic for a given seed and night;
     ``client`` (a ``dask.distributed.Client``) renders exposures in parallel.
 
-    ``domain="wide"`` (:data:`survey_qa.pipeline.simulate.DOMAINS`) gives frames as wide
+    ``domain="wide"`` (:data:`survey_qa.simulate.DOMAINS`) gives frames as wide
     as real instruments: pixel scales 0.1-15"/px, FWHM 1.2-20 px, detectors of 500 px to
     ``size_px`` (not square), raw frames with overscan, vignetting, dust donuts, Bayer
     frames, sparse fields and defocused (donut) PSFs; ``"default"`` is unchanged.

@@ -13,9 +13,11 @@ from astropy.io import fits
 from astropy.wcs import WCS, FITSFixedWarning
 from scipy.optimize import least_squares
 
+from survey_qa import simulate as sim
 from survey_qa.flows import simulate as flow
-from survey_qa.pipeline import simulate as sim
 from survey_qa.pipeline.schema import CLASSES
+from survey_qa.simulate.camera import bleed
+from survey_qa.simulate.psf import path_extent
 
 NIGHT = "2024-03-05"
 
@@ -204,7 +206,7 @@ def test_drift_path_extent_and_kinds():
     for kind in ("linear", "periodic", "wind", "jump"):
         s = dataclasses.replace(spec, trail_kind=kind)
         xy = sim.drift_path(s)
-        extent, angle = sim._extent(xy)
+        extent, angle = path_extent(xy)
         assert extent == pytest.approx(s.trail_arcsec, rel=1e-3)
         assert angle_diff_deg(math.degrees(angle), s.trail_pa_deg) < 0.5
         np.testing.assert_allclose(xy.mean(axis=0), 0.0, atol=1e-9)
@@ -247,7 +249,7 @@ def test_bleed_conserves_charge():
     img = np.full((50, 3), 100.0, dtype=np.float32)
     img[24:27, 1] = [5e4, 2e5, 5e4]
     total = img.sum()
-    sim._bleed(img, 4e4)
+    bleed(img, 4e4)
     assert img.max() <= 4e4 + 1e-3
     assert img.sum() == pytest.approx(total, rel=1e-6)
     assert (img[:, 1] >= 4e4 - 1e-3).sum() > 3  # the trail runs along the column
