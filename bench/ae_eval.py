@@ -48,7 +48,7 @@ STRENGTH = {"gradient": (0.0, 0.03, 0.06, 0.1, 0.2, 0.4, 0.8),
 
 def draw(index: int, quality_class: str, size: int, seed: int = SEED, **forced):
     """The spec and the detector generators of one evaluation exposure."""
-    from survey_qa.pipeline import simulate as sim
+    from survey_qa import simulate as sim
 
     spec_rng, det_rngs = sim.exposure_seeds(NIGHT, seed, index, 1)
     spec = sim.draw_spec(spec_rng, quality_class, exposure=f"eval{index:04d}", size_px=size,
@@ -57,7 +57,7 @@ def draw(index: int, quality_class: str, size: int, seed: int = SEED, **forced):
 
 
 def render(spec, rng):
-    from survey_qa.pipeline import simulate as sim
+    from survey_qa import simulate as sim
 
     return sim.render_detector(spec, 0, rng)
 

@@ -123,7 +123,7 @@ NTHREADS 1
 def simulate(raw_root: str, n_frames: int, seed: int, size_px: int):
     """Single-detector plain-FITS frames (SourceExtractor cannot read .fz); returns truth."""
     from survey_qa.flows.simulate import load_truth, write_night
-    from survey_qa.pipeline.simulate import FramePlan
+    from survey_qa.simulate import FramePlan
 
     truth_file = Path(raw_root) / NIGHT / "_truth" / "truth.parquet"
     if not truth_file.exists():
