@@ -26,29 +26,63 @@ from pathlib import Path
 
 import yaml
 
-from survey_qa.config import Config, load_config
+from survey_qa.config import CLUSTER_KINDS, Config, load_config
 from survey_qa.pipeline.errors import RunEnvironmentError
 
 DEMO_NIGHT = "2024-03-01"
 
 
-def _common(p: argparse.ArgumentParser) -> None:
+#: ``--night`` of a command that works on one night.
+ONE_NIGHT = {"required": True, "help": "YYYY-MM-DD: the folder <raw-root>/<night>"}
+
+
+def command_parser(prog: str, description: str, night: dict | None = None,
+                   **parser_options) -> argparse.ArgumentParser:
+    """The parser of one command, with the options the commands share.
+
+    Parameters
+    ----------
+    prog
+        The command as typed, e.g. ``"survey-qa report"``.
+    description
+        What the command does (its ``--help``).
+    night
+        Keyword arguments of the command's ``--night`` option (:data:`ONE_NIGHT` when
+        None), e.g. ``{"action": "append", "dest": "nights"}`` for a repeatable one.
+    **parser_options
+        Further arguments of :class:`argparse.ArgumentParser` (``epilog``).
+
+    Returns
+    -------
+    argparse.ArgumentParser
+        With ``--night``, ``--config``, ``--raw-root`` and ``--out-root``; the command
+        adds its own options.
+    """
+    p = argparse.ArgumentParser(prog=prog, description=description, **parser_options)
+    p.add_argument("--night", **(ONE_NIGHT if night is None else night))
     p.add_argument("--config", help="YAML configuration file (else $SURVEY_QA_CONFIG)")
     p.add_argument("--raw-root", help="folder of nights of FITS frames")
     p.add_argument("--out-root", help="folder receiving catalogs/ and arrays/")
+    return p
 
 
-def _night_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(
-        prog="survey-qa", description="Rate every frame of a night: usable or not, and why.",
+def parse_command(p: argparse.ArgumentParser,
+                  argv: list[str]) -> tuple[argparse.Namespace, Config]:
+    """The parsed arguments and the configuration they select (file, then options)."""
+    a = p.parse_args(argv)
+    return a, load_config(a.config, config_overrides(a))
+
+
+def night_parser() -> argparse.ArgumentParser:
+    """The parser of the nightly command, ``survey-qa --night N``."""
+    p = command_parser(
+        "survey-qa", "Rate every frame of a night: usable or not, and why.",
         epilog="Other commands: survey-qa simulate | train | evaluate | config "
                "(each with --help).")
-    p.add_argument("--night", required=True, help="YYYY-MM-DD: the folder <raw-root>/<night>")
-    _common(p)
     p.add_argument("--demo", action="store_true",
                    help="write the simulated demo night into <raw-root>/<night> first when "
                         "that folder does not exist (never without this option)")
-    p.add_argument("--cluster", choices=("local", "slurm"), help="where the work runs")
+    p.add_argument("--cluster", choices=CLUSTER_KINDS, help="where the work runs")
     p.add_argument("--workers", type=int, help="local worker processes, or SLURM worker jobs")
     p.add_argument("--force", action="store_true", default=None,
                    help="redo exposures already done")
@@ -60,7 +94,7 @@ def _night_parser() -> argparse.ArgumentParser:
     return p
 
 
-def _overrides(a: argparse.Namespace) -> dict:
+def config_overrides(a: argparse.Namespace) -> dict:
     """Command-line values that were given, as a nested configuration mapping."""
     run = {k: getattr(a, k, None) for k in ("raw_root", "out_root", "force", "progress",
                                              "classifier")}
@@ -75,8 +109,7 @@ def _overrides(a: argparse.Namespace) -> dict:
 
 
 def night_main(argv: list[str]) -> int:
-    a = _night_parser().parse_args(argv)
-    cfg = load_config(a.config, _overrides(a))
+    a, cfg = parse_command(night_parser(), argv)
     raw = Path(cfg.run.raw_root)
     if not (raw / a.night).is_dir():
         if not a.demo:
@@ -98,10 +131,8 @@ def night_main(argv: list[str]) -> int:
 
 
 def simulate_main(argv: list[str]) -> int:
-    p = argparse.ArgumentParser(prog="survey-qa simulate",
-                                description="Write a simulated night of FITS frames with "
-                                            "its truth table.")
-    p.add_argument("--night", required=True)
+    p = command_parser("survey-qa simulate",
+                       "Write a simulated night of FITS frames with its truth table.")
     p.add_argument("--frames", type=int, default=100)
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--size", type=int, default=4096, help="detector side in pixels")
@@ -115,9 +146,7 @@ def simulate_main(argv: list[str]) -> int:
     p.add_argument("--workers", type=int,
                    help="render on a Dask cluster of this many workers (the cluster block "
                         "of the configuration); default: in this process")
-    _common(p)
-    a = p.parse_args(argv)
-    cfg = load_config(a.config, _overrides(a))
+    a, cfg = parse_command(p, argv)
     from survey_qa.flows.simulate import simulate_night
 
     with contextlib.ExitStack() as stack:
@@ -139,12 +168,11 @@ def simulate_main(argv: list[str]) -> int:
 
 
 def train_main(argv: list[str]) -> int:
-    p = argparse.ArgumentParser(
-        prog="survey-qa train", description="Train a model on nights already processed.")
+    p = command_parser(
+        "survey-qa train", "Train a model on nights already processed.",
+        night={"action": "append", "dest": "nights",
+               "help": "night to train on (repeat); default: every night in the catalog"})
     p.add_argument("model", choices=("autoencoder", "som", "classifier"))
-    p.add_argument("--night", action="append", dest="nights",
-                   help="night to train on (repeat); default: every night in the catalog")
-    _common(p)
     p.add_argument("--accelerator")
     p.add_argument("--devices", type=int)
     p.add_argument("--num-nodes", type=int)
@@ -154,8 +182,7 @@ def train_main(argv: list[str]) -> int:
     p.add_argument("--checkpoint-dir")
     p.add_argument("--som", help="classifier: the SOM file to use (default: train one)")
     p.add_argument("--output", help="where the weights go (default: the packaged location)")
-    a = p.parse_args(argv)
-    cfg = load_config(a.config, _overrides(a))
+    a, cfg = parse_command(p, argv)
     out = cfg.run.out_root
     if a.model == "autoencoder":
         from survey_qa.flows.train import train_autoencoder
@@ -176,20 +203,18 @@ def train_main(argv: list[str]) -> int:
 
 
 def evaluate_main(argv: list[str]) -> int:
-    p = argparse.ArgumentParser(
-        prog="survey-qa evaluate",
-        description="Score the learned classifier, the rule classifier and a gradient-boosting "
-                    "baseline against the truth tables of simulated nights.")
-    p.add_argument("--night", action="append", dest="nights", required=True)
-    _common(p)
+    p = command_parser(
+        "survey-qa evaluate",
+        "Score the learned classifier, the rule classifier and a gradient-boosting "
+        "baseline against the truth tables of simulated nights.",
+        night={"action": "append", "dest": "nights", "required": True})
     p.add_argument("--weights", help="classifier weights (default: the packaged ones)")
     p.add_argument("--report-dir", help="where evaluation.json and evaluation.png go")
     p.add_argument("--train-out-root", help="outputs of the training nights, for the "
                                             "gradient-boosting baseline (default: --out-root)")
     p.add_argument("--train-raw-root", help="raw root of the training nights' truth tables "
                                             "(default: --raw-root)")
-    a = p.parse_args(argv)
-    cfg = load_config(a.config, _overrides(a))
+    a, cfg = parse_command(p, argv)
     from survey_qa.flows.train_classifier import evaluate
 
     report = evaluate(cfg, cfg.run.out_root, cfg.run.raw_root, a.nights, weights=a.weights,
@@ -210,14 +235,11 @@ def config_main(argv: list[str]) -> int:
 
 
 def report_main(argv: list[str]) -> int:
-    p = argparse.ArgumentParser(prog="survey-qa report",
-                                description="Write the night's HTML report (one file that "
-                                            "opens offline) from its catalogs and arrays.")
-    p.add_argument("--night", required=True)
-    _common(p)
+    p = command_parser("survey-qa report",
+                       "Write the night's HTML report (one file that opens offline) from its "
+                       "catalogs and arrays.")
     p.add_argument("--output", help="the HTML file (default: <out-root>/reports/<night>.html)")
-    a = p.parse_args(argv)
-    cfg = load_config(a.config, _overrides(a))
+    a, cfg = parse_command(p, argv)
     from survey_qa.flows.report import write_report
 
     print(f"night report: {write_report(cfg, a.night, a.output)}")
@@ -225,12 +247,10 @@ def report_main(argv: list[str]) -> int:
 
 
 def watch_main(argv: list[str]) -> int:
-    p = argparse.ArgumentParser(
-        prog="survey-qa watch",
-        description="Watch <raw-root>/<night>/ and rate each frame as soon as it is written: "
-                    "a verdict line, the night's catalogs and report updated.")
-    p.add_argument("--night", required=True)
-    _common(p)
+    p = command_parser(
+        "survey-qa watch",
+        "Watch <raw-root>/<night>/ and rate each frame as soon as it is written: "
+        "a verdict line, the night's catalogs and report updated.")
     p.add_argument("--until", help="stop at this time: HH:MM (UTC) or an ISO date-time")
     p.add_argument("--on-bad", metavar="CMD",
                    help="shell command run for each frame that is not good: the row as JSON "
@@ -238,9 +258,8 @@ def watch_main(argv: list[str]) -> int:
     p.add_argument("--no-report", dest="report", action="store_false",
                    help="do not rewrite the HTML report after each frame")
     p.add_argument("--classifier", choices=("auto", "cnn", "rules"))
-    a = p.parse_args(argv)
-    cfg = load_config(a.config, _overrides(a) | {"run": {**_overrides(a)["run"],
-                                                           "progress": False}})
+    p.set_defaults(progress=False)  # one verdict line per frame instead of a progress bar
+    a, cfg = parse_command(p, argv)
     from survey_qa.flows.watch import parse_until, watch
 
     summary = watch(cfg, a.night, until=parse_until(a.until), on_bad=a.on_bad,
@@ -250,12 +269,10 @@ def watch_main(argv: list[str]) -> int:
 
 
 def select_main(argv: list[str]) -> int:
-    p = argparse.ArgumentParser(
-        prog="survey-qa select",
-        description="Choose a night's frames to stack and write them as a plain list, a CSV "
-                    "with weights, and lists for Siril, PixInsight and DeepSkyStacker.")
-    p.add_argument("--night", required=True)
-    _common(p)
+    p = command_parser(
+        "survey-qa select",
+        "Choose a night's frames to stack and write them as a plain list, a CSV "
+        "with weights, and lists for Siril, PixInsight and DeepSkyStacker.")
     p.add_argument("--where", help="pandas expression over catalog columns, e.g. "
                                    "\"quality_class == 'good' and fwhm_arcsec < 2.0\"")
     p.add_argument("--class", dest="classes", action="append",
@@ -264,8 +281,7 @@ def select_main(argv: list[str]) -> int:
                                     "<out-root>/selections/night=<night>)")
     p.add_argument("--copy-to", help="also copy the chosen files into this folder")
     p.add_argument("--link-to", help="also link (symlink) the chosen files into this folder")
-    a = p.parse_args(argv)
-    cfg = load_config(a.config, _overrides(a))
+    a, cfg = parse_command(p, argv)
     from survey_qa.flows.select import select_frames
 
     chosen = select_frames(cfg, a.night, where=a.where, classes=a.classes, out_dir=a.output,

@@ -1,7 +1,7 @@
 """Configuration: defaults, files, command line, validation."""
 import pytest
 
-from survey_qa.cli import _night_parser, _overrides
+from survey_qa.cli import config_overrides, night_parser
 from survey_qa.config import Config, describe, load_config
 
 
@@ -17,8 +17,8 @@ def test_file_then_command_line(tmp_path):
     f = tmp_path / "qa.yaml"
     f.write_text("run:\n  out_root: /from/file\n  raw_root: /raw\nclassify:\n"
                  "  seeing_limit_arcsec: 1\n")
-    a = _night_parser().parse_args(["--night", "2024-03-01", "--out-root", "/from/cli"])
-    cfg = load_config(f, _overrides(a))
+    a = night_parser().parse_args(["--night", "2024-03-01", "--out-root", "/from/cli"])
+    cfg = load_config(f, config_overrides(a))
     assert cfg.run.out_root == "/from/cli"  # the command line wins
     assert cfg.run.raw_root == "/raw"  # the file beats the default
     assert cfg.classify.seeing_limit_arcsec == 1.0
@@ -49,3 +49,12 @@ def test_round_trip_through_dict():
     cfg = Config()
     again = load_config(overrides=cfg.to_dict())
     assert again == cfg
+
+
+def test_cluster_option_offers_the_configured_kinds():
+    a = night_parser().parse_args(["--night", "2024-03-01", "--cluster", "slurm",
+                                   "--workers", "3"])
+    cfg = load_config(None, config_overrides(a))
+    assert (cfg.cluster.kind, cfg.cluster.workers) == ("slurm", 3)
+    with pytest.raises(SystemExit):
+        night_parser().parse_args(["--night", "2024-03-01", "--cluster", "pbs"])
