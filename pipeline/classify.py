@@ -2,16 +2,22 @@
 
 Rules
 -----
-- tracking: ``very_bad`` when ``trail_ratio >= trail_ratio_very_bad`` (or, when the
-  stars are doubled by a pointing jump, qa flag ``DOUBLED_STARS``, when the separation
-  ratio ``>= jump_ratio_very_bad``), ``bad`` when ``>= trail_ratio_bad``, counted only
-  when ``elongation_coherence >= min_coherence`` (elongation that changes direction over
-  the field is optics, not tracking);
-- seeing: ``fwhm_arcsec > seeing_limit_arcsec``, or, without a pixel scale,
-  ``fwhm_px > seeing_limit_px`` when that limit is set;
-- background: ``sky_nonuniformity >= nonuniformity_limit``;
-- a NaN measurement raises no flag; the primary class is the first flagged class in
-  :data:`~survey_qa.pipeline.schema.PRIORITY`, else ``good``.
+Each rule is written once, here, as a public function that every other module (the
+decision, its reasons in words, the simulator's truth) imports:
+
+- tracking (:func:`tracking_flag`): ``very_bad`` when ``trail_ratio >=
+  trail_ratio_very_bad`` (or, when the stars are doubled by a pointing jump, qa flag
+  ``DOUBLED_STARS``, when the separation ratio ``>= jump_ratio_very_bad``), ``bad`` when
+  ``>= trail_ratio_bad``, counted only when ``elongation_coherence >= min_coherence``
+  (elongation that changes direction over the field is optics, not tracking);
+- seeing (:func:`seeing_flag`): ``fwhm_arcsec > seeing_limit_arcsec``, or, without a
+  pixel scale, ``fwhm_px > seeing_limit_px`` when that limit is set;
+- background (:func:`background_flag`): ``sky_nonuniformity >= nonuniformity_limit``;
+- a NaN measurement raises no flag; the primary class (:func:`primary_class`) is the
+  first flagged class in :data:`~survey_qa.pipeline.columns.PRIORITY`, else ``good``;
+- a mosaic exposure takes the worst class held by at least a quarter of its detectors
+  (:func:`mosaic_class`); its other columns follow their mosaic rule in the column
+  registry (:func:`combine_detectors`).
 
 Probabilities
 -------------
@@ -45,6 +51,9 @@ from survey_qa.pipeline.records import ClassResult
 from survey_qa.pipeline.schema import CLASSES, PRIORITY, empty_exposure_row, empty_value
 
 CLASSIFIER = "rules"
+TRACKING_CLASS = {"very_bad": "very_bad_tracking", "bad": "bad_tracking"}
+"""The class each tracking flag raises."""
+
 ARGMAX_MARGIN = 1e-6
 """The primary class exceeds every other probability by at least this much."""
 
@@ -125,11 +134,9 @@ def _tracking_probabilities(row: dict, cfg: ClassifyConfig) -> tuple[float, floa
 
 def primary_class(flag_tracking: str, flag_background: bool, flag_bad_seeing: bool) -> str:
     """The first class of :data:`PRIORITY` that the flags raise."""
-    raised = {"very_bad_tracking": flag_tracking == "very_bad",
-              "bad_tracking": flag_tracking == "bad",
-              "background_issues": flag_background, "bad_seeing": flag_bad_seeing,
-              "good": True}
-    return next(c for c in PRIORITY if raised[c])
+    raised = {TRACKING_CLASS.get(flag_tracking): True, "background_issues": flag_background,
+              "bad_seeing": flag_bad_seeing, "good": True}
+    return next(c for c in PRIORITY if raised.get(c))
 
 
 def make_primary_most_probable(probs: dict[str, float], primary: str) -> dict[str, float]:

@@ -27,8 +27,9 @@ import math
 import numpy as np
 
 from survey_qa.config import ClassifyConfig
-from survey_qa.pipeline.classify import (apply_classification, background_flag, classify_rules,
-                                          make_primary_most_probable, seeing_flag)
+from survey_qa.pipeline.classify import (TRACKING_CLASS, apply_classification, background_flag,
+                                          classify_rules, make_primary_most_probable,
+                                          seeing_flag)
 from survey_qa.pipeline.flags import bits
 from survey_qa.pipeline.psf import trail_ratio
 from survey_qa.pipeline.records import ClassResult
@@ -42,8 +43,6 @@ DOUBT = {"psf": 0.0, "detections": 0.35, "none": 0.75}
 """Share of a uniform distribution blended into the probabilities, by evidence."""
 
 NO_STARS_CLASS = "background_issues"
-
-TRACKING_CLASS = {"very_bad": "very_bad_tracking", "bad": "bad_tracking"}
 
 
 def _finite(value) -> bool:
