@@ -156,15 +156,10 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--limit", type=int, default=0, help="at most this many frames (0: all)")
     ap.add_argument("--min-stars", type=int, default=20)
     ap.add_argument("--match", default="", help="only paths containing this text")
-    ap.add_argument("--no-reference", action="store_true",
-                    help="time survey-qa alone (no SourceExtractor / PSFEx)")
+    speed.add_reference_option(ap)
     a = ap.parse_args(argv)
-    if os.environ.get("OMP_NUM_THREADS") != "1":
-        print("note: set OMP_NUM_THREADS=1 for per-core timings")
-    for tool in ("source-extractor", "psfex"):
-        if shutil.which(tool) is None and not a.no_reference:
-            print(f"{tool} not found (apt-get install source-extractor psfex)")
-            return 1
+    if not speed.ready_to_time(a.no_reference):
+        return 1
     files = [p for p in discover(a.shared) if a.match in str(p)]
     if not files:
         print(f"no frames under {a.shared}")

@@ -41,6 +41,9 @@ from astropy.io import fits
 
 from survey_qa.config import load_config
 
+#: The reference tools the stages are timed against (Debian packages of the same names).
+REFERENCE_TOOLS = ("source-extractor", "psfex")
+
 NIGHT = "2024-07-01"
 VIGNET_PX = 35  # prepsfex.param default
 
@@ -260,21 +263,40 @@ def table(rows: list[list], header: list[str]) -> str:
     return "\n".join(lines)
 
 
+def add_reference_option(ap: argparse.ArgumentParser) -> None:
+    """``--no-reference``: time survey-qa without the reference tools."""
+    ap.add_argument("--no-reference", action="store_true",
+                    help="time survey-qa alone (no SourceExtractor / PSFEx)")
+
+
+def ready_to_time(no_reference: bool) -> bool:
+    """Whether a timing run can start, saying why not.
+
+    Prints a note when ``OMP_NUM_THREADS`` is not 1 (the timings are per core) and, when
+    the reference tools are wanted (``no_reference`` False) but one is not installed,
+    which one; returns False in that case.
+    """
+    if os.environ.get("OMP_NUM_THREADS") != "1":
+        print("note: set OMP_NUM_THREADS=1 for per-core timings")
+    if no_reference:
+        return True
+    for tool in REFERENCE_TOOLS:
+        if shutil.which(tool) is None:
+            print(f"{tool} not found (apt-get install source-extractor psfex)")
+            return False
+    return True
+
+
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--raw-root", default="/tmp/survey-qa-speed")
     ap.add_argument("--n-frames", type=int, default=3)
     ap.add_argument("--seed", type=int, default=777)
     ap.add_argument("--size-px", type=int, default=4096)
-    ap.add_argument("--no-reference", action="store_true",
-                    help="time survey-qa alone (no SourceExtractor / PSFEx)")
+    add_reference_option(ap)
     a = ap.parse_args(argv)
-    if os.environ.get("OMP_NUM_THREADS") != "1":
-        print("note: set OMP_NUM_THREADS=1 for per-core timings")
-    for tool in ("source-extractor", "psfex"):
-        if shutil.which(tool) is None and not a.no_reference:
-            print(f"{tool} not found")
-            return 1
+    if not ready_to_time(a.no_reference):
+        return 1
     truth = simulate(a.raw_root, a.n_frames, a.seed, a.size_px)
     cfg = load_config()
     from survey_qa.pipeline import sources
