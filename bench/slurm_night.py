@@ -28,26 +28,15 @@ from pathlib import Path
 import pandas as pd
 import pyarrow.dataset as pads
 
+from survey_qa.hpc.local_slurm import write_loopback_site
+
 NIGHT = "2024-03-01"
 SURVEY_QA = str(Path(sys.executable).with_name("survey-qa"))
 
 
 def site_config(folder: Path) -> Path:
     """One-core, one-process SLURM worker jobs on the loopback interface."""
-    path = folder / "site.yaml"
-    path.write_text(f"""run:
-  progress: false
-cluster:
-  dashboard_address: null
-  slurm:
-    cores: 1
-    processes: 1
-    memory: 2GiB
-    walltime: "01:00:00"
-    interface: lo
-    log_directory: {folder / "worker-logs"}
-""")
-    return path
+    return write_loopback_site(folder, walltime="01:00:00")
 
 
 def run_night(raw: Path, out: Path, config: Path, cluster: str, workers: int) -> float:

@@ -13,6 +13,7 @@ import pytest
 from survey_qa.config import (CLUSTER_KINDS, ClusterConfig, SlurmConfig, load_config,
                               validate_block)
 from survey_qa.hpc import SCRIPTS, script_path
+from survey_qa.hpc.local_slurm import write_loopback_site
 from survey_qa.hpc.cluster import (KINDS, ClusterKind, ScalePlan, cluster_spec, make_cluster,
                                    plan_scaling, render_job_script, scale_for_night)
 
@@ -239,6 +240,19 @@ def test_yaml_slurm_block(tmp_path):
     cfg = load_config(f)
     assert "#SBATCH -p long" in header(render_job_script(cfg.cluster))
     assert plan_scaling(cfg.cluster, 1000) == ScalePlan("adaptive", 0, 20)
+
+
+def test_loopback_site_file(tmp_path):
+    path = write_loopback_site(tmp_path, walltime="00:20:00", run={"classifier": "rules"},
+                               job_name="qa-test", death_timeout_s=30)
+    cfg = load_config(path, {"cluster": {"kind": "slurm"}})
+    assert (cfg.run.progress, cfg.run.classifier) == (False, "rules")
+    assert cfg.cluster.dashboard_address is None and cfg.cluster.slurm.death_timeout_s == 30.0
+    script = render_job_script(cfg.cluster)
+    for expected in ("#SBATCH -t 00:20:00", "#SBATCH -J qa-test", "#SBATCH --mem=2G",
+                     "#SBATCH --cpus-per-task=1", f"#SBATCH -o {tmp_path / 'worker-logs'}/"):
+        assert any(line.startswith(expected) for line in header(script)), expected
+    assert "--interface lo" in script and "--nthreads 1" in script
 
 
 # ------------------------------------------------------------------ scripts

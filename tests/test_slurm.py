@@ -23,6 +23,8 @@ import pandas as pd
 import pyarrow.dataset as pads
 import pytest
 
+from survey_qa.hpc.local_slurm import write_loopback_site
+
 pytestmark = pytest.mark.slurm
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -119,25 +121,10 @@ def raw_night(tmp_path_factory):
 
 
 def _site_config(folder: Path, job_name: str) -> Path:
-    """The site configuration of a SLURM night: 2 one-core worker jobs on loopback."""
-    path = folder / "site.yaml"
-    path.write_text(f"""
-run:
-  progress: false
-  classifier: rules   # its confident good frames are the autoencoder's references
-cluster:
-  dashboard_address: null
-  slurm:
-    cores: 1
-    processes: 1
-    memory: 2GiB
-    walltime: "00:20:00"
-    interface: lo
-    job_name: {job_name}
-    death_timeout_s: 30
-    log_directory: {folder / "worker-logs"}
-""")
-    return path
+    """The site configuration of a SLURM night: 2 one-core worker jobs on loopback.
+    The rule classifier's confident good frames are the autoencoder's references."""
+    return write_loopback_site(folder, walltime="00:20:00", run={"classifier": "rules"},
+                               job_name=job_name, death_timeout_s=30)
 
 
 def _night_command(raw: Path, out: Path, config: Path, cluster: str) -> list[str]:
