@@ -18,9 +18,6 @@
 set -euo pipefail
 
 WORK=${1:-data/autoencoder-training}
-HERE=$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)
-WEIGHTS=${WEIGHTS:-$HERE/survey_qa/weights/autoencoder.safetensors}
-export SURVEY_QA_TRAIN_RECIPE="models/train_shipped.sh $*"
 
 # night        seed  detector side (px)  exposures
 TRAINING_NIGHTS=(
@@ -29,7 +26,8 @@ TRAINING_NIGHTS=(
   "2023-01-12  3003  2048                 20"
 )
 
-source "$HERE/models/training_nights.sh"
+source "$(dirname "${BASH_SOURCE[0]}")/training_nights.sh"
+WEIGHTS=${WEIGHTS:-$HERE/survey_qa/weights/autoencoder.safetensors}
 mkdir -p "$WORK"
 cat >"$WORK/train.yaml" <<'EOF'
 autoencoder:

@@ -18,9 +18,6 @@
 set -euo pipefail
 
 WORK=${1:-data/classifier-training}
-HERE=$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)
-WEIGHTS=${WEIGHTS:-$HERE/survey_qa/weights/classifier.safetensors}
-export SURVEY_QA_TRAIN_RECIPE="models/train_shipped_classifier.sh $*"
 
 # night        seed  detector side (px)  exposures
 TRAINING_NIGHTS=(
@@ -42,6 +39,7 @@ TRAINING_NIGHTS=(
   "2024-04-18  1016  1024                100"
 )
 
-source "$HERE/models/training_nights.sh"
+source "$(dirname "${BASH_SOURCE[0]}")/training_nights.sh"
+WEIGHTS=${WEIGHTS:-$HERE/survey_qa/weights/classifier.safetensors}
 measure_training_nights balanced
 train_classifier_on_nights "$WEIGHTS"

@@ -32,9 +32,6 @@
 set -euo pipefail
 
 WORK=${1:-data/classifier-wide}
-HERE=$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)
-WEIGHTS=${WEIGHTS:-$WORK/classifier-wide.safetensors}
-export SURVEY_QA_TRAIN_RECIPE="models/train_wide_classifier.sh $*"
 
 # night        seed  largest side (px)  exposures  domain
 TRAINING_NIGHTS=(
@@ -46,6 +43,7 @@ TRAINING_NIGHTS=(
   "2024-03-07  1029  1024               100        default"
 )
 
-source "$HERE/models/training_nights.sh"
+source "$(dirname "${BASH_SOURCE[0]}")/training_nights.sh"
+WEIGHTS=${WEIGHTS:-$WORK/classifier-wide.safetensors}
 measure_training_nights balanced
 train_classifier_on_nights "$WEIGHTS"

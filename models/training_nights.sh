@@ -6,13 +6,17 @@
 # `survey-qa simulate --help`; in the wide domain the side is the largest detector side).
 # TRAINING_NIGHTS_LIST (lines of the same form) replaces the caller's list: a small trial
 # of a recipe, e.g. TRAINING_NIGHTS_LIST="2024-06-01 1 1024 10 wide".
-# This file sets PYTHON, WORKERS, RAW and OUT, single-threaded BLAS, and defines
+# This file sets HERE (the repository), PYTHON, WORKERS, RAW and OUT, single-threaded BLAS,
+# exports SURVEY_QA_TRAIN_RECIPE (the calling recipe and its arguments, which the training
+# records with the weights), and defines
 # measure_training_nights MIX: simulate each night once (survey-qa simulate, MIX
 # "balanced" or "realistic") and run the nightly job on it with the rule classifier (the
 # training must not depend on whatever weights are packaged). It leaves the nights in the
 # array NIGHTS and prints the time each step took.
 set -euo pipefail
 
+HERE=$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)
+export SURVEY_QA_TRAIN_RECIPE="models/$(basename "${BASH_SOURCE[1]}") $*"
 PYTHON=${PYTHON:-python}
 WORKERS=${WORKERS:-2}
 RAW=$WORK/raw
