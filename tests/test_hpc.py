@@ -13,9 +13,9 @@ import pytest
 from survey_qa.config import (CLUSTER_KINDS, ClusterConfig, SlurmConfig, load_config,
                               validate_block)
 from survey_qa.hpc import SCRIPTS, script_path
-from survey_qa.hpc.local_slurm import write_loopback_site
 from survey_qa.hpc.cluster import (KINDS, ClusterKind, ScalePlan, cluster_spec, make_cluster,
                                    plan_scaling, render_job_script, scale_for_night)
+from survey_qa.hpc.local_slurm import write_loopback_site
 
 HPC = Path(__file__).resolve().parents[1] / "hpc"
 # distributed warns when its scratch folder takes over 1 s to create: on a loaded machine
