@@ -27,11 +27,11 @@ import os
 import sys
 import time
 from concurrent.futures import ProcessPoolExecutor
-from pathlib import Path
 
 import numpy as np
 import pandas as pd
 
+from survey_qa import paths
 from survey_qa.config import load_config
 from survey_qa.pipeline.schema import PRIORITY
 
@@ -90,7 +90,7 @@ def measure_night(raw_root: str, night: str, workers: int = 1,
 
 def ensure_night(raw_root: str, night: str, n_frames: int, seed: int, size_px: int) -> None:
     """Simulate the night unless its truth table is already there."""
-    truth = Path(raw_root) / night / "_truth" / "truth.parquet"
+    truth = paths.truth_table(raw_root, night)
     if truth.exists():
         return
     from survey_qa.flows.simulate import simulate_night

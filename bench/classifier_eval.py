@@ -21,6 +21,8 @@ import sys
 import time
 from pathlib import Path
 
+from survey_qa import paths
+
 os.environ.setdefault("OMP_NUM_THREADS", "1")
 
 EVAL_NIGHTS = (  # night, seed, detector side (px); seeds 9001-9099 are reserved for tests
@@ -36,7 +38,7 @@ def simulate(raw: Path, night: str, frames: int, seed: int, size: int, workers: 
 
     from survey_qa.flows.simulate import simulate_night
 
-    if (raw / night / "_truth" / "truth.parquet").exists():
+    if paths.truth_table(raw, night).exists():
         return
     with LocalCluster(n_workers=workers, threads_per_worker=1, dashboard_address=None) as c, \
             Client(c) as client:
@@ -56,7 +58,7 @@ def main(argv: list[str] | None = None) -> int:
 
     from survey_qa.config import load_config
     from survey_qa.flows.train_classifier import evaluate
-    from survey_qa.models.classifier import default_weights_path, load_classifier
+    from survey_qa.models.classifier_inference import default_weights_path, load_classifier
 
     work = Path(a.work)
     raw, out = work / "eval-raw", work / "eval-qa"

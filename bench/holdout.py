@@ -14,12 +14,13 @@ from pathlib import Path
 
 import pandas as pd
 
+from survey_qa import paths
 from survey_qa.pipeline.schema import PRIORITY
 
 
 def load(out_root: Path, raw_root: Path, night: str) -> pd.DataFrame:
-    rows = pd.read_parquet(out_root / "catalogs" / "exposures" / f"night={night}")
-    truth = pd.read_parquet(raw_root / night / "_truth" / "truth.parquet")
+    rows = pd.read_parquet(paths.catalog_partition(out_root, "exposures", night))
+    truth = pd.read_parquet(paths.truth_table(raw_root, night))
     truth = truth[~truth.ambiguous]
     rows["detector"] = rows.detector.astype(str)
     truth["detector"] = truth.detector.astype(str)

@@ -28,6 +28,7 @@ from pathlib import Path
 import pandas as pd
 import pyarrow.dataset as pads
 
+from survey_qa import paths
 from survey_qa.hpc.local_slurm import write_loopback_site
 
 NIGHT = "2024-03-01"
@@ -52,7 +53,7 @@ def run_night(raw: Path, out: Path, config: Path, cluster: str, workers: int) ->
 
 def catalog(out: Path) -> pd.DataFrame:
     """The night's exposure rows, sorted, without run-dependent columns."""
-    df = pads.dataset(out / "catalogs" / "exposures", format="parquet",
+    df = pads.dataset(paths.catalog_root(out, "exposures"), format="parquet",
                       partitioning="hive").to_table().to_pandas()
     return df.sort_values(["exposure", "detector"]).reset_index(drop=True)
 
@@ -75,7 +76,7 @@ def main() -> None:
 
     work = Path(a.workdir)
     raw = work / f"raw-{a.frames}x{a.size}-s{a.seed}"
-    if not (raw / NIGHT).is_dir():
+    if not paths.night_dir(raw, NIGHT).is_dir():
         from survey_qa.flows.simulate import simulate_night
 
         simulate_night(raw, NIGHT, a.frames, seed=a.seed, size_px=a.size)

@@ -27,6 +27,8 @@ import threading
 import time
 from pathlib import Path
 
+from survey_qa import paths
+
 NIGHT = "2024-08-01"
 OUT = Path(__file__).resolve().parent / "out" / "watch_latency"
 
@@ -46,15 +48,15 @@ def main() -> None:
     a = p.parse_args()
 
     staging = OUT / "staging" / f"{a.size}"
-    if len(list((staging / NIGHT).glob("*.fits*"))) < a.frames:
+    if len(list(paths.night_dir(staging, NIGHT).glob("*.fits*"))) < a.frames:
         from survey_qa.flows.simulate import simulate_night
 
         print(f"simulating {a.frames} frames of {a.size} px ...", flush=True)
         simulate_night(staging, NIGHT, a.frames, seed=5150, size_px=a.size, mix="realistic")
-    frames = sorted((staging / NIGHT).glob("*.fits*"))[: a.frames]
+    frames = sorted(paths.night_dir(staging, NIGHT).glob("*.fits*"))[: a.frames]
     run = OUT / "run"
     shutil.rmtree(run, ignore_errors=True)
-    (run / "raw" / NIGHT).mkdir(parents=True)
+    paths.night_dir(run / "raw", NIGHT).mkdir(parents=True)
 
     env = {**os.environ, "PYTHONUNBUFFERED": "1", "OMP_NUM_THREADS": "1",
            "MKL_NUM_THREADS": "1", "OPENBLAS_NUM_THREADS": "1"}
@@ -92,7 +94,7 @@ def main() -> None:
 
     latencies, cpu_latencies = {}, {}
     for f in frames:
-        target = run / "raw" / NIGHT / f.name
+        target = paths.night_dir(run / "raw", NIGHT) / f.name
         shutil.copyfile(f, target)
         landed, cpu_landed = time.monotonic(), cpu_seconds(proc.pid)
         exposure = f.name.split(".")[0]

@@ -28,21 +28,13 @@ from __future__ import annotations
 import gzip
 import io
 import os
-import uuid
-from pathlib import Path
 
 import numpy as np
 import pandas as pd
 
+from survey_qa import paths
 from survey_qa import simulate as sim
-
-TRUTH_DIR = "_truth"
-
-
-def _atomic_write(path: Path, data: bytes) -> None:
-    tmp = path.with_name(f".{path.name}.{uuid.uuid4().hex}.tmp")
-    tmp.write_bytes(data)
-    os.replace(tmp, path)
+from survey_qa.atomic import write_bytes
 
 
 def _fits_bytes(hdul, gzipped: bool) -> bytes:
@@ -52,18 +44,18 @@ def _fits_bytes(hdul, gzipped: bool) -> bytes:
     return gzip.compress(raw, compresslevel=6, mtime=0) if gzipped else raw
 
 
-def write_exposure(night_dir: str, night: str, seed: int, plan: sim.FramePlan
+def write_exposure(raw_root: str | os.PathLike, night: str, seed: int, plan: sim.FramePlan
                    ) -> tuple[list[dict], pd.DataFrame]:
     """Simulate one planned exposure and write its frame and truth mask.
 
     Returns the truth rows (one per detector) and the true stars, for the night's tables.
     """
-    folder = Path(night_dir)
     spec, detectors = sim.simulate_exposure(plan, night, seed)
     frame = sim.build_hdulist(spec, detectors)
-    _atomic_write(folder / plan.filename, _fits_bytes(frame, plan.file_format == "fits.gz"))
-    _atomic_write(folder / TRUTH_DIR / "masks" / f"{plan.exposure}.fits",
-                  _fits_bytes(sim.mask_hdulist(spec, detectors), False))
+    write_bytes(paths.night_dir(raw_root, night) / plan.filename,
+                _fits_bytes(frame, plan.file_format == "fits.gz"))
+    write_bytes(paths.truth_mask(raw_root, night, plan.exposure),
+                _fits_bytes(sim.mask_hdulist(spec, detectors), False))
     rows = sim.truth_records(spec, detectors)
     for row in rows:
         row.update(night=night, path=plan.filename)
@@ -88,9 +80,7 @@ def write_night(raw_root: str | os.PathLike, night: str, plans: list[sim.FramePl
         Optional ``dask.distributed.Client``: exposures are rendered in parallel, each
         task writing its own files; else sequentially.
     """
-    folder = Path(raw_root) / night
-    (folder / TRUTH_DIR / "masks").mkdir(parents=True, exist_ok=True)
-    args = [(str(folder), night, seed, plan) for plan in plans]
+    args = [(str(raw_root), night, seed, plan) for plan in plans]
     if client is None:
         results = [write_exposure(*a) for a in args]
     else:
@@ -99,10 +89,11 @@ def write_night(raw_root: str | os.PathLike, night: str, plans: list[sim.FramePl
     truth = pd.DataFrame([row for rows, _ in results for row in rows])
     stars = pd.concat([s for _, s in results], ignore_index=True)
     stars.insert(0, "night", night)
-    for table, name in ((truth, "truth.parquet"), (stars, "stars.parquet")):
+    for table, path in ((truth, paths.truth_table(raw_root, night)),
+                        (stars, paths.truth_stars(raw_root, night))):
         buf = io.BytesIO()
         table.to_parquet(buf, index=False)
-        _atomic_write(folder / TRUTH_DIR / name, buf.getvalue())
+        write_bytes(path, buf.getvalue())
     return truth
 
 
@@ -170,5 +161,5 @@ def demo_night(raw_root: str | os.PathLike, night: str = "2024-03-01", *, size_p
 
 def load_truth(raw_root: str | os.PathLike, night: str) -> tuple[pd.DataFrame, pd.DataFrame]:
     """The truth table and the true stars of a simulated night."""
-    folder = Path(raw_root) / night / TRUTH_DIR
-    return pd.read_parquet(folder / "truth.parquet"), pd.read_parquet(folder / "stars.parquet")
+    return (pd.read_parquet(paths.truth_table(raw_root, night)),
+            pd.read_parquet(paths.truth_stars(raw_root, night)))

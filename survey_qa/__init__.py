@@ -6,6 +6,7 @@ The package is split the way the work flows:
 - ``survey_qa.flows``: wiring of stages into the nightly job and training jobs.
 - ``survey_qa.models``: learned components (SOM, CNN classifier, autoencoder).
 - ``survey_qa.hpc``: the Dask cluster factory (local or SLURM) and batch scripts.
+- ``survey_qa.simulate``: simulated frames with known truth (a tool, not a stage).
 """
 from importlib.metadata import PackageNotFoundError, version
 

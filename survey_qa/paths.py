@@ -44,6 +44,11 @@ def truth_table(raw_root: PathLike, night: str) -> Path:
     return truth_dir(raw_root, night) / "truth.parquet"
 
 
+def truth_stars(raw_root: PathLike, night: str) -> Path:
+    """A simulated night's true stars (positions in px, fluxes in ADU)."""
+    return truth_dir(raw_root, night) / "stars.parquet"
+
+
 def truth_mask(raw_root: PathLike, night: str, exposure: str) -> Path:
     """A simulated exposure's true damage masks (one HDU per detector)."""
     return truth_dir(raw_root, night) / "masks" / f"{exposure}.fits"
