@@ -1,4 +1,5 @@
-"""survey-qa on clusters: the Dask cluster factory and the SLURM scripts.
+"""survey-qa on clusters: the cluster kinds and their factory (:mod:`.cluster`), the site
+file of a SLURM on one machine (:mod:`.local_slurm`) and the SLURM scripts.
 
 The scripts ship with the package; :func:`script_path` finds them in a source tree and
 in an installed wheel alike::
