@@ -69,8 +69,9 @@ def plan_night(night: str, n_frames: int, *, seed: int = 0, mix: str = "balanced
     good frames. A share ``ambiguous_fraction`` of the frames is drawn from the spec's gaps.
     Mosaics have detectors of ``size_px // 2``. ``domain`` (:data:`DOMAINS`) is passed to
     :func:`draw_spec`: in the ``wide`` domain ``size_px`` is the largest detector side and
-    the night is taken with one to three instruments (:func:`camera_of`), each with its own
-    detector shape, filters, raw layout and illumination pattern.
+    the night is taken with one to three instruments
+    (:func:`~survey_qa.simulate.draw.camera_of`), each with its own detector shape,
+    filters, raw layout and illumination pattern.
     """
     if mix not in MIXES:
         raise ValueError(f"unknown mix {mix!r}; expected one of {sorted(MIXES)}")

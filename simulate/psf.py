@@ -108,7 +108,8 @@ def atmosphere_profile(spec: ExposureSpec, fwhm: float) -> galsim.GSObject:
     A Moffat or Kolmogorov profile; on a defocused frame (``defocus_ratio > 0``) it is
     convolved with the geometric donut (the pupil's image: an annulus of outer diameter
     ``defocus_ratio * fwhm`` with the central obstruction) and narrowed so that the
-    donut PSF keeps the effective FWHM ``fwhm`` (:func:`effective_fwhm`).
+    donut PSF keeps the effective FWHM ``fwhm``
+    (:func:`~survey_qa.simulate.profiles.effective_fwhm`).
     """
     return round_psf(spec.psf_profile, spec.moffat_beta, fwhm, spec.defocus_ratio,
                       spec.obscuration)

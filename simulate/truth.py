@@ -57,7 +57,8 @@ def truth_class(seeing_arcsec: float, trail_ratio: float, u: float, k_mag: float
         Seeing FWHM ``s``, trail ratio ``r = T/s``, sky non-uniformity ``u`` and patchy
         extinction spread ``k`` (mag).
     trail_kind
-        One of :data:`TRAIL_KINDS`; a ``jump`` of ``r >= limits.jump_trail_ratio`` is very bad.
+        One of :data:`~survey_qa.simulate.spec.TRAIL_KINDS`; a ``jump`` of
+        ``r >= limits.jump_trail_ratio`` is very bad.
 
     Returns
     -------

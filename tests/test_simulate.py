@@ -407,6 +407,24 @@ def test_truth_uses_the_pipelines_mosaic_and_priority_rules():
                                                t["flag_bad_seeing"]) == "bad_tracking"
 
 
+def test_simulator_modules_share_only_public_names_and_the_pipelines_rules():
+    import ast
+    from pathlib import Path
+
+    from survey_qa.pipeline import classify
+    from survey_qa.simulate import truth
+
+    assert truth.mosaic_class is classify.mosaic_class  # imported, not a copy
+    assert truth.primary_class is classify.primary_class
+    for path in Path(sim.__file__).parent.glob("*.py"):
+        for node in ast.walk(ast.parse(path.read_text())):
+            if isinstance(node, ast.ImportFrom) and (node.module or "").startswith("survey_qa"):
+                private = [a.name for a in node.names if a.name.startswith("_")]
+                assert not private, f"{path.name} imports {private} from {node.module}"
+            if isinstance(node, ast.FunctionDef):  # no second copy of a class rule
+                assert node.name not in ("mosaic_class", "primary_class"), path.name
+
+
 def test_wide_confounders_leave_the_main_draws_alone():
     base = sim.draw_spec(np.random.default_rng(5), "good", exposure="e", size_px=256,
                          confounders=("cosmic_rays",))
