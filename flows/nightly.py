@@ -116,7 +116,7 @@ def load_models(cfg: Config) -> Models:
     scorer = _scorer(cfg.autoencoder.weights) if cfg.autoencoder.enabled else None
     learned = None
     if cfg.run.classifier != "rules":
-        from survey_qa.models.classifier import shared_classifier
+        from survey_qa.models.classifier_inference import shared_classifier
 
         learned = shared_classifier(cfg.run.classifier_weights, cfg.classify)
         if learned is None and cfg.run.classifier == "cnn":

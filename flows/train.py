@@ -9,66 +9,21 @@ threshold as a quantile of those scores, and write the weights with their metada
 from __future__ import annotations
 
 import os
-import shlex
-import sys
 import time
-import warnings
 from datetime import datetime, timezone
 from pathlib import Path
 
 import lightning as L
-from lightning.pytorch.callbacks import ModelCheckpoint
-from lightning.pytorch.loggers import CSVLogger
 
 import survey_qa
 from survey_qa.config import Config
 from survey_qa.models.autoencoder import (AutoencoderSystem, PatchDataModule, calibrate,
                                           reference_maps)
 from survey_qa.models.components.autoencoder import AutoencoderArch, ConvAutoencoder
-from survey_qa.models.weights import packaged_weights, save_weights
+from survey_qa.models.trainer import (checkpoint_dir, command_line, fit_resuming,
+                                      make_trainer, recipe)
+from survey_qa.models.weights import AUTOENCODER_FILE, packaged_weights, save_autoencoder
 from survey_qa.pipeline import aescore
-
-RECIPE_ENV = "SURVEY_QA_TRAIN_RECIPE"
-"""When set (by ``models/train_shipped.sh``), recorded in the weights' metadata as the
-command sequence that produced them."""
-
-# Lightning performance hints that do not apply to small CPU runs.
-_QUIET = (r".*does not have many workers.*", r".*The number of training batches.*",
-          r".*Checkpoint directory .* exists and is not empty.*",
-          r".*GPU available but not used.*", r".*on_epoch=True.*sync_dist.*",
-          r".*You defined a `validation_step` but have no `val_dataloader`.*",
-          r".*Total length of .* across ranks is zero.*",
-          r".*The `srun` command is available on your system but is not used.*",
-          r".*isinstance\(treespec, LeafSpec\)` is deprecated.*")  # lightning 2.6, torch 2.13
-
-
-def _command_line() -> str:
-    """The command that runs this training, as a user would type it."""
-    program = Path(sys.argv[0]).name
-    if program in ("cli.py", "__main__.py", "survey-qa"):
-        program = "survey-qa"
-    return shlex.join([program, *sys.argv[1:]])
-
-
-def checkpoint_dir(cfg: Config, out_root: str | os.PathLike, model: str) -> Path:
-    """``cfg.train.checkpoint_dir/<model>``, relative paths under ``out_root``."""
-    base = Path(cfg.train.checkpoint_dir)
-    if not base.is_absolute():
-        base = Path(out_root) / base
-    return base / model
-
-
-def make_trainer(cfg: Config, ckpt_dir: Path, has_validation: bool) -> L.Trainer:
-    """A Lightning Trainer with the options of ``cfg.train`` and a last/best checkpoint."""
-    t = cfg.train
-    checkpoint = ModelCheckpoint(dirpath=str(ckpt_dir), save_last=True, save_top_k=1,
-                                 monitor="val_loss" if has_validation else None)
-    return L.Trainer(accelerator=t.accelerator, devices=t.devices, num_nodes=t.num_nodes,
-                     strategy=t.strategy, precision=t.precision, max_epochs=t.max_epochs,
-                     callbacks=[checkpoint], logger=CSVLogger(str(ckpt_dir), name="logs"),
-                     enable_progress_bar=cfg.run.progress, enable_model_summary=False,
-                     default_root_dir=str(ckpt_dir), log_every_n_steps=10,
-                     num_sanity_val_steps=0)
 
 
 def train_autoencoder(cfg: Config, out_root: str | os.PathLike,
@@ -107,13 +62,9 @@ def train_autoencoder(cfg: Config, out_root: str | os.PathLike,
     data.setup("fit")
     system = AutoencoderSystem(model, learning_rate=t.learning_rate, cell_px=params.cell_px)
     ckpt_dir = checkpoint_dir(cfg, out_root, "autoencoder")
-    last = ckpt_dir / "last.ckpt"
     t_start = time.perf_counter()
-    with warnings.catch_warnings():
-        for pattern in _QUIET:
-            warnings.filterwarnings("ignore", message=pattern)
-        trainer = make_trainer(cfg, ckpt_dir, bool(data.split.val_frames))
-        trainer.fit(system, datamodule=data, ckpt_path=str(last) if last.is_file() else None)
+    trainer = make_trainer(cfg, ckpt_dir, has_validation=bool(data.split.val_frames))
+    fit_resuming(trainer, system, data, ckpt_dir)
     train_s = time.perf_counter() - t_start
     if not trainer.is_global_zero:
         return None
@@ -141,8 +92,7 @@ def train_autoencoder(cfg: Config, out_root: str | os.PathLike,
                   "seed": t.seed, "devices": t.devices, "num_nodes": t.num_nodes,
                   "strategy": t.strategy, "precision": t.precision,
                   "accelerator": t.accelerator, "train_s": round(train_s, 1)},
-        command=_command_line(),
-        recipe=os.environ.get(RECIPE_ENV, "").strip(),
+        command=command_line(), recipe=recipe(),
         pipeline_version=survey_qa.__version__,
         trained_at=datetime.now(timezone.utc).replace(microsecond=0).isoformat())
-    return save_weights(model, output or packaged_weights(), metadata)
+    return save_autoencoder(model, output or packaged_weights(AUTOENCODER_FILE), metadata)

@@ -18,65 +18,43 @@ from __future__ import annotations
 
 import json
 import math
-import os
 import time
-import warnings
 from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
 
 import survey_qa
+from survey_qa import paths
+from survey_qa.atomic import write_text
 from survey_qa.config import Config
-from survey_qa.flows.train import RECIPE_ENV, checkpoint_dir
 from survey_qa.models import evaluation
-from survey_qa.models.classifier import (FEATURE_NAMES, ClassifierSystem, ExposureDataModule,
-                                         Examples, class_weights, collect_logits,
-                                         fit_temperature, load_classifier, load_examples,
-                                         save_classifier, split_by_night_and_exposure,
-                                         training_domain)
-from survey_qa.models.components.classifier import DualInputClassifier
-from survey_qa.models.som import SomModel
+from survey_qa.models.classifier_data import (SPLIT_METHOD, Examples, ExposureDataModule,
+                                              load_examples, read_night_stamps)
+from survey_qa.models.classifier_features import training_domain
+from survey_qa.models.classifier_inference import load_classifier
+from survey_qa.models.classifier_system import (ClassifierSystem, build_network,
+                                                calibrate_temperature, class_weights)
 from survey_qa.models.som import train_som as fit_som
+from survey_qa.models.splits import split_by_night_and_exposure
+from survey_qa.models.trainer import (best_checkpoint, checkpoint_dir, fit_resuming,
+                                      make_trainer, recipe)
+from survey_qa.models.weights import (CLASSIFIER_FILE, load_checkpoint_state, load_som,
+                                      save_classifier, save_som)
 from survey_qa.pipeline.schema import CLASSES
 
 SOM_FILE = "som.npz"
-CLASSIFIER_FILE = "classifier.safetensors"
-
-
-# ---------------------------------------------------------------------------- paths
-
-
-def models_dir(out_root: str | Path) -> Path:
-    """Where trained models go by default: ``<out_root>/models/``."""
-    return Path(out_root) / "models"
-
-
-def catalog_nights(out_root: str | Path) -> list[str]:
-    """Every night with an exposure catalog under ``out_root``, sorted."""
-    folder = Path(out_root) / "catalogs" / "exposures"
-    return sorted(p.name.split("=", 1)[1] for p in folder.glob("night=*") if p.is_dir())
+"""The SOM's file name in the models folder (:func:`survey_qa.paths.models_dir`)."""
 
 
 def _nights(out_root: str | Path, nights: list[str] | None) -> list[str]:
-    nights = list(nights) if nights else catalog_nights(out_root)
+    nights = list(nights) if nights else paths.catalog_nights(out_root)
     if not nights:
         raise ValueError(f"no nights to train on under {out_root}")
     return nights
 
 
 # ---------------------------------------------------------------------------- SOM
-
-
-def read_night_stamps(out_root: str | Path, night: str) -> np.ndarray:
-    """Every stored star stamp of a night, ``(n, h, w)`` float32 (padding dropped)."""
-    import xarray as xr
-
-    ds = xr.open_zarr(Path(out_root) / "arrays" / f"{night}.zarr", consolidated=False)
-    counts = ds["n_stamps"].values
-    stamps = ds["stamps"].values
-    return np.concatenate([stamps[i, :c] for i, c in enumerate(counts) if c > 0]
-                          or [np.zeros((0, *stamps.shape[2:]), np.float32)]).astype(np.float32)
 
 
 def train_som(cfg: Config, out_root: str | Path, nights: list[str] | None = None,
@@ -108,7 +86,7 @@ def train_som(cfg: Config, out_root: str | Path, nights: list[str] | None = None
                   n_iterations=s.passes * min(len(stamps), s.max_stamps),
                   augment=s.augment, max_stamps=s.max_stamps, seed=cfg.train.seed)
     som.info.update(nights=nights, train_s=time.perf_counter() - t0)
-    return som.save(output or models_dir(out_root) / SOM_FILE)
+    return save_som(som, output or paths.models_dir(out_root) / SOM_FILE)
 
 
 # ---------------------------------------------------------------------------- CNN
@@ -147,50 +125,34 @@ def train_classifier(cfg: Config, out_root: str | Path, nights: list[str] | None
         distributed run.
     """
     import lightning as L
-    import torch
-    from lightning.pytorch.callbacks import ModelCheckpoint
-    from lightning.pytorch.loggers import CSVLogger
 
     t0 = time.perf_counter()
     nights = _nights(out_root, nights)
-    output = Path(output or models_dir(out_root) / CLASSIFIER_FILE)
+    output = Path(output or paths.models_dir(out_root) / CLASSIFIER_FILE)
     tc = cfg.train
     L.seed_everything(tc.seed, workers=True, verbose=False)
-    som = SomModel.load(som_path or models_dir(out_root) / SOM_FILE)
+    som = load_som(som_path or paths.models_dir(out_root) / SOM_FILE)
     dm = ExposureDataModule(out_root, nights, truth_root, som, cfg.classify,
                             batch_size=tc.batch_size, num_workers=tc.num_workers,
                             val_fraction=tc.val_fraction, seed=tc.seed)
     dm.setup("fit")
-    net = build_network(som, dm)
+    net = build_network(som, dm.feature_mean, dm.feature_std)
     system = ClassifierSystem(net, learning_rate=tc.learning_rate,
                               class_weights=class_weights(dm.class_counts))
     ckpt_dir = checkpoint_dir(cfg, out_root, "classifier")
     has_val = len(dm.val) > 0
-    checkpoint = ModelCheckpoint(dirpath=ckpt_dir, filename="classifier-{epoch:03d}",
-                                 monitor="val_loss" if has_val else None, mode="min",
-                                 save_top_k=1, save_last=True)
-    trainer = L.Trainer(accelerator=tc.accelerator, devices=tc.devices,
-                        num_nodes=tc.num_nodes, strategy=tc.strategy,
-                        precision=tc.precision, max_epochs=tc.max_epochs,
-                        callbacks=[checkpoint, *(callbacks or [])],
-                        logger=CSVLogger(ckpt_dir.parent, name="classifier_logs"),
-                        default_root_dir=ckpt_dir,
-                        limit_val_batches=1.0 if has_val else 0, enable_progress_bar=False,
-                        enable_model_summary=False,
-                        log_every_n_steps=max(1, min(10, len(dm.train) // (
-                            tc.batch_size * tc.devices * tc.num_nodes))))
-    last = ckpt_dir / "last.ckpt"
-    with warnings.catch_warnings():
-        if last.exists():  # resuming: the folder holds our own checkpoints
-            warnings.filterwarnings("ignore", "Checkpoint directory .* not empty")
-        trainer.fit(system, datamodule=dm, ckpt_path=str(last) if last.exists() else None)
+    trainer = make_trainer(cfg, ckpt_dir, has_validation=has_val, callbacks=callbacks,
+                           train_batches=len(dm.train) // (tc.batch_size * tc.devices
+                                                           * tc.num_nodes),
+                           sanity_val_steps=2, progress_bar=False)
+    fit_resuming(trainer, system, dm, ckpt_dir)
     if not trainer.is_global_zero:
         return None
-    if has_val and checkpoint.best_model_path:  # the epoch with the lowest val_loss
-        best = torch.load(checkpoint.best_model_path, map_location="cpu", weights_only=True)
-        system.load_state_dict(best["state_dict"])
+    best = best_checkpoint(trainer)
+    if has_val and best is not None:  # the epoch with the lowest val_loss
+        system.load_state_dict(load_checkpoint_state(best))
     net = system.net.cpu().float()
-    calib = calibrate(net, dm) if has_val else {"temperature": 1.0}
+    calib = calibrate_temperature(net, dm.val_dataloader()) if has_val else {"temperature": 1.0}
     domain, domain_stats = training_domain(dm.train.table)
     info = {"training": {
         "nights": nights, "n_train": len(dm.train), "n_val": len(dm.val),
@@ -199,37 +161,14 @@ def train_classifier(cfg: Config, out_root: str | Path, nights: list[str] | None
         "seed": tc.seed, "val_fraction": tc.val_fraction, "accelerator": tc.accelerator,
         "devices": tc.devices, "num_nodes": tc.num_nodes, "strategy": tc.strategy,
         "precision": tc.precision,
-        "best_checkpoint": Path(checkpoint.best_model_path).name or None,
+        "best_checkpoint": best.name if best is not None else None,
         "classify_limits": {"seeing_limit_arcsec": cfg.classify.seeing_limit_arcsec,
                             "seeing_limit_px": cfg.classify.seeing_limit_px},
         **calib},
         "domain": domain, "domain_stats": domain_stats,
-        "recipe": os.environ.get(RECIPE_ENV, "").strip(),
+        "recipe": recipe(),
         "pipeline_version": survey_qa.__version__}
     return save_classifier(net, output, som, info=info)
-
-
-def build_network(som: SomModel, dm: ExposureDataModule) -> DualInputClassifier:
-    """A fresh network holding the SOM prototypes and the training-split standardisation."""
-    net = DualInputClassifier(grid=som.grid, stamp_shape=som.stamp_shape,
-                              n_features=len(FEATURE_NAMES), n_classes=len(CLASSES))
-    net.prototype_branch.set_prototypes(som.prototypes())
-    net.feature_branch.set_standardisation(dm.feature_mean, dm.feature_std)
-    return net
-
-
-def calibrate(net: DualInputClassifier, dm: ExposureDataModule) -> dict:
-    """Fit the temperature on the validation split; return it with before/after NLL."""
-    import torch
-
-    logits, labels = collect_logits(net, dm.val_dataloader())
-    nll = torch.nn.functional.cross_entropy
-    before = float(nll(logits, labels))
-    temperature = fit_temperature(logits, labels)
-    net.temperature.fill_(temperature)
-    return {"temperature": temperature, "val_nll_before": before,
-            "val_nll_after": float(nll(logits / temperature, labels)),
-            "val_accuracy": float((logits.argmax(1) == labels).float().mean())}
 
 
 # ---------------------------------------------------------------------------- evaluation
@@ -319,7 +258,7 @@ def evaluate(cfg: Config, out_root: str | Path, truth_root: str | Path, nights: 
     report = EvaluationReport(nights=list(nights), scores=scores, measured_scores=measured,
                               n_ambiguous_excluded=int(ambiguous.sum()), figure=figure,
                               model_version=clf.version)
-    (report_dir / "evaluation.json").write_text(json.dumps(
+    write_text(report_dir / "evaluation.json", json.dumps(
         {"nights": list(nights), "model_version": clf.version,
          "n_ambiguous_excluded": report.n_ambiguous_excluded,
          "scores": [s.to_dict() for s in scores],
@@ -340,5 +279,5 @@ def _baseline_split(cfg: Config, out_root: str | Path, nights: list[str],
     recorded = clf.meta.get("training", {})
     train_idx, _ = split_by_night_and_exposure(
         ex.table, recorded.get("val_fraction", cfg.train.val_fraction),
-        recorded.get("seed", cfg.train.seed))
+        recorded.get("seed", cfg.train.seed), method=SPLIT_METHOD)
     return ex.subset(train_idx)

@@ -11,7 +11,6 @@ from __future__ import annotations
 import math
 import os
 from dataclasses import dataclass
-from pathlib import Path
 
 import lightning as L
 import numpy as np
@@ -19,12 +18,17 @@ import pandas as pd
 import torch
 from torch.utils.data import DataLoader, Dataset
 
+from survey_qa import paths
 from survey_qa.config import AutoencoderConfig, IOConfig, TrainConfig
 from survey_qa.models.components.autoencoder import ConvAutoencoder
+from survey_qa.models.splits import split_by_night_and_exposure
 from survey_qa.pipeline import aescore
 from survey_qa.pipeline.errors import QualityError
 
 REFERENCE_COLUMNS = ["night", "exposure", "detector", "path", "hdu"]
+SPLIT_METHOD = "exposure_share"
+"""How :class:`PatchDataModule` holds out validation frames
+(:func:`survey_qa.models.splits.split_by_night_and_exposure`)."""
 
 
 # ---------------------------------------------------------------------------- the system
@@ -107,7 +111,7 @@ def find_reference_frames(out_root: str | os.PathLike, nights: list[str] | None 
     """
     import pyarrow.dataset as pads
 
-    folder = Path(out_root) / "catalogs" / "exposures"
+    folder = paths.catalog_root(out_root, "exposures")
     if not folder.is_dir():
         raise ValueError(f"no exposures catalog under {folder}: run the nightly job first")
     ds = pads.dataset(str(folder), format="parquet", partitioning="hive")
@@ -120,49 +124,6 @@ def find_reference_frames(out_root: str | os.PathLike, nights: list[str] | None 
         keep &= df["night"].isin([str(n) for n in nights])
     out = df.loc[keep, REFERENCE_COLUMNS].sort_values(["night", "exposure", "detector"])
     return out.reset_index(drop=True)
-
-
-def split_references(refs: pd.DataFrame, val_fraction: float, seed: int = 0
-                     ) -> tuple[pd.DataFrame, pd.DataFrame]:
-    """Split reference frames into training and validation, never inside an exposure.
-
-    Whole nights (in random order) go to validation first, each one that brings the
-    validation share of exposures nearer ``val_fraction``; whole exposures from the
-    remaining nights then top it up. Every detector of an exposure lands on the same
-    side, and at least one exposure is kept for training.
-
-    Parameters
-    ----------
-    refs
-        Rows with at least ``night`` and ``exposure``.
-    val_fraction
-        Target share of exposures held out.
-    seed
-        Seed of the random choice of nights and exposures.
-    """
-    if refs.empty or val_fraction <= 0:
-        return refs.copy(), refs.iloc[:0].copy()
-    rng = np.random.default_rng(seed)
-    per_night = refs.groupby("night")["exposure"].unique()
-    n_exposures = int(sum(len(v) for v in per_night))
-    target = max(1, round(val_fraction * n_exposures))
-    target = min(target, n_exposures - 1)
-    val: set[tuple[str, str]] = set()
-    nights = list(per_night.index)
-    rng.shuffle(nights)
-    if len(nights) > 1:
-        for night in nights:
-            size = len(per_night[night])
-            closer = size < 2 * (target - len(val))  # the share gets nearer the target
-            if closer and len(val) + size < n_exposures:
-                val |= {(night, e) for e in per_night[night]}
-    rest = [(n, e) for n in nights for e in sorted(per_night[n]) if (n, e) not in val]
-    rng.shuffle(rest)
-    while len(val) < target and len(rest) > 1:
-        val.add(rest.pop())
-    key = list(zip(refs["night"], refs["exposure"]))
-    is_val = np.array([k in val for k in key], dtype=bool)
-    return refs[~is_val].copy(), refs[is_val].copy()
 
 
 def read_reference(path: str, hdu: int, io_cfg: IOConfig) -> tuple[np.ndarray, np.ndarray]:
@@ -304,7 +265,9 @@ class PatchDataModule(L.LightningDataModule):
                 f">= {self.ae_cfg.reference_min_p_good} for these nights (lower "
                 "autoencoder.reference_min_p_good, or measure the nights with --classifier "
                 "rules, whose good frames are confident)")
-        train, val = split_references(refs, self.train_cfg.val_fraction, self.train_cfg.seed)
+        train_rows, val_rows = split_by_night_and_exposure(
+            refs, self.train_cfg.val_fraction, self.train_cfg.seed, method=SPLIT_METHOD)
+        train, val = refs.iloc[train_rows].copy(), refs.iloc[val_rows].copy()
         a = self.ae_cfg
         train_frames = prepare_frames(train, a.bin_factor, self.io_cfg)
         val_frames = prepare_frames(val, a.bin_factor, self.io_cfg)

@@ -7,18 +7,15 @@ share of its stars per node (the *occupancy map*) is a small, fixed-size image o
 exposure's stars look like, whatever their number.
 
 The map is a minisom wrapper for training; inference (winners, occupancy, errors) is plain
-numpy on the stored prototypes. Models are saved as ``.npz`` holding only numeric arrays
-and a JSON string, and are read back with ``allow_pickle=False``.
+numpy on the stored prototypes. :func:`survey_qa.models.weights.save_som` and
+:func:`~survey_qa.models.weights.load_som` write and read a map.
 """
 from __future__ import annotations
 
-import json
 from dataclasses import dataclass, field
-from pathlib import Path
 
 import numpy as np
 
-SOM_FORMAT = "survey-qa-som-1"
 PEAK_FLOOR = -0.5
 """Stamps are scaled to a peak of 1; pixels below this (noise, over-subtracted sky) are
 clipped so one bad pixel cannot dominate a distance."""
@@ -220,32 +217,6 @@ class SomModel:
         (x1, y1), (x2, y2) = divmod(order[:, 0], gy), divmod(order[:, 1], gy)
         far = np.maximum(np.abs(x1 - x2), np.abs(y1 - y2)) > 1
         return {"quantization_error": q, "topographic_error": float(far.mean())}
-
-    # ------------------------------------------------------------------ files
-
-    def save(self, path: str | Path) -> Path:
-        """Write the map to ``path`` (``.npz``: arrays and a JSON string, no pickle)."""
-        path = Path(path)
-        path.parent.mkdir(parents=True, exist_ok=True)
-        meta = {"format": SOM_FORMAT, "stamp_shape": list(self.stamp_shape),
-                "quantization_error": self.quantization_error,
-                "topographic_error": self.topographic_error, "info": self.info}
-        tmp = path.with_name(f".{path.name}.tmp.npz")
-        np.savez(tmp, weights=self.weights, meta=np.array(json.dumps(meta)))
-        tmp.replace(path)
-        return path
-
-    @classmethod
-    def load(cls, path: str | Path) -> "SomModel":
-        """Read a map written by :meth:`save`."""
-        with np.load(Path(path), allow_pickle=False) as data:
-            meta = json.loads(str(data["meta"]))
-            weights = data["weights"]
-        if meta.get("format") != SOM_FORMAT:
-            raise ValueError(f"{path}: not a survey-qa SOM file")
-        return cls(weights=weights, stamp_shape=tuple(meta["stamp_shape"]),
-                   quantization_error=meta["quantization_error"],
-                   topographic_error=meta["topographic_error"], info=meta["info"])
 
 
 def train_som(stamps: np.ndarray, grid: tuple[int, int] = (10, 10), *,

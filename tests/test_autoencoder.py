@@ -10,7 +10,6 @@ from pathlib import Path
 
 import numpy as np
 import pandas as pd
-import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 import torch
@@ -20,11 +19,12 @@ from scipy import ndimage
 from survey_qa.config import AutoencoderConfig, IOConfig, TrainConfig, load_config
 from survey_qa.models.autoencoder import (AutoencoderSystem, PatchDataModule,
                                           RandomPatchDataset, calibrate,
-                                          find_reference_frames, reference_maps,
-                                          split_references)
+                                          find_reference_frames, reference_maps)
 from survey_qa.models.components.autoencoder import (AutoencoderArch, ConvAutoencoder,
                                                      Decoder, Encoder)
-from survey_qa.models.weights import load_scorer, read_metadata, save_weights, scorer_from
+from survey_qa.models.splits import split_by_night_and_exposure
+from survey_qa.models.weights import (load_scorer, read_autoencoder_metadata,
+                                      save_autoencoder, scorer_from)
 from survey_qa.pipeline import aescore
 from survey_qa.pipeline.errors import QualityError
 from survey_qa.pipeline.schema import empty_exposure_row, rows_to_table
@@ -275,8 +275,8 @@ def test_damaged_sky_scores_higher_than_flat_sky(trained):
 
 def test_weights_round_trip(trained, tmp_path, monkeypatch):
     model, meta = trained
-    path = save_weights(model, tmp_path / "ae.safetensors", dict(meta, command="test"))
-    stored = read_metadata(path)
+    path = save_autoencoder(model, tmp_path / "ae.safetensors", dict(meta, command="test"))
+    stored = read_autoencoder_metadata(path)
     assert stored["architecture"] == TINY.to_dict()
     assert stored["version"].startswith("ae1-") and stored["command"] == "test"
     scorer = load_scorer(path)
@@ -293,11 +293,10 @@ def test_weights_round_trip(trained, tmp_path, monkeypatch):
     assert path.read_bytes()[8:9] == b"{"
     with pytest.raises(ValueError, match="no autoencoder weights"):
         load_scorer(tmp_path / "missing.safetensors")
-    monkeypatch.setattr("survey_qa.models.weights.packaged_weights",
-                        lambda: tmp_path / "none" / "autoencoder.safetensors")
+    monkeypatch.setattr("survey_qa.models.weights.WEIGHTS_DIR", tmp_path / "none")
     assert load_scorer(None) is None
     with pytest.raises(ValueError, match="lacks"):
-        save_weights(model, tmp_path / "bad.safetensors", {"threshold": 1.0})
+        save_autoencoder(model, tmp_path / "bad.safetensors", {"threshold": 1.0})
 
 
 # ---------------------------------------------------------------------------- references
@@ -309,23 +308,29 @@ def refs_table(layout):
                           "hdu": 0} for n, e, d in layout])
 
 
+def split_frames(refs, val_fraction, seed):
+    """Training and validation reference rows, split as the autoencoder's data module does."""
+    train, val = split_by_night_and_exposure(refs, val_fraction, seed, method="exposure_share")
+    return refs.iloc[train], refs.iloc[val]
+
+
 @pytest.mark.parametrize("seed", range(5))
 def test_split_keeps_exposures_whole_and_prefers_whole_nights(seed):
     layout = [(f"2024-03-0{n}", f"n{n}e{e}", f"d{d}") for n in range(1, 6)
               for e in range(4) for d in range(2)]
-    train, val = split_references(refs_table(layout), 0.2, seed)
+    train, val = split_frames(refs_table(layout), 0.2, seed)
     assert not set(train["exposure"]) & set(val["exposure"])
     assert len(train) + len(val) == len(layout)
     assert not set(train["night"]) & set(val["night"])  # a whole night fits 20%
     assert val["exposure"].nunique() == 4
     one_night = [("2024-03-01", f"e{e}", f"d{d}") for e in range(10) for d in range(4)]
-    train, val = split_references(refs_table(one_night), 0.3, seed)
+    train, val = split_frames(refs_table(one_night), 0.3, seed)
     assert not set(train["exposure"]) & set(val["exposure"])
     assert val["exposure"].nunique() == 3 and len(val) == 12
     two = [(f"2024-03-0{n}", f"n{n}e{e}", "0") for n in (1, 2) for e in range(5)]
-    train, val = split_references(refs_table(two), 0.2, seed)  # no night fits: exposures
+    train, val = split_frames(refs_table(two), 0.2, seed)  # no night fits: exposures
     assert val["exposure"].nunique() == 2 and train["exposure"].nunique() == 8
-    train, val = split_references(refs_table([("2024-03-01", "e0", "0")]), 0.5, seed)
+    train, val = split_frames(refs_table([("2024-03-01", "e0", "0")]), 0.5, seed)
     assert len(train) == 1 and val.empty
 
 
@@ -403,7 +408,7 @@ def test_train_autoencoder_writes_weights_and_resumes(catalog, tmp_path):
 
     cfg = load_config(train_config(tmp_path), {"train": {"checkpoint_dir": str(tmp_path / "ck")}})
     out = train_autoencoder(cfg, catalog, None, output=tmp_path / "w.safetensors")
-    meta = read_metadata(out)
+    meta = read_autoencoder_metadata(out)
     assert meta["training_data"]["n_train_frames"] == 2
     assert meta["calibrated_on"] == "validation" and meta["bin_factor"] == 2
     assert meta["threshold"] > 0 and meta["quantile"] == 0.99
@@ -414,8 +419,8 @@ def test_train_autoencoder_writes_weights_and_resumes(catalog, tmp_path):
     # a second call resumes from last.ckpt: with max_epochs reached nothing more is trained
     cfg3 = load_config(train_config(tmp_path, max_epochs=3),
                        {"train": {"checkpoint_dir": str(tmp_path / "ck")}})
-    again = read_metadata(train_autoencoder(cfg3, catalog, None,
-                                            output=tmp_path / "w2.safetensors"))
+    again = read_autoencoder_metadata(train_autoencoder(cfg3, catalog, None,
+                                                        output=tmp_path / "w2.safetensors"))
     assert again["training"]["epochs_run"] == 3
 
 
@@ -430,6 +435,6 @@ def test_two_process_cpu_ddp_training(catalog, tmp_path):
     env = dict(os.environ, OMP_NUM_THREADS="1")
     done = subprocess.run(cmd, capture_output=True, text=True, timeout=300, env=env)
     assert done.returncode == 0, done.stderr[-3000:]
-    meta = read_metadata(out)
+    meta = read_autoencoder_metadata(out)
     assert meta["training"]["devices"] == 2 and meta["training"]["strategy"] == "ddp"
     assert done.stdout.count("weights written to") == 1  # rank 0 only

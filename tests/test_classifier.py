@@ -11,22 +11,25 @@ import os
 import subprocess
 import sys
 import textwrap
-from pathlib import Path
 
 import numpy as np
 import pandas as pd
 import pytest
 import torch
 
+from survey_qa import paths
 from survey_qa.config import ClassifyConfig, load_config
-from survey_qa.models.classifier import (FEATURE_NAMES, ClassifierSystem, ExposureDataModule,
-                                         ExposureDataset, LearnedClassifier, class_weights,
-                                         collect_logits, feature_vector, fit_temperature,
-                                         load_classifier, load_examples, save_classifier,
-                                         shared_classifier,
-                                         split_by_night_and_exposure)
+from survey_qa.models.classifier_data import (ExposureDataModule, ExposureDataset,
+                                              load_examples, read_night_stamps)
+from survey_qa.models.classifier_features import FEATURE_NAMES, feature_vector
+from survey_qa.models.classifier_inference import (LearnedClassifier, load_classifier,
+                                                   shared_classifier)
+from survey_qa.models.classifier_system import (ClassifierSystem, class_weights,
+                                                collect_logits, fit_temperature)
 from survey_qa.models.components.classifier import DualInputClassifier
-from survey_qa.models.som import SomModel, dihedral, prepare_stamps, train_som
+from survey_qa.models.som import dihedral, prepare_stamps, train_som
+from survey_qa.models.splits import split_by_night_and_exposure
+from survey_qa.models.weights import load_som, save_classifier, save_som
 from survey_qa.pipeline import io
 from survey_qa.pipeline.classify import classify_rules
 from survey_qa.pipeline.flags import decode_flags
@@ -108,14 +111,14 @@ def write_night(out_root, raw_root, night, n_exposures, seed, mosaic_every=0):
                           "confounders": "optics" if i % 3 == 0 else ""})
     variables = {"stamps": ((PER_DET, STAMP, STAMP), ("star", "y", "x"), "float32", np.nan),
                  "n_stamps": ((), (), "int32", 0)}
-    store = io.zarr_path(out_root, night)
+    store = paths.zarr_store(out_root, night)
     index = io.setup_zarr(store, frames, variables)
     for key, st in stamps.items():
         io.write_frame(store, index[key], {"stamps": st, "n_stamps": np.int32(len(st))})
     io.consolidate(rows_to_table(rows), out_root, "exposures", night)
-    tdir = Path(raw_root) / night / "_truth"
-    tdir.mkdir(parents=True, exist_ok=True)
-    pd.DataFrame(truth).to_parquet(tdir / "truth.parquet")
+    table = paths.truth_table(raw_root, night)
+    table.parent.mkdir(parents=True, exist_ok=True)
+    pd.DataFrame(truth).to_parquet(table)
     return pd.DataFrame(truth)
 
 
@@ -137,8 +140,6 @@ def nights(tmp_path_factory):
 @pytest.fixture(scope="module")
 def som(nights):
     out, _ = nights
-    from survey_qa.flows.train_classifier import read_night_stamps
-
     stamps = np.concatenate([read_night_stamps(out, n) for n in TRAIN_NIGHTS])
     return train_som(stamps, (5, 5), n_iterations=3000, seed=0)
 
@@ -169,8 +170,8 @@ def test_som_occupancy_representatives_and_files(som, tmp_path):
     members = np.flatnonzero(som.winners(padded) == busiest)
     assert any(np.allclose(reps[0].ravel(), prepare_stamps(stamps)[m]) for m in members)
     assert 0 < som.quantization_error < 5 and 0 <= som.topographic_error <= 1
-    path = som.save(tmp_path / "som.npz")
-    back = SomModel.load(path)
+    path = save_som(som, tmp_path / "som.npz")
+    back = load_som(path)
     assert np.array_equal(back.weights, som.weights)
     assert np.array_equal(back.occupancy_map(padded), occ)
     assert back.quantization_error == som.quantization_error
@@ -228,12 +229,12 @@ def test_split_keeps_every_exposure_on_one_side():
     rng = np.random.default_rng(0)
     table = pd.DataFrame({"night": rng.choice(["a", "b"], 200),
                           "exposure": rng.integers(0, 40, 200).astype(str)})
-    train, val = split_by_night_and_exposure(table, 0.25, seed=3)
+    train, val = split_by_night_and_exposure(table, 0.25, seed=3, method="night_count")
     assert len(train) + len(val) == 200 and len(val) > 0
     key = table["night"] + "/" + table["exposure"]
     assert not set(key.iloc[train]) & set(key.iloc[val])
     table["night"] = rng.choice(["a", "b", "c", "d"], 200)  # enough nights: whole nights
-    train, val = split_by_night_and_exposure(table, 0.25, seed=3)
+    train, val = split_by_night_and_exposure(table, 0.25, seed=3, method="night_count")
     assert not set(table["night"].iloc[train]) & set(table["night"].iloc[val])
 
 
@@ -296,7 +297,7 @@ def test_short_training_lowers_loss(nights, som):
                               n_features=len(FEATURE_NAMES))
     net.prototype_branch.set_prototypes(som.prototypes())
     net.feature_branch.set_standardisation(dm.feature_mean, dm.feature_std)
-    loader = dm._loader(dm.train, augment=False, shuffle=False)
+    loader = dm.loader(dm.train, augment=False, shuffle=False)
     logits, labels = collect_logits(net, loader)
     before = float(torch.nn.functional.cross_entropy(logits, labels))
     system = ClassifierSystem(net, learning_rate=3e-3,
@@ -361,9 +362,9 @@ def test_weights_round_trip_gives_identical_outputs(som, tmp_path):
 
 
 def test_load_classifier_without_weights(tmp_path, monkeypatch):
-    import survey_qa.models.classifier as mc
+    import survey_qa.models.weights as mw
 
-    monkeypatch.setattr(mc, "WEIGHTS_DIR", tmp_path / "nothing")
+    monkeypatch.setattr(mw, "WEIGHTS_DIR", tmp_path / "nothing")
     assert load_classifier() is None
     with pytest.raises(ValueError):
         load_classifier(tmp_path / "missing.safetensors")
@@ -399,7 +400,7 @@ def test_predict_defers_to_rules_outside_the_training_domain(som, tmp_path):
 
 
 def test_training_domain_is_the_range_that_decide_reads():
-    from survey_qa.models.classifier import training_domain
+    from survey_qa.models.classifier_features import training_domain
     from survey_qa.pipeline.decide import outside_domain
 
     table = pd.DataFrame({"pixscale_arcsec": [0.2, 0.5, np.nan], "fwhm_px": [2.0, 9.0, 4.0],
@@ -423,7 +424,7 @@ def test_flows_train_and_evaluate(nights, tmp_path):
     out, raw = nights
     cfg = small_cfg(tmp_path)
     som_path = train_som_flow(cfg, out, TRAIN_NIGHTS, output=tmp_path / "som.npz")
-    assert SomModel.load(som_path).grid == (5, 5)
+    assert load_som(som_path).grid == (5, 5)
     weights = train_classifier(cfg, out, TRAIN_NIGHTS, raw, som_path=som_path,
                                output=tmp_path / "clf.safetensors")
     meta = json.loads(weights.with_suffix(".json").read_text())
@@ -459,7 +460,6 @@ def test_flows_train_and_evaluate(nights, tmp_path):
 
 DDP_SCRIPT = """
 import sys
-from pathlib import Path
 import lightning as L
 from survey_qa.config import load_config
 from survey_qa.flows.train_classifier import train_classifier
@@ -482,7 +482,7 @@ train_classifier(cfg, out, nights, raw, som_path=som, output=Path(work, "w.safet
 @pytest.mark.slow
 def test_ddp_two_cpu_processes(nights, som, tmp_path):
     out, raw = nights
-    som_path = som.save(tmp_path / "som.npz")
+    som_path = save_som(som, tmp_path / "som.npz")
     script = tmp_path / "ddp_train.py"
     script.write_text(textwrap.dedent(DDP_SCRIPT).replace("NIGHTS", repr(TRAIN_NIGHTS)))
     env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONWARNINGS": "ignore"}

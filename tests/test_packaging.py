@@ -69,11 +69,13 @@ def test_wheel_holds_one_package(tmp_path):
 def test_shipped_weights_load_and_name_the_script_that_made_them():
     from survey_qa.config import load_config
     from survey_qa.flows.nightly import load_models
-    from survey_qa.models.weights import packaged_weights, read_metadata
+    from survey_qa.models.weights import (AUTOENCODER_FILE, packaged_weights,
+                                          read_autoencoder_metadata)
 
     models = load_models(load_config())  # the defaults: the packaged models
     assert models.classifier is not None and models.scorer is not None
-    recipes = [models.classifier.meta["recipe"], read_metadata(packaged_weights())["recipe"]]
+    ae_meta = read_autoencoder_metadata(packaged_weights(AUTOENCODER_FILE))
+    recipes = [models.classifier.meta["recipe"], ae_meta["recipe"]]
     assert recipes[0].split()[0] == "models/train_shipped_classifier.sh"
     assert recipes[1].split()[0] == "models/train_shipped.sh"
     assert all((ROOT / r.split()[0]).is_file() for r in recipes)

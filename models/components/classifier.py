@@ -8,10 +8,11 @@ Two views of an exposure meet in one head:
   by a small CNN on the stamp grid. Tracking errors make the mean star elongated; optical
   aberrations, which point different ways over the field, show as spread instead.
 - the **feature view**: measured quantities in physical, scale-free units
-  (``models.classifier.FEATURE_NAMES``), standardised with constants from the training
-  split, with missing values replaced by the training mean and flagged.
+  (``models.classifier_features.FEATURE_NAMES``), standardised with constants from the
+  training split, with missing values replaced by the training mean and flagged.
 
-The modules hold no training logic; ``models.classifier.ClassifierSystem`` trains them.
+The modules hold no training logic; ``models.classifier_system.ClassifierSystem`` trains
+them.
 """
 from __future__ import annotations
 
