@@ -217,8 +217,6 @@ def evaluate(cfg: Config, out_root: str | Path, truth_root: str | Path, nights: 
     report_dir
         Where ``evaluation.json`` and ``evaluation.png`` go; None: ``<out_root>/evaluation``.
     """
-    from survey_qa.pipeline.classify import classify_rules
-
     clf = load_classifier(weights, cfg.classify)
     if clf is None:
         raise ValueError("no classifier weights to evaluate (train one or pass weights=)")
@@ -229,32 +227,22 @@ def evaluate(cfg: Config, out_root: str | Path, truth_root: str | Path, nights: 
     test = load_examples(out_root, nights, truth_root, clf.som, cfg.classify)
     ambiguous = test.table["ambiguous"].to_numpy()
     test = test.subset(np.flatnonzero(~ambiguous))
-    y = test.table["label"].to_numpy()
     rows = test.table.to_dict("records")
-    conf = test.table["confounders"].tolist()
-    probas, preds, names = [], [], []
-
     p_cnn = clf.probabilities(rows, test.occupancy(clf.som.grid))
-    probas.append(p_cnn), preds.append(p_cnn.argmax(1)), names.append("cnn")
-    rules = [classify_rules(r, cfg.classify) for r in rows]
-    probas.append(np.array([[r.probabilities[c] for c in CLASSES] for r in rules]))
-    preds.append(np.array([CLASSES.index(r.quality_class) for r in rules])), names.append("rules")
+    predictions = {"cnn": (p_cnn, p_cnn.argmax(1)),
+                   "rules": evaluation.rule_predictions(rows, cfg.classify)}
     if train_nights:
         train = _baseline_split(cfg, train_out_root or out_root, train_nights,
                                 train_truth_root or truth_root, clf)
         gb = evaluation.train_gradient_boosting(train.features, train.table["label"],
                                                 seed=cfg.train.seed)
         p_gb = gb.proba(test.features)
-        probas.append(p_gb), preds.append(p_gb.argmax(1)), names.append("gboost")
-
-    scores = [evaluation.score_predictions(n, y, p, conf, y_pred=yp)
-              for n, p, yp in zip(names, probas, preds)]
-    ok = np.isfinite(test.table["fwhm_px"].to_numpy(dtype=np.float64))
-    measured = [evaluation.score_predictions(n, y[ok], p[ok], list(np.array(conf)[ok]),
-                                             y_pred=yp[ok])
-                for n, p, yp in zip(names, probas, preds)]
+        predictions["gboost"] = (p_gb, p_gb.argmax(1))
+    scores, measured = evaluation.score_classifiers(test.table, predictions)
     report_dir = Path(report_dir or Path(out_root) / "evaluation")
-    figure = evaluation.plot_evaluation(scores, y, probas, report_dir / "evaluation.png")
+    figure = evaluation.plot_evaluation(scores, test.table["label"].to_numpy(),
+                                        [p for p, _ in predictions.values()],
+                                        report_dir / "evaluation.png")
     report = EvaluationReport(nights=list(nights), scores=scores, measured_scores=measured,
                               n_ambiguous_excluded=int(ambiguous.sum()), figure=figure,
                               model_version=clf.version)

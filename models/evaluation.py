@@ -1,8 +1,9 @@
 """Scores of exposure classifiers against truth, side by side.
 
-Pure functions: arrays in, :class:`ClassifierScores` out; a feature-only gradient-boosting
-baseline; one figure (confusion matrices and the ROC of "usable" = good vs not). The
-evaluation flow (``flows.train_classifier.evaluate``) reads the data and calls these.
+Pure functions: arrays in, :class:`ClassifierScores` out; the rule classifier's and a
+feature-only gradient-boosting baseline's predictions; one figure (confusion matrices and
+the ROC of "usable" = good vs not). The evaluation flow
+(``flows.train_classifier.evaluate``) reads the data and calls these.
 """
 from __future__ import annotations
 
@@ -11,7 +12,11 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 import numpy as np
+import pandas as pd
 
+from survey_qa.atomic import atomic_target
+from survey_qa.config import ClassifyConfig
+from survey_qa.pipeline.classify import classify_rules
 from survey_qa.pipeline.schema import CLASSES
 
 
@@ -145,6 +150,42 @@ def train_gradient_boosting(features: np.ndarray, labels: np.ndarray,
     return GradientBoostingBaseline(model=model, columns=columns)
 
 
+def rule_predictions(rows: list[dict], cfg: ClassifyConfig) -> tuple[np.ndarray, np.ndarray]:
+    """The rule classifier on exposure rows: ``(n, 5)`` probabilities in ``CLASSES`` order
+    and the ``(n,)`` class indices it decides
+    (:func:`survey_qa.pipeline.classify.classify_rules`)."""
+    rules = [classify_rules(r, cfg) for r in rows]
+    probas = np.array([[r.probabilities[c] for c in CLASSES] for r in rules])
+    return probas, np.array([CLASSES.index(r.quality_class) for r in rules])
+
+
+def score_classifiers(table: pd.DataFrame, predictions: dict[str, tuple[np.ndarray, np.ndarray]]
+                      ) -> tuple[list[ClassifierScores], list[ClassifierScores]]:
+    """Score several classifiers on the same labelled detectors.
+
+    Parameters
+    ----------
+    table
+        One row per detector with ``label`` (index into ``CLASSES``), ``confounders``
+        (comma-separated names) and ``fwhm_px``.
+    predictions
+        Classifier name -> ``(probabilities (n, 5), predicted class indices (n,))``.
+
+    Returns
+    -------
+    tuple of lists
+        The scores on every detector, and on the detectors with a PSF measurement
+        (``fwhm_px`` finite) only.
+    """
+    y = table["label"].to_numpy()
+    conf = table["confounders"].tolist()
+    ok = np.isfinite(table["fwhm_px"].to_numpy(dtype=np.float64))
+    every = [score_predictions(n, y, p, conf, y_pred=yp) for n, (p, yp) in predictions.items()]
+    measured = [score_predictions(n, y[ok], p[ok], list(np.array(conf)[ok]), y_pred=yp[ok])
+                for n, (p, yp) in predictions.items()]
+    return every, measured
+
+
 def format_scores(scores: list[ClassifierScores]) -> str:
     """A plain-text table: accuracy, macro-F1, AUC, confounder accuracy, per-class F1."""
     names = [s.name for s in scores]
@@ -181,7 +222,6 @@ def plot_evaluation(scores: list[ClassifierScores], y_true: np.ndarray,
     from sklearn.metrics import roc_curve
 
     path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
     n = len(scores)
     fig = Figure(figsize=(4.2 * (n + 1), 4.2), layout="constrained")
     FigureCanvasAgg(fig)
@@ -211,5 +251,6 @@ def plot_evaluation(scores: list[ClassifierScores], y_true: np.ndarray,
     roc.set_ylabel("true positive rate (good called good)")
     roc.set_title("usable (good) vs not", fontsize=9)
     roc.legend(fontsize=8, loc="lower right")
-    fig.savefig(path, dpi=110)
+    with atomic_target(path) as tmp, open(tmp, "wb") as f:
+        fig.savefig(f, dpi=110, format=path.suffix.lstrip(".") or "png")
     return path

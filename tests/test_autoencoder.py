@@ -297,6 +297,13 @@ def test_weights_round_trip(trained, tmp_path, monkeypatch):
     assert load_scorer(None) is None
     with pytest.raises(ValueError, match="lacks"):
         save_autoencoder(model, tmp_path / "bad.safetensors", {"threshold": 1.0})
+    assert not (tmp_path / "bad.safetensors").exists()  # nothing half-written
+    assert not (tmp_path / "bad.json").exists()
+    raw = bytearray(path.read_bytes())  # the version names the tensors' checksum
+    raw[-1] ^= 0xFF
+    path.write_bytes(bytes(raw))
+    with pytest.raises(ValueError, match="checksum"):
+        load_scorer(path)
 
 
 # ---------------------------------------------------------------------------- references

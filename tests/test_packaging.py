@@ -79,3 +79,15 @@ def test_shipped_weights_load_and_name_the_script_that_made_them():
     assert recipes[0].split()[0] == "models/train_shipped_classifier.sh"
     assert recipes[1].split()[0] == "models/train_shipped.sh"
     assert all((ROOT / r.split()[0]).is_file() for r in recipes)
+
+
+def test_shipped_weights_keep_their_versions():
+    """The model_version strings of the packaged weights are their files' checksums."""
+    from survey_qa.models.classifier_inference import load_classifier
+    from survey_qa.models.weights import file_sha256, load_scorer, packaged_weights
+
+    scorer, clf = load_scorer(None), load_classifier(None)
+    ae_digest = file_sha256(packaged_weights("autoencoder.safetensors"))
+    cnn_digest = file_sha256(packaged_weights("classifier.safetensors"))
+    assert scorer.version == f"ae1-{ae_digest[:10]}"
+    assert clf.version == f"cnn-{cnn_digest[:12]}" == f"cnn-{clf.meta['weights_sha256'][:12]}"
