@@ -120,3 +120,21 @@ def test_column_type_default_empty_values():
     assert schema.empty_value(Column("x", pa.string(), "", "x")) == ""
     assert schema.empty_value(Column("x", pa.bool_(), "", "x")) is False
     assert schema.empty_value(Column("x", pa.string(), "", "x", empty="none")) == "none"
+
+
+def test_no_flag_bit_is_declared_outside_the_registry():
+    """Bits are set and tested by name (flags.bits), never by a number written elsewhere."""
+    import re
+
+    root = Path(__file__).resolve().parents[1]
+    by_number = re.compile(r"\b1\s*<<|\b(qa_flags|flags)\b[^\n]*[&|]=?\s*0x|"
+                           r"\b(qa_flags|flags)\b\W*[&|]=?\s*\d")
+    found = []
+    for folder in ("pipeline", "flows", "models", "simulate", "hpc", "survey_qa"):
+        for path in sorted((root / folder).rglob("*.py")):
+            if path == root / "pipeline" / "flags.py":
+                continue
+            for n, line in enumerate(path.read_text().splitlines(), 1):
+                if by_number.search(line):
+                    found.append(f"{path.relative_to(root)}:{n}: {line.strip()}")
+    assert not found, "\n".join(found)
