@@ -239,7 +239,7 @@ def evaluate(cfg: Config, out_root: str | Path, truth_root: str | Path, nights: 
         p_gb = gb.proba(test.features)
         predictions["gboost"] = (p_gb, p_gb.argmax(1))
     scores, measured = evaluation.score_classifiers(test.table, predictions)
-    report_dir = Path(report_dir or Path(out_root) / "evaluation")
+    report_dir = Path(report_dir or paths.evaluation_dir(out_root))
     figure = evaluation.plot_evaluation(scores, test.table["label"].to_numpy(),
                                         [p for p, _ in predictions.values()],
                                         report_dir / "evaluation.png")

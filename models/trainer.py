@@ -20,6 +20,7 @@ import lightning as L
 from lightning.pytorch.callbacks import Callback, ModelCheckpoint
 from lightning.pytorch.loggers import CSVLogger
 
+from survey_qa import paths
 from survey_qa.config import Config
 
 RECIPE_ENV = "SURVEY_QA_TRAIN_RECIPE"
@@ -39,11 +40,9 @@ resumed run's checkpoint folder holds the previous run's files."""
 
 
 def checkpoint_dir(cfg: Config, out_root: str | os.PathLike, model: str) -> Path:
-    """``cfg.train.checkpoint_dir/<model>``, a relative ``checkpoint_dir`` under ``out_root``."""
-    base = Path(cfg.train.checkpoint_dir)
-    if not base.is_absolute():
-        base = Path(out_root) / base
-    return base / model
+    """``cfg.train.checkpoint_dir/<model>``, a relative ``checkpoint_dir`` under ``out_root``
+    (:func:`survey_qa.paths.checkpoint_dir`)."""
+    return paths.checkpoint_dir(out_root, cfg.train.checkpoint_dir, model)
 
 
 def make_trainer(cfg: Config, ckpt_dir: Path, *, has_validation: bool,

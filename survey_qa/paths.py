@@ -10,6 +10,8 @@ I/O contract says::
     <out_root>/reports/<night>.html                               the night report
     <out_root>/selections/night=<night>/                          frame lists for stacking
     <out_root>/models/                                            trained SOM and weights
+    <out_root>/checkpoints/<model>/                               training checkpoints
+    <out_root>/evaluation/                                        classifier evaluation
     <out_root>/_work/night=<night>/                               per-exposure results
     <out_root>/_work/night=<night>.lock                           a running job's lock
 
@@ -103,6 +105,20 @@ def selection_dir(out_root: PathLike, night: str) -> Path:
 def models_dir(out_root: PathLike) -> Path:
     """Where trained models go by default."""
     return Path(out_root) / "models"
+
+
+def checkpoint_dir(out_root: PathLike, configured: PathLike, model: str) -> Path:
+    """A model's training checkpoints: ``<configured>/<model>``, where ``configured``
+    (``train.checkpoint_dir``) is taken under ``out_root`` when it is relative."""
+    base = Path(configured)
+    if not base.is_absolute():
+        base = Path(out_root) / base
+    return base / model
+
+
+def evaluation_dir(out_root: PathLike) -> Path:
+    """Where the classifier evaluation writes its scores and figure by default."""
+    return Path(out_root) / "evaluation"
 
 
 def work_dir(out_root: PathLike, night: str) -> Path:
