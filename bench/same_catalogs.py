@@ -31,13 +31,18 @@ def _table(out: Path, catalog: str, night: str) -> pd.DataFrame:
     return df.drop(columns=drop).sort_values(KEYS[catalog]).reset_index(drop=True)
 
 
+def _same_cell(x, y) -> bool:
+    if isinstance(x, (list, np.ndarray)) and isinstance(y, (list, np.ndarray)):
+        x, y = np.asarray(x, dtype=np.float64), np.asarray(y, dtype=np.float64)
+        return x.shape == y.shape and np.array_equal(x, y, equal_nan=True)
+    return x == y or (x != x and y != y)
+
+
 def _same(a: pd.Series, b: pd.Series, rtol: float) -> bool:
     if a.dtype.kind == "f" and b.dtype.kind == "f":
         return bool(np.allclose(a.to_numpy(), b.to_numpy(), rtol=rtol, atol=0, equal_nan=True))
-    if a.dtype == object:  # lists (grids) and strings
-        return all(np.array_equal(np.asarray(x, dtype=object), np.asarray(y, dtype=object))
-                   if isinstance(x, (list, np.ndarray)) else
-                   (x == y or (x != x and y != y)) for x, y in zip(a, b))
+    if a.dtype == object:  # lists (grids of floats) and strings
+        return all(_same_cell(x, y) for x, y in zip(a, b))
     return a.equals(b)
 
 
