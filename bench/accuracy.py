@@ -40,9 +40,9 @@ FWHM_BINS = (0.0, 2.0, 3.0, 4.0, 6.0, 8.0, 10.0, 20.0)
 
 def measure_detector(det, cfg) -> dict:
     """The nightly run's stages and the rule classifier on one detector, timed."""
-    from survey_qa.flows.nightly import Models, measure_detector as measure
+    from survey_qa.pipeline.measure import Models, measure_detector as measure
 
-    row = measure(det, cfg, Models(scorer=None, classifier=None))[0]
+    row = measure(det, cfg, Models(scorer=None, classifier=None)).row
     row["t_total_s"] = sum(row[k] for k in ("t_background_s", "t_sources_s", "t_psf_s",
                                             "t_stamps_s"))
     return row

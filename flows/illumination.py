@@ -1,35 +1,23 @@
 """Wiring of the illumination correction (:mod:`survey_qa.pipeline.illumination`).
 
-- :func:`flat_field`: before a detector is measured, divide it by the configured master
-  flat (``background.flat``, or ``background.flats[filter]``), read once per process.
-- :func:`sky_arrays`: what each detector stores in the night's array store for the night
-  pass (its coarse sky map and mesh size).
-- :func:`correct_night`: in the night pass, learn each detector geometry's illumination
-  pattern from the night's sky maps and measure every frame's sky non-uniformity again
-  on ``sky / pattern``.
+- :func:`detector_flat`: the configured master flat of a detector (``background.flat``,
+  or ``background.flats[filter]``), read once per process; the measurement divides by it.
+- :func:`correct_night`: in the night pass, the coarse sky maps of the night's frames are
+  read from the array store and each group of frames of one detector geometry and filter
+  gets its sky non-uniformity measured again on ``sky / pattern``.
 """
 from __future__ import annotations
 
-import collections
 import dataclasses
 import functools
-import math
 from pathlib import Path
 
 import numpy as np
 
 from survey_qa.config import BackgroundConfig, Config, IOConfig
-from survey_qa.pipeline import background, illumination, io
+from survey_qa.pipeline import illumination, io
 from survey_qa.pipeline.errors import QualityError
-from survey_qa.pipeline.flags import bits
-from survey_qa.pipeline.records import BackgroundResult, DetectorImage
-
-SKY_VARIABLES = {
-    "sky_map": ((illumination.SKY_GRID, illumination.SKY_GRID), ("sky_y", "sky_x"), "float32",
-                np.nan),
-    "sky_mesh_px": ((), (), "int32", 0),
-}
-"""Array-store variables of :func:`sky_arrays` (shape, dimensions, dtype, fill)."""
+from survey_qa.pipeline.records import DetectorImage
 
 
 # ---------------------------------------------------------------------------- flat field
@@ -67,119 +55,53 @@ def _read_flat(path: str, io_items: tuple) -> dict[str, tuple[np.ndarray, np.nda
     return out
 
 
-def flat_field(det: DetectorImage, cfg: Config) -> DetectorImage:
-    """The detector divided by its master flat (qa flag ``FLAT_FIELDED``), or unchanged
-    when none is configured.
+def detector_flat(det: DetectorImage, cfg: Config) -> illumination.Flat | None:
+    """The master flat of this detector, or None when none is configured.
+
+    A flat file of one image serves every detector; a mosaic flat serves the detector of
+    the same name.
 
     Raises
     ------
     QualityError
-        When the flat's size differs from the detector's or it has no such detector.
+        When the flat has no such detector.
+    ValueError
+        When the flat file cannot be read (:func:`read_flat`).
     """
     path = flat_path(det.meta.filter, cfg.background)
     if path is None:
-        return det
+        return None
     flats = read_flat(str(path), cfg.io)
     entry = flats.get(det.detector) or (next(iter(flats.values())) if len(flats) == 1
                                         else None)
     if entry is None:
         raise QualityError(f"the flat field {Path(path).name} has no detector {det.detector}")
-    try:
-        data, mask = illumination.apply_flat(det.data, det.mask, *entry)
-    except ValueError as e:
-        raise QualityError(f"flat field {Path(path).name}: {e}") from None
-    return dataclasses.replace(det, data=data, mask=mask,
-                               qa_flags=det.qa_flags | bits("FLAT_FIELDED"))
+    return illumination.Flat(Path(path).name, *entry)
 
 
 # ---------------------------------------------------------------------------- night pass
 
 
-def sky_arrays(bkg: BackgroundResult, mask: np.ndarray) -> dict[str, np.ndarray]:
-    """The coarse sky map (ADU, NaN where masked) and mesh size of one detector."""
-    return {"sky_map": illumination.coarse_sky_map(bkg.back, mask),
-            "sky_mesh_px": np.int32(bkg.mesh_px)}
+def correct_night(rows: list[dict], cfg: Config, store) -> dict[int, dict]:
+    """Sky non-uniformity measured on ``sky / night pattern``
+    (:func:`~survey_qa.pipeline.illumination.correct_group`), group by group.
 
-
-def _frames(store) -> dict[tuple[str, str], int]:
-    import zarr
-
-    root = zarr.open_group(str(store), mode="r")
-    if "exposure" not in root or "sky_map" not in root:
-        return {}
-    keys = zip(root["exposure"][:].tolist(), root["detector"][:].tolist())
-    return {k: i for i, k in enumerate(keys)}
-
-
-def _usable(row: dict) -> bool:
-    """A measured light frame with a sky to compare, not flat-fielded already."""
-    flags = int(row.get("qa_flags") or 0)
-    return (row["status"] == "ok" and row["detector"] != "ALL"
-            and row.get("image_type") in ("light", "", None)
-            and not flags & bits("FLAT_FIELDED", "SKY_UNMEASURED")
-            and math.isfinite(row.get("sky_nonuniformity") or math.nan))
-
-
-def _detector_key(row: dict) -> str:
-    """A mosaic detector's name; "" for a single-detector frame, whose name is only the
-    HDU that holds it (a compressed copy of the same camera's frame sits in HDU 1)."""
-    return row["detector"] if int(row.get("n_detectors") or 1) > 1 else ""
-
-
-def correct_night(rows: list[dict], cfg: Config, store) -> set[int]:
-    """Sky non-uniformity measured on ``sky / night pattern`` (in place).
-
-    Rows are grouped by detector (of a mosaic), size and filter; a group of at least
-    ``background.illumination_min_frames`` usable frames gets a pattern
-    (:func:`~survey_qa.pipeline.illumination.night_pattern`, or its radial part), and each
-    of its rows gets ``sky_nonuniformity`` from its coarse sky map divided by it (noise
-    floor removed as in the background stage) and the qa flag ``ILLUMINATION_NIGHT``.
-    A frame that the pattern does not describe (its map is less uniform divided by the
-    pattern than raw: a frame of another pointing or illumination, or a faint sky over a
-    bias pedestal) keeps its raw value.
+    Reads each group's coarse sky maps from the array store; ``rows`` are not changed.
 
     Returns
     -------
-    set of int
-        Positions of the rows that changed (their class must be decided again).
+    dict
+        Row position -> the changed row (its class must be decided again).
     """
     mode = cfg.background.illumination
     if mode == "none" or not Path(store).exists():
-        return set()
-    frames = _frames(store)
-    if not frames:
-        return set()
-    import zarr
-
-    root = zarr.open_group(str(store), mode="r")
-    groups = collections.defaultdict(list)
-    for i, r in enumerate(rows):
-        if _usable(r) and (r["exposure"], r["detector"]) in frames:
-            groups[(_detector_key(r), r["nx"], r["ny"], r.get("filter") or "")].append(i)
-    changed = set()
-    for (_, nx, ny, _), members in groups.items():
-        if len(members) < cfg.background.illumination_min_frames:
-            continue
-        maps = {i: root["sky_map"][frames[(rows[i]["exposure"], rows[i]["detector"])]]
-                for i in members}
-        pattern = illumination.night_pattern(list(maps.values()),
-                                             cfg.background.illumination_min_frames)
-        if pattern is not None and mode == "radial":
-            pattern = illumination.radial_pattern(pattern, ny, nx)
-        if pattern is None:
-            continue
-        for i, sky_map in maps.items():
-            r = rows[i]
-            mesh = int(root["sky_mesh_px"][frames[(r["exposure"], r["detector"])]])
-            u = illumination.corrected_nonuniformity(sky_map, pattern)
-            if not u < illumination.corrected_nonuniformity(sky_map, 1.0):
-                continue  # the pattern does not describe this frame: its raw u stands
-            if mesh > 0:
-                u = background.remove_noise_floor(u, background.noise_floor(
-                    r["sky_noise"], r["sky_level"], mesh))
-            if not math.isfinite(u):
-                continue
-            r["sky_nonuniformity"] = u
-            r["qa_flags"] = int(r["qa_flags"]) | bits("ILLUMINATION_NIGHT")
-            changed.add(i)
+        return {}
+    frames = io.store_frames(store, "sky_map")
+    min_frames = cfg.background.illumination_min_frames
+    changed = {}
+    for members in illumination.night_groups(rows, set(frames), min_frames):
+        index = {i: frames[(rows[i]["exposure"], rows[i]["detector"])] for i in members}
+        sky_maps = io.read_frames(store, "sky_map", index)
+        mesh_px = {i: int(m) for i, m in io.read_frames(store, "sky_mesh_px", index).items()}
+        changed.update(illumination.correct_group(rows, sky_maps, mesh_px, mode, min_frames))
     return changed

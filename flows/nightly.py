@@ -2,40 +2,37 @@
 
 It reads like a recipe. The client discovers the night's frames, skips those already
 done, lays out the array store, and maps :func:`process_exposure` over the rest. Each task
-reads one file, calls the stages in order, and writes that exposure's results under
-``<out>/_work/night=<night>/`` (sources, then arrays, then the exposure rows, which mark it
-done). When every task has finished, the night's catalogs are written as one file each,
-atomically. A crash leaves only whole per-exposure files; a re-run finishes what is
-missing.
+gets one file (reads it), runs :func:`~survey_qa.pipeline.measure.measure_detector` on
+each detector, and puts the results: the arrays into the store, then the exposure's
+sources and rows into the work folder (:mod:`survey_qa.flows.workdir`; the rows, written
+last, mark it done). When every task has finished, the night's catalogs are written as one
+file each, atomically. A crash leaves only whole per-exposure files; a re-run finishes
+what is missing.
 """
 from __future__ import annotations
 
 import collections
 import functools
-import math
 import time
 from dataclasses import dataclass, field
 from datetime import datetime, timezone
 from pathlib import Path
 
-import numpy as np
 import pandas as pd
 import pyarrow as pa
 
 import survey_qa
+from survey_qa import paths
 from survey_qa.config import Config
 from survey_qa.flows import illumination, workdir
-from survey_qa.flows.workdir import work_dir  # noqa: F401 -- part of this module's API
 from survey_qa.flows.night_pass import finish_night
-from survey_qa.pipeline import (aescore, background, classify, decide, features, io, psf,
-                                sources, stamps)
+from survey_qa.pipeline import io, measure
 from survey_qa.pipeline.errors import QualityError
-from survey_qa.pipeline.flags import bits
+from survey_qa.pipeline.measure import (DetectorResult, Models, exposure_level, exposure_rows,
+                                        failed_row, internal_error, measure_detector,
+                                        stage_medians)
 from survey_qa.pipeline.records import DetectorImage
-from survey_qa.pipeline.schema import (CLASSES, EXPOSURE_SCHEMA, PRIORITY, SOURCE_SCHEMA,
-                                       empty_exposure_row, rows_to_table)
-
-RULES_VERSION = "rules-1"
+from survey_qa.pipeline.schema import CLASSES, PRIORITY, SOURCE_SCHEMA, rows_to_table
 
 
 @dataclass
@@ -86,21 +83,6 @@ def done_exposures(out_root: str | Path, night: str, files: dict[str, Path]) -> 
 # ---------------------------------------------------------------------------- models
 
 
-@dataclass
-class Models:
-    """The trained models a night uses; None where there are no weights (or not asked)."""
-
-    scorer: "aescore.Scorer | None"
-    classifier: "object | None"  # survey_qa.models.classifier.LearnedClassifier
-
-    @property
-    def version(self) -> str:
-        parts = [self.classifier.version if self.classifier else RULES_VERSION]
-        if self.scorer:
-            parts.append(self.scorer.version)
-        return "+".join(parts)
-
-
 @functools.lru_cache(maxsize=4)
 def _scorer(path: str | None):
     from survey_qa.models.weights import load_scorer
@@ -128,29 +110,6 @@ def load_models(cfg: Config) -> Models:
 # ---------------------------------------------------------------------------- per task
 
 
-def array_variables(cfg: Config, models: Models, max_shape: tuple[int, int]) -> dict:
-    """Arrays written per detector into ``arrays/<night>.zarr``."""
-    n, s = cfg.stamps.per_detector, cfg.stamps.size_px
-    out = {
-        "stamps": ((n, s, s), ("star", "y", "x"), "float32", np.nan),
-        "stamp_x": ((n,), ("star",), "float32", np.nan),
-        "stamp_y": ((n,), ("star",), "float32", np.nan),
-        "n_stamps": ((), (), "int32", 0),
-        **illumination.SKY_VARIABLES,
-    }
-    if models.classifier is not None:
-        som = models.classifier.som
-        out["som_occupancy"] = (tuple(som.grid), ("som_x", "som_y"), "float32", np.nan)
-        out["som_representatives"] = ((cfg.som.representatives, *som.stamp_shape),
-                                      ("representative", "y", "x"), "float32", np.nan)
-    if models.scorer is not None:
-        block = models.scorer.block_px
-        grid = (math.ceil(max_shape[0] / block), math.ceil(max_shape[1] / block))
-        out["ae_score_map"] = (grid, ("patch_y", "patch_x"), "float32", np.nan)
-        out["ae_mask"] = (grid, ("patch_y", "patch_x"), "uint8", 0)
-    return out
-
-
 def plan_frames(path: str, cfg: Config, exposure: str | None = None
                 ) -> list[tuple[str, str, int, int]]:
     """(exposure, detector, ny, nx) of every detector a file really holds, from its headers."""
@@ -158,71 +117,58 @@ def plan_frames(path: str, cfg: Config, exposure: str | None = None
     return [(exposure, *d) for d in io.plan_detectors(path, cfg.io)]
 
 
-def measure_detector(det: DetectorImage, cfg: Config, models: Models):
-    """The stages for one detector.
-
-    Returns the exposure row, the source table, the PSF result, the star stamps and the
-    arrays for the Zarr store.
-    """
-    timings = {}
+def read_exposure(path: str, cfg: Config, exposure: str
+                  ) -> tuple[list[DetectorImage | QualityError], float]:
+    """Every detector of a file (or the error that made it unreadable) and the seconds the
+    reading took. A file that cannot be read at all gives one error for detector 'ALL'."""
     t = time.perf_counter()
-    det = illumination.flat_field(det, cfg)
-    bkg = background.measure_background(det.data, det.mask, cfg.background)
-    timings["t_background_s"] = time.perf_counter() - t
-    t = time.perf_counter()
-    src = sources.extract_sources(det.data, bkg, det.mask, cfg.sources, det.meta.saturate_adu)
-    timings["t_sources_s"] = time.perf_counter() - t
-    t = time.perf_counter()
-    star = psf.select_psf_stars(src, det.data.shape, cfg.psf)
-    psf_result = psf.measure_psf(det.data, bkg, src, star, cfg.psf)
-    src = psf.annotate_sources(src, star, psf_result, det.data.shape, cfg.psf)
-    timings["t_psf_s"] = time.perf_counter() - t
-    t = time.perf_counter()
-    cut = stamps.cut_stamps(det.data, bkg, src, psf_result.psf_star, cfg.stamps)
-    timings["t_stamps_s"] = time.perf_counter() - t
-    row = features.summarize(det, bkg, src, psf_result)
-    row["qa_flags"] |= bkg.qa_flags
-    arrays = illumination.sky_arrays(bkg, det.mask)
-    t = time.perf_counter()
-    if models.scorer is not None:
-        ae = aescore.score_detector(det.data, det.mask, models.scorer, cfg.autoencoder)
-        row.update(ae_score=ae.ae_score, mask_fraction=ae.mask_fraction)
-        arrays.update(ae_score_map=ae.score_map, ae_mask=ae.mask.astype(np.uint8))
-    else:
-        row["qa_flags"] |= bits("AE_UNAVAILABLE")
-    timings["t_ae_s"] = time.perf_counter() - t
-    t = time.perf_counter()
-    occupancy = None
-    if models.classifier is not None:
-        occupancy = models.classifier.occupancy(cut)
-        arrays["som_occupancy"] = occupancy
-        arrays["som_representatives"] = models.classifier.som.representatives(
-            cut, cfg.som.representatives)
-    row = decide.classify_row(row, cfg.classify, models.classifier, occupancy)
-    timings["t_classify_s"] = time.perf_counter() - t
-    row.update(timings)
-    return row, src, psf_result, cut, arrays
+    try:
+        dets = io.read_detectors(path, cfg.io, exposure)
+    except QualityError as e:
+        dets = [QualityError(e.reason, **{**e.metadata, "detector": "ALL"})]
+    except Exception as e:  # noqa: BLE001 -- one file never stops a night
+        dets = [QualityError(internal_error("reading", e).reason, detector="ALL")]
+    return dets, time.perf_counter() - t
 
 
-def failed_row(path: str, exposure: str, detector: str, error: QualityError) -> dict:
-    """The row of a detector (or a whole file: detector 'ALL') that could not be measured.
+def measure_or_fail(path: str, exposure: str, det: DetectorImage | QualityError, cfg: Config,
+                    models: Models) -> DetectorResult | dict:
+    """A detector measured, or its ``failed`` row when it could not be read or measured
+    (bad data, or a bug met in a stage: that frame fails, the night goes on)."""
+    if isinstance(det, QualityError):
+        return failed_row(path, exposure, det.metadata.get("detector", "ALL"), det)
+    try:
+        return measure_detector(det, cfg, models, illumination.detector_flat(det, cfg))
+    except QualityError as e:
+        e.metadata.setdefault("meta", det.meta)
+        return failed_row(path, exposure, det.detector, e)
+    except Exception as e:  # noqa: BLE001 -- a bug on one frame never stops a night
+        error = internal_error("measuring", e)
+        error.metadata.update(meta=det.meta, hdu=det.hdu)
+        return failed_row(path, exposure, det.detector, error)
 
-    The header facts read before the failure (``meta`` in the error's metadata) and the
-    image type are kept.
-    """
-    row = empty_exposure_row()
-    meta = error.metadata.get("meta")
-    if meta is not None:
-        features.update_meta(row, meta)
-        row["image_type"] = meta.image_type
-    row.update(exposure=exposure, detector=detector, path=str(path), status="failed",
-               error=error.reason, hdu=int(error.metadata.get("hdu", -1)))
-    return row
+
+def write_arrays(store: str, frame_index: dict[tuple[str, str], int],
+                 result: DetectorResult) -> DetectorResult:
+    """Write a detector's arrays into its place in the store; a detector without a place,
+    or too large for it, gets its row flagged ``ARRAYS_SKIPPED`` instead."""
+    key = (result.row["exposure"], result.row["detector"])
+    if key in frame_index and io.write_frame(store, frame_index[key], result.arrays):
+        return result
+    return result.arrays_skipped()
 
 
-def _internal_error(stage: str, e: Exception) -> QualityError:
-    """A bug met on one frame: that frame fails with the error; the night goes on."""
-    return QualityError(f"internal error while {stage}: {type(e).__name__}: {e}")
+def write_masks(cfg: Config, night: str, exposure: str, models: Models,
+                results: list[DetectorResult]) -> None:
+    """Write the exposure's full-resolution autoencoder masks, when there are any."""
+    masks = {r.row["detector"]: r.mask for r in results if r.mask is not None}
+    if not masks:
+        return
+    io.write_mask_fits(paths.mask_file(cfg.run.out_root, night, exposure), masks, {
+        "EXPOSURE": (exposure, "exposure the mask belongs to"),
+        "MASKVAL": (1, "1: damaged (autoencoder), 0: usable"),
+        "AEBLOCK": (models.scorer.block_px, "mask cell side, pixels"),
+        "AEMODEL": (models.scorer.version, "autoencoder weights")})
 
 
 def process_exposure(path: str, cfg: Config, night: str, store: str,
@@ -236,74 +182,22 @@ def process_exposure(path: str, cfg: Config, night: str, store: str,
     """
     t_start = time.perf_counter()
     exposure = io.exposure_id(path) if exposure is None else exposure
-    sources.configure_sep(cfg.sources)
     models = load_models(cfg)
-    t = time.perf_counter()
-    try:
-        dets = io.read_detectors(path, cfg.io, exposure)
-    except QualityError as e:
-        dets = [QualityError(e.reason, **{**e.metadata, "detector": "ALL"})]
-    except Exception as e:  # noqa: BLE001 -- one file never stops a night
-        dets = [QualityError(_internal_error("reading", e).reason, detector="ALL")]
-    t_read = time.perf_counter() - t
-
-    rows, source_tables, masks = [], [], {}
-    for det in dets:
-        if isinstance(det, QualityError):
-            rows.append(failed_row(path, exposure, det.metadata.get("detector", "ALL"), det))
-            continue
-        try:
-            row, src, psf_result, cut, arrays = measure_detector(det, cfg, models)
-        except QualityError as e:
-            e.metadata.setdefault("meta", det.meta)
-            rows.append(failed_row(path, exposure, det.detector, e))
-            continue
-        except Exception as e:  # noqa: BLE001 -- a bug on one frame never stops a night
-            error = _internal_error("measuring", e)
-            error.metadata.update(meta=det.meta, hdu=det.hdu)
-            rows.append(failed_row(path, exposure, det.detector, error))
-            continue
-        row["image_type"] = det.meta.image_type
-        row["t_read_s"] = t_read / len(dets)
-        rows.append(row)
-        if "ae_mask" in arrays and cfg.autoencoder.write_fits_masks:
-            masks[det.detector] = aescore.upsample_mask(
-                arrays["ae_mask"], models.scorer.block_px, det.data.shape)
-        src = src.assign(exposure=exposure, detector=det.detector)
-        source_tables.append(src)
-        key = (exposure, det.detector)
-        if key in frame_index:
-            order = stamps.stamp_order(src, psf_result.psf_star, len(cut))
-            xy = src[["x", "y"]].to_numpy(np.float32)[order]
-            written = io.write_frame(store, frame_index[key], {
-                "stamps": cut, "stamp_x": xy[:, 0], "stamp_y": xy[:, 1],
-                "n_stamps": np.int32(len(cut)), **arrays})
-        else:
-            written = False
-        if not written:
-            row["qa_flags"] |= bits("ARRAYS_SKIPPED")
-
-    ok = [r for r in rows if r["status"] == "ok"]
-    if len(dets) > 1 and ok:
-        rows.append(classify.combine_detectors(ok))
-    now = datetime.now(timezone.utc).replace(microsecond=0)
-    for r in rows:
-        r.update(pipeline_version=survey_qa.__version__, model_version=models.version,
-                 processed_at=now, n_detectors=len(dets))
-        if r["status"] == "ok":
-            r["t_total_s"] = time.perf_counter() - t_start
-
-    if masks:
-        io.write_mask_fits(io.mask_fits_path(cfg.run.out_root, night, exposure), masks, {
-            "EXPOSURE": (exposure, "exposure the mask belongs to"),
-            "MASKVAL": (1, "1: damaged (autoencoder), 0: usable"),
-            "AEBLOCK": (models.scorer.block_px, "mask cell side, pixels"),
-            "AEMODEL": (models.scorer.version, "autoencoder weights")})
-    work = work_dir(cfg.run.out_root, night)
-    src_all = (pd.concat(source_tables, ignore_index=True) if source_tables
+    dets, t_read = read_exposure(path, cfg, exposure)
+    measured = [measure_or_fail(path, exposure, det, cfg, models) for det in dets]
+    measured = [write_arrays(store, frame_index, m) if isinstance(m, DetectorResult) else m
+                for m in measured]
+    results = [m for m in measured if isinstance(m, DetectorResult)]
+    rows = exposure_rows(
+        [m.row if isinstance(m, DetectorResult) else m for m in measured], len(dets),
+        t_read_s=t_read, t_total_s=time.perf_counter() - t_start,
+        pipeline_version=survey_qa.__version__, model_version=models.version,
+        processed_at=datetime.now(timezone.utc).replace(microsecond=0))
+    write_masks(cfg, night, exposure, models, results)
+    sources = (pd.concat([r.sources for r in results], ignore_index=True) if results
                else SOURCE_SCHEMA.empty_table().to_pandas())
-    io.write_parquet_atomic(_sources_table(src_all), work / "sources" / f"{exposure}.parquet")
-    io.write_parquet_atomic(rows_to_table(rows), work / "exposures" / f"{exposure}.parquet")
+    workdir.write_results(cfg.run.out_root, night, exposure, rows_to_table(rows),
+                          _sources_table(sources))
     return rows
 
 
@@ -362,7 +256,7 @@ def _run_locked(cfg: Config, night: str, files: dict[str, Path], models: Models,
     from survey_qa.hpc.cluster import make_cluster, scale_for_night
 
     out_root = Path(cfg.run.out_root)
-    store = io.zarr_path(out_root, night)
+    store = paths.zarr_store(out_root, night)
     if cfg.run.force:
         workdir.forget_results(out_root, night)
     damage = io.store_damage(store)
@@ -380,9 +274,9 @@ def _run_locked(cfg: Config, night: str, files: dict[str, Path], models: Models,
             plans = client.gather(client.map(plan_frames, list(todo.values()), [cfg] * n,
                                              list(todo), pure=False))
             frames = [f for plan in plans for f in plan]
-            max_shape = tuple(max([f[i] for f in frames], default=1) for i in (2, 3))
+            shape = measure.max_shape([f[2:] for f in frames], None, 1)
             index = io.setup_zarr(store, [f[:2] for f in frames],
-                                  array_variables(cfg, models, max_shape))
+                                  measure.array_variables(cfg, models, shape))
             futures = client.map(process_exposure, list(todo.values()), [cfg] * n,
                                  [night] * n, [str(store)] * n, [index] * n, list(todo),
                                  pure=False)
@@ -402,15 +296,13 @@ def gather_night(cfg: Config, night: str, exposures: list[str], models: Models,
     and the paths of the two catalogs.
     """
     out_root = Path(cfg.run.out_root)
-    store = io.zarr_path(out_root, night)
+    store = paths.zarr_store(out_root, night)
     if not store.exists():
-        io.setup_zarr(store, [], array_variables(cfg, models, (1, 1)))
-    rows = workdir.read_results(out_root, night, "exposures", exposures,
-                                EXPOSURE_SCHEMA).to_pylist()
+        io.setup_zarr(store, [], measure.array_variables(cfg, models, (1, 1)))
+    rows = workdir.read_results(out_root, night, "exposures", exposures).to_pylist()
     table = rows_to_table(finish_night(rows, cfg, models, store) if calibrate else rows)
     exp_path = io.consolidate(table, out_root, "exposures", night)
-    src_path = io.consolidate(workdir.read_results(out_root, night, "sources", exposures,
-                                                   SOURCE_SCHEMA),
+    src_path = io.consolidate(workdir.read_results(out_root, night, "sources", exposures),
                               out_root, "sources", night)
     return table, exp_path, src_path
 
@@ -436,7 +328,7 @@ def _follow(futures, as_completed, cfg: Config, echo, night: str = "",
             rows = _write_failed(cfg, night, exposure, path, "the worker process died on this "
                                  "file every time it was tried (a crash or memory exhausted)")
         bar.update()
-        for r in _exposure_level(rows):
+        for r in exposure_level(rows):
             if r["status"] == "failed":
                 bar.write(f"FAILED {r['exposure']} [{r['detector']}]: {r['error']}")
             elif r["quality_class"] != "good":
@@ -446,41 +338,23 @@ def _follow(futures, as_completed, cfg: Config, echo, night: str = "",
 
 def _write_failed(cfg: Config, night: str, exposure: str, path: str, reason: str) -> list[dict]:
     """Write the results of a file that could not be processed at all: one failed row."""
-    row = failed_row(path, exposure, "ALL", QualityError(reason))
-    row.update(pipeline_version=survey_qa.__version__, model_version="",
-               processed_at=datetime.now(timezone.utc).replace(microsecond=0))
-    work = work_dir(cfg.run.out_root, night)
-    io.write_parquet_atomic(_sources_table(SOURCE_SCHEMA.empty_table().to_pandas()),
-                            work / "sources" / f"{exposure}.parquet")
-    io.write_parquet_atomic(rows_to_table([row]), work / "exposures" / f"{exposure}.parquet")
-    return [row]
-
-
-def _exposure_level(rows: list[dict]) -> list[dict]:
-    """The row that speaks for each exposure: 'ALL' for a mosaic, else the detector row."""
-    by_exp = collections.defaultdict(list)
-    for r in rows:
-        by_exp[r["exposure"]].append(r)
-    chosen = []
-    for group in by_exp.values():
-        summary = [r for r in group if r["detector"] == "ALL"]
-        chosen.append(summary[0] if summary else group[0])
-    return chosen
+    rows = exposure_rows([failed_row(path, exposure, "ALL", QualityError(reason))],
+                         n_detectors=0, t_read_s=0.0, t_total_s=0.0, pipeline_version=survey_qa.__version__,
+                         model_version="",
+                         processed_at=datetime.now(timezone.utc).replace(microsecond=0))
+    workdir.write_results(cfg.run.out_root, night, exposure, rows_to_table(rows),
+                          _sources_table(SOURCE_SCHEMA.empty_table().to_pandas()))
+    return rows
 
 
 def _summarize(night, rows, n_files, n_todo, exp_path, src_path, store, wall_s) -> NightSummary:
-    level = _exposure_level(rows)
+    level = exposure_level(rows)
     counts = collections.Counter(r["quality_class"] for r in level if r["status"] == "ok")
     failures = [(r["exposure"], r["detector"], r["error"]) for r in rows
                 if r["status"] == "failed"]
-    stage_cols = ("t_read_s", "t_background_s", "t_sources_s", "t_psf_s", "t_stamps_s",
-                  "t_ae_s", "t_classify_s")
-    det_rows = [r for r in rows if r["status"] == "ok" and r["detector"] != "ALL"]
-    medians = {c[2:-2]: float(np.nanmedian([r[c] for r in det_rows]))
-               for c in stage_cols if det_rows}
     return NightSummary(night=night, n_files=n_files, n_processed=n_todo,
                         n_skipped=n_files - n_todo, class_counts=dict(counts),
                         n_failed=sum(1 for r in level if r["status"] == "failed"),
                         failures=failures, exposures_catalog=exp_path,
                         sources_catalog=src_path, arrays=store, wall_s=wall_s,
-                        stage_median_s=medians)
+                        stage_median_s=stage_medians(rows))

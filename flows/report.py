@@ -7,8 +7,8 @@ stamp and SOM map (matplotlib, embedded as base64 PNG), the focal plane of each 
 and a summary to read in ten seconds. The page is laid out by a Jinja2 template
 (``survey_qa/templates/night_report.html.j2``).
 
-Thumbnails need the frames themselves; they are cached under
-``<out-root>/_work/night=<night>/report/`` so that the watch mode, which rewrites the page
+Thumbnails need the frames themselves; they are cached in
+:func:`survey_qa.paths.report_cache` so that the watch mode, which rewrites the page
 after every frame, reads only the new frame.
 """
 from __future__ import annotations
@@ -18,8 +18,6 @@ import html
 import io as _io
 import json
 import math
-import os
-import uuid
 from dataclasses import dataclass
 from datetime import datetime, timezone
 from pathlib import Path
@@ -28,6 +26,7 @@ import numpy as np
 import pandas as pd
 
 import survey_qa
+from survey_qa import atomic, paths
 from survey_qa.config import Config
 from survey_qa.pipeline import io, nightview, selection
 from survey_qa.pipeline.flags import decode_flags
@@ -49,11 +48,6 @@ TABLE_COLUMNS = [
 ]
 
 
-def report_path(out_root: str | Path, night: str) -> Path:
-    """Where the night's page is written."""
-    return Path(out_root) / "reports" / f"{night}.html"
-
-
 def write_report(cfg: Config, night: str, out: str | Path | None = None) -> Path:
     """Build the night's HTML page from its catalogs, arrays and frames; returns its path.
 
@@ -65,8 +59,8 @@ def write_report(cfg: Config, night: str, out: str | Path | None = None) -> Path
     exposures, sources = read_night(out_root, night)
     level = weighted_rows(exposures, sources)
     level["time"] = _times(level)
-    arrays = ArrayStore.open(io.zarr_path(out_root, night))
-    cache = out_root / "_work" / f"night={night}" / "report"
+    arrays = ArrayStore.open(paths.zarr_store(out_root, night))
+    cache = paths.report_cache(out_root, night)
     cards = [exposure_card(cfg, exposures[exposures["exposure"] == e], arrays, cache)
              for e in level["exposure"]]
     context = {
@@ -87,16 +81,11 @@ def write_report(cfg: Config, night: str, out: str | Path | None = None) -> Path
         "cards": cards,
         "n_exposures": len(level),
         "n_untimed": int(level["time"].isna().sum()),
-        "paths": {"exposures": str(out_root / "catalogs" / "exposures" / f"night={night}"),
-                  "arrays": str(io.zarr_path(out_root, night))},
+        "paths": {"exposures": str(paths.catalog_partition(out_root, "exposures", night)),
+                  "arrays": str(paths.zarr_store(out_root, night))},
     }
-    text = _template().render(**context)
-    target = Path(out) if out else report_path(out_root, night)
-    target.parent.mkdir(parents=True, exist_ok=True)
-    tmp = target.parent / f".{target.name}.{uuid.uuid4().hex}.tmp"
-    tmp.write_text(text, encoding="utf-8")
-    os.replace(tmp, target)
-    return target
+    target = Path(out) if out else paths.report_file(out_root, night)
+    return atomic.write_text(target, _template().render(**context))
 
 
 def try_write_report(cfg: Config, night: str) -> str:
@@ -379,7 +368,7 @@ def focal_plane_png(path: str, dets: pd.DataFrame, previews: dict, cfg: Config):
     from matplotlib.figure import Figure
     from matplotlib.patches import Rectangle
 
-    headers = _detector_headers(path, cfg)
+    headers = io.detector_headers(path, cfg.io)
     known = {d for d, _ in headers}
     headers += [(d, {}) for d in dets["detector"] if d not in known]
     placed, how = nightview.focal_plane(headers)
@@ -411,24 +400,10 @@ def focal_plane_png(path: str, dets: pd.DataFrame, previews: dict, cfg: Config):
     return fig
 
 
-def _detector_headers(path: str, cfg: Config) -> list[tuple[str, dict]]:
-    from survey_qa.pipeline.errors import QualityError
-
-    try:
-        with io._open(Path(path)) as hdul:
-            return [(io._detector_name(h, i), dict(h.header)) for i, h in enumerate(hdul)
-                    if io._is_image(h, cfg.io)]
-    except (QualityError, OSError):
-        return []
-
-
 def _write_png(path: Path, fig) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
     buf = _io.BytesIO()
     fig.savefig(buf, format="png")
-    tmp = path.parent / f".{path.name}.{uuid.uuid4().hex}.tmp"
-    tmp.write_bytes(buf.getvalue())
-    os.replace(tmp, path)
+    atomic.write_bytes(path, buf.getvalue())
 
 
 def _b64(path: Path) -> str:

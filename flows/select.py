@@ -19,12 +19,12 @@ from __future__ import annotations
 
 import os
 import shutil
-import uuid
 from dataclasses import dataclass
 from pathlib import Path
 
 import pandas as pd
 
+from survey_qa import atomic, paths
 from survey_qa.config import Config
 from survey_qa.pipeline import selection
 
@@ -49,12 +49,12 @@ class Selection:
 
 def read_night(out_root: str | Path, night: str) -> tuple[pd.DataFrame, pd.DataFrame]:
     """The night's exposure and source catalogs (raises ValueError when absent)."""
-    base = Path(out_root) / "catalogs"
-    exp = base / "exposures" / f"night={night}" / "part-0.parquet"
+    exp = paths.catalog_file(out_root, "exposures", night)
     if not exp.is_file():
-        raise ValueError(f"no exposure catalog for night {night} under {base} "
+        raise ValueError(f"no exposure catalog for night {night} under "
+                         f"{paths.catalog_root(out_root, 'exposures').parent} "
                          f"(run: survey-qa --night {night})")
-    src = base / "sources" / f"night={night}" / "part-0.parquet"
+    src = paths.catalog_file(out_root, "sources", night)
     sources = (pd.read_parquet(src, columns=["exposure", "flux", "flags"]) if src.is_file()
                else pd.DataFrame({"exposure": [], "flux": [], "flags": []}))
     return pd.read_parquet(exp), sources
@@ -102,8 +102,7 @@ def select_frames(cfg: Config, night: str, *, where: str | None = None,
     pool = rows[(rows["status"] == "ok") & light]
     chosen = selection.apply_filter(pool, where, classes)
     chosen = chosen.sort_values("date_obs", kind="stable")
-    out = Path(out_dir) if out_dir else (Path(cfg.run.out_root) / "selections"
-                                         / f"night={night}")
+    out = Path(out_dir) if out_dir else paths.selection_dir(cfg.run.out_root, night)
     outputs = write_lists(out, pool, chosen)
     if copy_to or link_to:
         outputs["files"] = place_files(chosen["path"].tolist(), Path(copy_to or link_to),
@@ -115,31 +114,32 @@ def select_frames(cfg: Config, night: str, *, where: str | None = None,
 def write_lists(out: Path, pool: pd.DataFrame, chosen: pd.DataFrame) -> dict[str, Path]:
     """Write the plain list, the CSV, and the DeepSkyStacker, PixInsight and Siril lists."""
     out.mkdir(parents=True, exist_ok=True)
-    paths = [str(Path(p).resolve()) for p in chosen["path"]]
+    chosen_paths = [str(Path(p).resolve()) for p in chosen["path"]]
     all_paths = [str(Path(p).resolve()) for p in pool["path"]]
     picked = set(chosen["exposure"])
     checked = [e in picked for e in pool["exposure"]]
-    csv_rows = chosen.assign(path=paths)
+    csv_rows = chosen.assign(path=chosen_paths)
     written = {
-        "list": _write(out / "frames.txt", selection.plain_list(paths)),
-        "csv": _write(out / "frames.csv", selection.csv_text(csv_rows)),
-        "dss": _write(out / "frames.dssfilelist", selection.dss_filelist(all_paths, checked)),
-        "pixinsight": _write(out / "frames.xpsm",
-                             selection.pixinsight_xpsm(all_paths, checked)),
+        "list": atomic.write_text(out / "frames.txt", selection.plain_list(chosen_paths)),
+        "csv": atomic.write_text(out / "frames.csv", selection.csv_text(csv_rows)),
+        "dss": atomic.write_text(out / "frames.dssfilelist",
+                                 selection.dss_filelist(all_paths, checked)),
+        "pixinsight": atomic.write_text(out / "frames.xpsm",
+                                        selection.pixinsight_xpsm(all_paths, checked)),
     }
     if all_paths:
         written["siril"] = write_siril_sequence(out / "siril", all_paths, checked)
     return written
 
 
-def write_siril_sequence(folder: Path, paths: list[str], included: list[bool]) -> Path:
+def write_siril_sequence(folder: Path, frames: list[str], included: list[bool]) -> Path:
     """Links ``survey_qa_00001.fit`` ... to the frames, and the sequence file selecting them.
 
     Compressed frames (``.fz``) keep their compression: Siril reads them with fz_flag 1.
     A sequence mixing compressed and uncompressed frames is not possible in Siril; then
     only the uncompressed ones are listed.
     """
-    fz = [selection.is_fz(p) for p in paths]
+    fz = [selection.is_fz(p) for p in frames]
     use_fz = all(fz)
     keep = [i for i, f in enumerate(fz) if f == use_fz]
     folder.mkdir(parents=True, exist_ok=True)
@@ -147,18 +147,18 @@ def write_siril_sequence(folder: Path, paths: list[str], included: list[bool]) -
         if old.is_symlink():
             old.unlink()
     for n, i in enumerate(keep, start=1):
-        _symlink(paths[i], folder / selection.siril_image_name(SIRIL_NAME, n, use_fz))
+        _symlink(frames[i], folder / selection.siril_image_name(SIRIL_NAME, n, use_fz))
     seq = selection.siril_seq(SIRIL_NAME, [included[i] for i in keep], fz=use_fz)
-    return _write(folder / f"{SIRIL_NAME}.seq", seq)
+    return atomic.write_text(folder / f"{SIRIL_NAME}.seq", seq)
 
 
-def place_files(paths: list[str], folder: Path, *, link: bool) -> Path:
+def place_files(files: list[str], folder: Path, *, link: bool) -> Path:
     """Copy (or symlink) files into ``folder``; never touches the originals.
 
     An existing file of the same name that is not the same frame is an error.
     """
     folder.mkdir(parents=True, exist_ok=True)
-    for p in paths:
+    for p in files:
         src = Path(p).resolve()
         dst = folder / src.name
         if dst.is_symlink() and Path(os.readlink(dst)) == src:
@@ -171,9 +171,8 @@ def place_files(paths: list[str], folder: Path, *, link: bool) -> Path:
         if link:
             dst.symlink_to(src)
         else:
-            tmp = folder / f".{dst.name}.{uuid.uuid4().hex}.tmp"
-            shutil.copy2(src, tmp)
-            os.replace(tmp, dst)
+            with atomic.atomic_target(dst) as tmp:
+                shutil.copy2(src, tmp)
     return folder
 
 
@@ -182,9 +181,3 @@ def _symlink(target: str, link: Path) -> None:
         link.unlink()
     link.symlink_to(target)
 
-
-def _write(path: Path, text: str) -> Path:
-    tmp = path.parent / f".{path.name}.{uuid.uuid4().hex}.tmp"
-    tmp.write_text(text, encoding="utf-8")
-    os.replace(tmp, path)
-    return path

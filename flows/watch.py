@@ -29,8 +29,9 @@ from dataclasses import dataclass, field
 from datetime import datetime, timedelta, timezone
 from pathlib import Path
 
+from survey_qa import paths
 from survey_qa.config import Config
-from survey_qa.pipeline import io
+from survey_qa.pipeline import io, measure
 
 SETTLE_S = 2.0
 """Seconds a file's size must stay the same when no close-after-write event is seen."""
@@ -202,7 +203,7 @@ def watch(cfg: Config, night: str, *, until: datetime | None = None,
 
     from survey_qa.flows import nightly, workdir
 
-    folder = Path(cfg.run.raw_root) / night
+    folder = paths.night_dir(cfg.run.raw_root, night)
     folder.mkdir(parents=True, exist_ok=True)
     out_root = Path(cfg.run.out_root)
     models = nightly.load_models(cfg)
@@ -225,7 +226,7 @@ def watch(cfg: Config, night: str, *, until: datetime | None = None,
             measured = {Path(p) for e, p in files.items() if e in done}
             echo(f"watching {folder} ({len(done)} frames already done, {len(pending)} to "
                  f"measure){' until ' + until.isoformat() if until else ''}; Ctrl-C stops")
-            dirty = bool(pending) or not _catalog(out_root, night).exists()
+            dirty = bool(pending) or not paths.catalog_file(out_root, "exposures", night).exists()
             while not stop.is_set():
                 if until and datetime.now(timezone.utc) >= until:
                     summary.stopped_by = "--until"
@@ -240,7 +241,7 @@ def watch(cfg: Config, night: str, *, until: datetime | None = None,
                     rows = _measure(cfg, night, path, done, models)
                     if rows is None:
                         continue
-                    top = nightly._exposure_level(rows)[0]
+                    top = measure.exposure_level(rows)[0]
                     echo(verdict_line(top))
                     summary.measured.append(top["exposure"])
                     if top["status"] != "ok" or top["quality_class"] != "good":
@@ -334,33 +335,16 @@ def _measure(cfg: Config, night: str, path: Path, done: set[str], models) -> lis
     exposure = next((e for e, p in files.items() if Path(p) == path), None)
     if exposure is None or exposure in done:
         return None
-    store = io.zarr_path(cfg.run.out_root, night)
+    store = paths.zarr_store(cfg.run.out_root, night)
     frames = nightly.plan_frames(str(path), cfg, exposure)
-    shape = _max_shape(store, frames, models)
+    stored = io.variable_shape(store, "ae_mask") if models.scorer is not None else None
+    shape = measure.max_shape([f[2:] for f in frames], stored,
+                              models.scorer.block_px if models.scorer is not None else 1)
     index = io.setup_zarr(store, [f[:2] for f in frames],
-                          nightly.array_variables(cfg, models, shape))
+                          measure.array_variables(cfg, models, shape))
     rows = nightly.process_exposure(str(path), cfg, night, str(store), index, exposure)
     done.add(exposure)
     return rows
-
-
-def _max_shape(store: Path, frames: list, models) -> tuple[int, int]:
-    """The largest detector shape the store must hold: never smaller than it holds now."""
-    ny = max([f[2] for f in frames], default=1)
-    nx = max([f[3] for f in frames], default=1)
-    if models.scorer is not None and store.exists():
-        import zarr
-
-        root = zarr.open_group(str(store), mode="r")
-        if "ae_mask" in root:
-            gy, gx = root["ae_mask"].shape[1:]
-            block = models.scorer.block_px
-            ny, nx = max(ny, gy * block), max(nx, gx * block)
-    return ny, nx
-
-
-def _catalog(out_root: Path, night: str) -> Path:
-    return out_root / "catalogs" / "exposures" / f"night={night}" / "part-0.parquet"
 
 
 def _gather(cfg: Config, night: str, models, final: bool = False) -> None:

@@ -1,7 +1,8 @@
 """The out-root of a nightly run: checked before work starts, locked while it runs, and
 per-exposure results verified before a re-run trusts them.
 
-``_work/night=<night>/`` holds one exposures file and one sources file per exposure. A
+The work folder (:func:`survey_qa.paths.work_dir`) holds one exposures file and one sources
+file per exposure (:func:`result_file`). A
 re-run counts an exposure as done only when both files are whole Parquet files with the
 catalog schema and the exposure rows name the file that is there now; anything else is
 removed and redone. A temporary file left by a killed run is removed.
@@ -20,6 +21,8 @@ from pathlib import Path
 import pyarrow as pa
 import pyarrow.parquet as pq
 
+from survey_qa import paths
+from survey_qa.pipeline import io
 from survey_qa.pipeline.errors import NightLocked, RunEnvironmentError
 from survey_qa.pipeline.schema import EXPOSURE_SCHEMA, SOURCE_SCHEMA
 
@@ -28,9 +31,24 @@ ENVIRONMENT_ERRNOS = {errno.ENOSPC, errno.EROFS, errno.EACCES, errno.EPERM, errn
 """Write errors that are the machine's, not the data's: they stop the run (exit 3)."""
 
 
-def work_dir(out_root: str | os.PathLike, night: str) -> Path:
-    """Per-exposure results of a night before they are gathered into the catalogs."""
-    return Path(out_root) / "_work" / f"night={night}"
+RESULT_KINDS = {"exposures": EXPOSURE_SCHEMA, "sources": SOURCE_SCHEMA}
+"""The per-exposure results and their catalog schemas, in the order they are written (the
+exposure rows last: they mark the exposure done)."""
+
+
+def result_file(out_root: str | os.PathLike, night: str, kind: str, exposure: str) -> Path:
+    """One exposure's results of one kind (``exposures`` or ``sources``)."""
+    if kind not in RESULT_KINDS:
+        raise ValueError(f"unknown result kind {kind!r}; expected one of {tuple(RESULT_KINDS)}")
+    return paths.work_dir(out_root, night) / kind / f"{exposure}.parquet"
+
+
+def write_results(out_root: str | os.PathLike, night: str, exposure: str,
+                  exposures: pa.Table, sources: pa.Table) -> None:
+    """Write one exposure's results, atomically: the sources, then the exposure rows (whose
+    presence marks the exposure done)."""
+    io.write_parquet_atomic(sources, result_file(out_root, night, "sources", exposure))
+    io.write_parquet_atomic(exposures, result_file(out_root, night, "exposures", exposure))
 
 
 def check_out_root(out_root: str | os.PathLike, min_free_mb: float) -> None:
@@ -75,7 +93,7 @@ def environment_error(e: OSError, out_root: str | os.PathLike) -> RunEnvironment
 def night_lock(out_root: str | os.PathLike, night: str):
     """Hold the night's lock for the duration of a run.
 
-    An exclusive ``flock`` on ``_work/night=<night>.lock``: the kernel releases it when the
+    An exclusive ``flock`` on :func:`survey_qa.paths.lock_file`: the kernel releases it when the
     process ends, however it ends (kill -9 included), so a dead run never blocks the next.
 
     Raises
@@ -83,7 +101,7 @@ def night_lock(out_root: str | os.PathLike, night: str):
     NightLocked
         When another live process holds it.
     """
-    path = Path(out_root) / "_work" / f"night={night}.lock"
+    path = paths.lock_file(out_root, night)
     path.parent.mkdir(parents=True, exist_ok=True)
     fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o644)
     try:
@@ -148,14 +166,14 @@ def verified_done(out_root: str | os.PathLike, night: str,
         Exposure ids whose exposures and sources files both exist, read as Parquet with
         the catalog schemas, and whose rows belong to the file discovered now.
     """
-    work = work_dir(out_root, night)
+    work = paths.work_dir(out_root, night)
     done = set()
-    for kind in ("exposures", "sources"):
+    for kind in RESULT_KINDS:
         if (work / kind).is_dir():
             remove_temporaries(work / kind)
     for exposure, path in files.items():
-        rows = work / "exposures" / f"{exposure}.parquet"
-        srcs = work / "sources" / f"{exposure}.parquet"
+        rows = result_file(out_root, night, "exposures", exposure)
+        srcs = result_file(out_root, night, "sources", exposure)
         if not (rows.exists() or srcs.exists()):
             continue
         if (_schema_ok(rows, EXPOSURE_SCHEMA) and _schema_ok(srcs, SOURCE_SCHEMA)
@@ -169,15 +187,15 @@ def verified_done(out_root: str | os.PathLike, night: str,
 
 def forget_results(out_root: str | os.PathLike, night: str) -> None:
     """Remove every per-exposure result of a night (its array store was rebuilt)."""
-    shutil.rmtree(work_dir(out_root, night), ignore_errors=True)
+    shutil.rmtree(paths.work_dir(out_root, night), ignore_errors=True)
 
 
 def read_results(out_root: str | os.PathLike, night: str, kind: str,
-                 exposures: list[str], schema: pa.Schema) -> pa.Table:
-    """The per-exposure results of these exposures as one table with ``schema``."""
-    folder = work_dir(out_root, night) / kind
-    files = [str(folder / f"{e}.parquet") for e in exposures
-             if (folder / f"{e}.parquet").exists()]
+                 exposures: list[str]) -> pa.Table:
+    """The per-exposure results of these exposures as one table with the catalog schema."""
+    schema = RESULT_KINDS[kind]
+    files = [str(f) for f in (result_file(out_root, night, kind, e) for e in exposures)
+             if f.exists()]
     if not files:
         return schema.empty_table()
     tables = [pq.read_table(f, schema=schema) for f in files]

@@ -43,10 +43,17 @@ frame's raw ``u`` where the pattern makes it larger.
 """
 from __future__ import annotations
 
+import collections
+import dataclasses
 import math
 
 import numpy as np
 from scipy import optimize
+
+from survey_qa.pipeline import background
+from survey_qa.pipeline.errors import QualityError
+from survey_qa.pipeline.flags import bits
+from survey_qa.pipeline.records import BackgroundResult, DetectorImage
 
 SKY_GRID = 32
 """Cells along each side of the coarse sky map stored per detector."""
@@ -115,6 +122,34 @@ def apply_flat(data: np.ndarray, mask: np.ndarray, flat: np.ndarray, bad: np.nda
     return out, np.asarray(mask, bool) | bad
 
 
+@dataclasses.dataclass(frozen=True)
+class Flat:
+    """A detector's normalised master flat (:func:`normalise_flat`)."""
+
+    name: str
+    """The flat's file name, for messages."""
+    flat: np.ndarray
+    """float32, median 1 over its good pixels."""
+    bad: np.ndarray
+    """bool: pixels the flat cannot correct."""
+
+
+def flat_fielded(det: DetectorImage, flat: Flat) -> DetectorImage:
+    """The detector divided by its master flat, with the qa flag ``FLAT_FIELDED``.
+
+    Raises
+    ------
+    QualityError
+        When the flat's size differs from the detector's.
+    """
+    try:
+        data, mask = apply_flat(det.data, det.mask, flat.flat, flat.bad)
+    except ValueError as e:
+        raise QualityError(f"flat field {flat.name}: {e}") from None
+    return dataclasses.replace(det, data=data, mask=mask,
+                               qa_flags=det.qa_flags | bits("FLAT_FIELDED"))
+
+
 def _edges(n: int, grid: int) -> np.ndarray:
     return np.linspace(0, n, grid + 1).astype(int)[:-1]
 
@@ -147,6 +182,19 @@ def coarse_sky_map(back: np.ndarray, mask: np.ndarray | None, grid: int = SKY_GR
     count = np.add.reduceat(np.add.reduceat(good.astype(np.int64), ys, axis=0), xs, axis=1)
     with np.errstate(invalid="ignore", divide="ignore"):
         return np.where(count > 0, total / count, np.nan).astype(np.float32)
+
+
+SKY_VARIABLES = {
+    "sky_map": ((SKY_GRID, SKY_GRID), ("sky_y", "sky_x"), "float32", np.nan),
+    "sky_mesh_px": ((), (), "int32", 0),
+}
+"""Array-store variables of :func:`sky_arrays` (shape, dimensions, dtype, fill)."""
+
+
+def sky_arrays(bkg: BackgroundResult, mask: np.ndarray) -> dict[str, np.ndarray]:
+    """The coarse sky map (ADU, NaN where masked) and mesh size of one detector, which the
+    night pass reads (:func:`correct_group`)."""
+    return {"sky_map": coarse_sky_map(bkg.back, mask), "sky_mesh_px": np.int32(bkg.mesh_px)}
 
 
 def _normalised(sky_map: np.ndarray) -> np.ndarray | None:
@@ -256,3 +304,87 @@ def corrected_nonuniformity(sky_map: np.ndarray, pattern: np.ndarray | float) ->
         return math.nan
     p1, p50, p99 = np.percentile(ratio, [1.0, 50.0, 99.0])
     return float((p99 - p1) / p50) if p50 > 0 else math.nan
+
+
+# ---------------------------------------------------------------------------- night pass
+
+
+def _usable(row: dict) -> bool:
+    """A measured light frame with a sky to compare, not flat-fielded already."""
+    flags = int(row.get("qa_flags") or 0)
+    return (row["status"] == "ok" and row["detector"] != "ALL"
+            and row.get("image_type") in ("light", "", None)
+            and not flags & bits("FLAT_FIELDED", "SKY_UNMEASURED")
+            and math.isfinite(row.get("sky_nonuniformity") or math.nan))
+
+
+def _detector_key(row: dict) -> str:
+    """A mosaic detector's name; "" for a single-detector frame, whose name is only the
+    HDU that holds it (a compressed copy of the same camera's frame sits in HDU 1)."""
+    return row["detector"] if int(row.get("n_detectors") or 1) > 1 else ""
+
+
+def night_groups(rows: list[dict], stored: set[tuple[str, str]], min_frames: int
+                 ) -> list[list[int]]:
+    """Positions of the rows that share a night pattern, one list per group.
+
+    Rows are grouped by detector (of a mosaic), size and filter; only usable rows (measured
+    light frames with a sky non-uniformity, not flat-fielded) whose (exposure, detector)
+    has a sky map in ``stored`` count, and only groups of at least ``min_frames`` rows.
+    """
+    groups = collections.defaultdict(list)
+    for i, r in enumerate(rows):
+        if _usable(r) and (r["exposure"], r["detector"]) in stored:
+            groups[(_detector_key(r), r["nx"], r["ny"], r.get("filter") or "")].append(i)
+    return [members for members in groups.values() if len(members) >= min_frames]
+
+
+def correct_group(rows: list[dict], sky_maps: dict[int, np.ndarray],
+                  mesh_px: dict[int, int], mode: str, min_frames: int) -> dict[int, dict]:
+    """Sky non-uniformity of one group's rows measured on ``sky / night pattern``.
+
+    The group's pattern is :func:`night_pattern` of its coarse sky maps (or its radial part
+    with ``mode="radial"``); each row gets ``sky_nonuniformity`` from its map divided by it
+    (noise floor removed as in the background stage) and the qa flag
+    ``ILLUMINATION_NIGHT``. A frame that the pattern does not describe (its map is less
+    uniform divided by the pattern than raw: a frame of another pointing or illumination,
+    or a faint sky over a bias pedestal) keeps its raw value.
+
+    Parameters
+    ----------
+    rows
+        The night's exposure rows (not changed).
+    sky_maps, mesh_px
+        The group's coarse sky maps and background mesh sizes, by row position
+        (:func:`sky_arrays`).
+    mode
+        ``background.illumination``: ``median`` or ``radial``.
+    min_frames
+        ``background.illumination_min_frames``.
+
+    Returns
+    -------
+    dict
+        Row position -> the row with its new value, for the rows that changed.
+    """
+    first = rows[next(iter(sky_maps))]
+    nx, ny = first["nx"], first["ny"]
+    pattern = night_pattern(list(sky_maps.values()), min_frames)
+    if pattern is not None and mode == "radial":
+        pattern = radial_pattern(pattern, ny, nx)
+    if pattern is None:
+        return {}
+    changed = {}
+    for i, sky_map in sky_maps.items():
+        r = rows[i]
+        u = corrected_nonuniformity(sky_map, pattern)
+        if not u < corrected_nonuniformity(sky_map, 1.0):
+            continue  # the pattern does not describe this frame: its raw u stands
+        if mesh_px[i] > 0:
+            u = background.remove_noise_floor(u, background.noise_floor(
+                r["sky_noise"], r["sky_level"], mesh_px[i]))
+        if not math.isfinite(u):
+            continue
+        changed[i] = {**r, "sky_nonuniformity": u,
+                      "qa_flags": int(r["qa_flags"]) | bits("ILLUMINATION_NIGHT")}
+    return changed

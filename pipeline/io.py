@@ -7,8 +7,8 @@ wrong with the data raises :class:`~survey_qa.pipeline.errors.QualityError` with
 one-line reason: a damaged compressed stream, a file shorter than its headers announce,
 an image too small or too large, a calibration frame, a constant or non-finite frame.
 
-Writing is atomic: a file is written under a hidden temporary name in its final folder and
-renamed into place, so a reader never sees a half-written catalog.
+Writing is atomic (:mod:`survey_qa.atomic`), so a reader never sees a half-written catalog;
+every output path comes from :mod:`survey_qa.paths`.
 """
 from __future__ import annotations
 
@@ -19,18 +19,18 @@ import lzma
 import math
 import os
 import re
-import uuid
 import warnings
 import zlib
 from pathlib import Path
 
 import numpy as np
 import pyarrow as pa
-import pyarrow.dataset as pads
 import pyarrow.parquet as pq
 from astropy.io import fits
 from astropy.time import Time
 
+from survey_qa import paths
+from survey_qa.atomic import atomic_target
 from survey_qa.config import IOConfig
 from survey_qa.pipeline.errors import QualityError, RunEnvironmentError
 from survey_qa.pipeline.flags import bits
@@ -111,7 +111,7 @@ def discover_night(raw_root: str | os.PathLike, night: str) -> list[Path]:
     :class:`~survey_qa.pipeline.errors.RunEnvironmentError` when a folder of it cannot be
     read (its files would be missed without a row).
     """
-    folder = Path(raw_root) / night
+    folder = paths.night_dir(raw_root, night)
     if not folder.is_dir():
         raise ValueError(f"no night folder {folder}")
     found, seen = [], set()
@@ -144,10 +144,9 @@ def night_exposures(raw_root: str | os.PathLike, night: str) -> dict[str, Path]:
     the first name in sort order keeps the plain id). The ids depend only on the files
     that collide, so a re-run gives the same ids.
     """
-    folder = Path(raw_root) / night
-    paths = discover_night(raw_root, night)
+    folder = paths.night_dir(raw_root, night)
     groups: dict[str, list[Path]] = {}
-    for p in paths:
+    for p in discover_night(raw_root, night):
         groups.setdefault(exposure_id(p), []).append(p)
     out: dict[str, Path] = {}
     for base, group in groups.items():
@@ -414,6 +413,21 @@ def read_detectors(path: str | os.PathLike, cfg: IOConfig,
     return out
 
 
+def detector_headers(path: str | os.PathLike, cfg: IOConfig) -> list[tuple[str, dict]]:
+    """(detector id, header as a dict) of every detector HDU of a file, from its headers.
+
+    The ids are the catalog's (:func:`detector_names`). An unreadable file gives an empty
+    list.
+    """
+    try:
+        with _open(Path(path)) as hdul:
+            indices = [i for i, h in enumerate(hdul) if _is_image(h, cfg)]
+            names = detector_names(hdul, indices)
+            return [(names[i], dict(hdul[i].header)) for i in indices]
+    except (QualityError, OSError):
+        return []
+
+
 def read_calibration_images(path: str | os.PathLike, cfg: IOConfig) -> dict[str, np.ndarray]:
     """The image HDUs of a calibration file (a master flat), on the grid frames are
     measured on: overscan trimmed, Bayer frames binned 2x2. Keyed by detector name.
@@ -513,7 +527,7 @@ def _read_hdu(hdu, primary: fits.Header | None, n_bytes: int, path: Path, exposu
             flags |= bits("SATURATION_INFERRED")
     mask = ~finite
     if math.isfinite(meta.saturate_adu):
-        saturated = finite & (data >= meta.saturate_adu)
+        saturated = saturated_pixels(data, meta.saturate_adu)
         frac = float(saturated.mean())
         if frac > MOSTLY_SATURATED:
             raise QualityError(f"mostly saturated: {100 * frac:.0f}% of pixels at or above "
@@ -550,6 +564,19 @@ def _read_hdu(hdu, primary: fits.Header | None, n_bytes: int, path: Path, exposu
     return DetectorImage(exposure=exposure, detector=det, hdu=index, path=str(path),
                          data=np.ascontiguousarray(data), mask=np.ascontiguousarray(mask),
                          meta=meta, n_detectors=1, qa_flags=flags)
+
+
+def saturated_pixels(data: np.ndarray, saturate_adu: float) -> np.ndarray:
+    """Finite pixels at or above the saturation level (ADU); none when it is unknown (NaN).
+
+    Returns
+    -------
+    numpy.ndarray
+        bool, the shape of ``data``.
+    """
+    if not math.isfinite(saturate_adu):
+        return np.zeros(data.shape, dtype=bool)
+    return np.isfinite(data) & (data >= saturate_adu)
 
 
 NO_LIGHT_BRIGHT_FRACTION = 1e-3
@@ -922,41 +949,22 @@ def pixel_scale(header: fits.Header, cfg: IOConfig) -> tuple[float, str]:
 
 
 def write_parquet_atomic(table: pa.Table, path: str | os.PathLike) -> Path:
-    """Write ``table`` to ``path`` via a hidden temporary file and a rename."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.parent / f".{path.name}.{uuid.uuid4().hex}.tmp"
-    try:
+    """Write ``table`` to ``path`` (zstd-compressed Parquet), atomically."""
+    with atomic_target(path) as tmp:
         pq.write_table(table, tmp, compression="zstd")
-        os.replace(tmp, path)
-    finally:
-        tmp.unlink(missing_ok=True)
-    return path
-
-
-def read_parquet_folder(folder: str | os.PathLike, schema: pa.Schema) -> pa.Table:
-    """All Parquet files directly in ``folder`` as one table (empty when none)."""
-    files = sorted(str(p) for p in Path(folder).glob("*.parquet"))
-    if not files:
-        return schema.empty_table()
-    return pads.dataset(files, schema=schema, format="parquet").to_table()
+    return Path(path)
 
 
 def consolidate(parts: pa.Table, out_root: str | os.PathLike, catalog: str, night: str) -> Path:
     """Write one night's partition of a catalog as a single file, atomically.
 
-    The result is ``<out_root>/catalogs/<catalog>/night=<night>/part-0.parquet``; the
-    ``night`` column is carried by the folder name (Hive partitioning).
+    The result is :func:`survey_qa.paths.catalog_file`; the ``night`` column is carried by
+    the folder name (Hive partitioning).
     """
-    target = Path(out_root) / "catalogs" / catalog / f"night={night}" / "part-0.parquet"
-    return write_parquet_atomic(parts, target)
+    return write_parquet_atomic(parts, paths.catalog_file(out_root, catalog, night))
 
 
 # ---------------------------------------------------------------------------- FITS masks
-
-
-def mask_fits_path(out_root: str | os.PathLike, night: str, exposure: str) -> Path:
-    return Path(out_root) / "masks" / f"night={night}" / f"{exposure}.fits"
 
 
 def fits_text(value: str, limit: int = 68) -> str:
@@ -979,8 +987,6 @@ def write_mask_fits(path: str | os.PathLike, masks: dict[str, np.ndarray],
         Header keywords of every HDU, ``{KEY: (value, comment)}``; text values are made
         printable ASCII (a file name with spaces or accents is escaped, never refused).
     """
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
     hdus = [fits.PrimaryHDU()]
     for detector, mask in masks.items():
         hdu = fits.CompImageHDU(np.asarray(mask, dtype=np.uint8), name=fits_text(detector),
@@ -991,20 +997,12 @@ def write_mask_fits(path: str | os.PathLike, masks: dict[str, np.ndarray],
                 value = fits_text(value)
             hdu.header[key] = (value, fits_text(comment, 40))
         hdus.append(hdu)
-    tmp = path.parent / f".{path.name}.{uuid.uuid4().hex}.tmp"
-    try:
+    with atomic_target(path) as tmp:
         fits.HDUList(hdus).writeto(tmp)
-        os.replace(tmp, path)
-    finally:
-        tmp.unlink(missing_ok=True)
-    return path
+    return Path(path)
 
 
 # ---------------------------------------------------------------------------- Zarr
-
-
-def zarr_path(out_root: str | os.PathLike, night: str) -> Path:
-    return Path(out_root) / "arrays" / f"{night}.zarr"
 
 
 def setup_zarr(path: str | os.PathLike, frames: list[tuple[str, str]], variables: dict) -> dict:
@@ -1103,6 +1101,46 @@ def remove_store(path: str | os.PathLike) -> None:
     import shutil
 
     shutil.rmtree(path, ignore_errors=True)
+
+
+def store_frames(path: str | os.PathLike, variable: str | None = None
+                 ) -> dict[tuple[str, str], int]:
+    """(exposure, detector) -> frame index of the night's array store.
+
+    Empty when the store has no frames yet, or lacks ``variable`` when one is named.
+    """
+    import zarr
+
+    root = zarr.open_group(str(path), mode="r")
+    if "exposure" not in root or (variable is not None and variable not in root):
+        return {}
+    keys = zip(root["exposure"][:].tolist(), root["detector"][:].tolist())
+    return {k: i for i, k in enumerate(keys)}
+
+
+def variable_shape(path: str | os.PathLike, name: str) -> tuple[int, ...] | None:
+    """The per-frame shape of the store's array ``name``; None when there is no store or
+    no such array."""
+    import zarr
+
+    if not Path(path).exists():
+        return None
+    root = zarr.open_group(str(path), mode="r")
+    return tuple(root[name].shape[1:]) if name in root else None
+
+
+def read_frames(path: str | os.PathLike, name: str, index: dict) -> dict:
+    """Frames' array ``name`` from the store: ``{key: array}`` for ``{key: frame index}``.
+
+    Empty when the store has no such array.
+    """
+    import zarr
+
+    root = zarr.open_group(str(path), mode="r")
+    if name not in root:
+        return {}
+    arr = root[name]
+    return {key: arr[i] for key, i in index.items()}
 
 
 def write_frame(path: str | os.PathLike, index: int, values: dict[str, np.ndarray]) -> bool:

@@ -7,6 +7,8 @@ detector count as zero. Stamps are ordered like the stars: brightest (``flux``) 
 """
 from __future__ import annotations
 
+from dataclasses import dataclass
+
 import numpy as np
 import pandas as pd
 from scipy import ndimage
@@ -17,6 +19,35 @@ from survey_qa.pipeline.records import BackgroundResult
 
 PAD_PX = 3
 """Extra pixels cut around a stamp so that the spline shift has data at its edges."""
+
+
+@dataclass(frozen=True)
+class StarStamps:
+    """One detector's star stamps and where their stars lie, in :func:`stamp_order`."""
+
+    stamps: np.ndarray
+    """(n, size, size) float32, each centred and of unit sum."""
+    x_px: np.ndarray
+    """(n,) float32: the stars' windowed centroids on the detector, x."""
+    y_px: np.ndarray
+    """(n,) float32: the same, y."""
+
+    def arrays(self) -> dict[str, np.ndarray]:
+        """The array-store variables of the stamps (see :func:`stamp_variables`)."""
+        return {"stamps": self.stamps, "stamp_x": self.x_px, "stamp_y": self.y_px,
+                "n_stamps": np.int32(len(self.stamps))}
+
+
+def stamp_variables(cfg: StampsConfig) -> dict[str, tuple]:
+    """Array-store variables of :meth:`StarStamps.arrays`: name -> (per-detector shape,
+    dimension names, dtype, fill value)."""
+    n, s = cfg.per_detector, cfg.size_px
+    return {
+        "stamps": ((n, s, s), ("star", "y", "x"), "float32", np.nan),
+        "stamp_x": ((n,), ("star",), "float32", np.nan),
+        "stamp_y": ((n,), ("star",), "float32", np.nan),
+        "n_stamps": ((), (), "int32", 0),
+    }
 
 
 def stamp_order(sources: pd.DataFrame, psf_star: np.ndarray, n: int) -> np.ndarray:
@@ -46,9 +77,9 @@ def _cut(image: np.ndarray, ix: int, iy: int, half: int) -> np.ndarray:
     return out
 
 
-def cut_stamps(data: np.ndarray, background: BackgroundResult, sources: pd.DataFrame,
-               psf_star: np.ndarray, cfg: StampsConfig) -> np.ndarray:
-    """Centred, unit-sum stamps of the brightest PSF stars.
+def star_stamps(data: np.ndarray, background: BackgroundResult, sources: pd.DataFrame,
+                psf_star: np.ndarray, cfg: StampsConfig) -> StarStamps:
+    """Centred, unit-sum stamps of the brightest PSF stars, and their stars' positions.
 
     Parameters
     ----------
@@ -65,10 +96,10 @@ def cut_stamps(data: np.ndarray, background: BackgroundResult, sources: pd.DataF
 
     Returns
     -------
-    numpy.ndarray
-        (n, size, size) float32 with n <= ``cfg.per_detector``, in :func:`stamp_order`;
-        (0, size, size) when there is no source to stamp. A stamp whose sum is not positive is
-        left unnormalised (it cannot be made to sum to one).
+    StarStamps
+        At most ``cfg.per_detector`` stamps of ``cfg.size_px`` pixels, in
+        :func:`stamp_order`; none when there is no source to stamp. A stamp whose sum is
+        not positive is left unnormalised (it cannot be made to sum to one).
     """
     size = cfg.size_px
     chosen = stamp_order(sources, psf_star, cfg.per_detector)
@@ -83,4 +114,11 @@ def cut_stamps(data: np.ndarray, background: BackgroundResult, sources: pd.DataF
         stamp = shifted[PAD_PX:PAD_PX + size, PAD_PX:PAD_PX + size]
         total = stamp.sum()
         out[k] = stamp / total if total > 0 else stamp
-    return out
+    xy = sources[["x", "y"]].to_numpy(np.float32)[chosen]
+    return StarStamps(stamps=out, x_px=xy[:, 0], y_px=xy[:, 1])
+
+
+def cut_stamps(data: np.ndarray, background: BackgroundResult, sources: pd.DataFrame,
+               psf_star: np.ndarray, cfg: StampsConfig) -> np.ndarray:
+    """The stamps of :func:`star_stamps` alone: (n, size, size) float32."""
+    return star_stamps(data, background, sources, psf_star, cfg).stamps

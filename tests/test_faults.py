@@ -18,6 +18,7 @@ import pyarrow.parquet as pq
 import pytest
 from astropy.io import fits
 
+from survey_qa import paths
 from survey_qa.cli import main
 from survey_qa.config import load_config
 from survey_qa.flows import workdir
@@ -105,7 +106,7 @@ def _kill_group(proc):
 
 
 def _n_done(out) -> int:
-    folder = workdir.work_dir(out, NIGHT) / "exposures"
+    folder = paths.work_dir(out, NIGHT) / "exposures"
     return len(list(folder.glob("*.parquet"))) if folder.is_dir() else 0
 
 
@@ -229,7 +230,7 @@ def test_rerun_redoes_what_it_cannot_verify(tmp_path):
     make_night(raw, 5)
     run_night(config(raw, out), NIGHT, echo=lambda *a: None)
     before = {r["exposure"]: r for r in rows(out)}
-    work = workdir.work_dir(out, NIGHT)
+    work = paths.work_dir(out, NIGHT)
     pq.write_table(pa.table({"a": [1, 2]}), work / "exposures" / "f00.parquet")  # wrong schema
     (work / "sources" / "f01.parquet").unlink()  # sources lost
     (work / "exposures" / "f02.parquet").write_bytes(b"garbage")  # not Parquet
@@ -382,7 +383,7 @@ def test_a_file_that_kills_its_worker_every_time_gets_a_failed_row(tmp_path):
     fut = Dead()
     nightly._follow([fut], iter, cfg, lambda *a: None, NIGHT,
                     {fut: ("poison", str(tmp_path / "raw" / NIGHT / "poison.fits"))})
-    (row,) = pq.read_table(workdir.work_dir(tmp_path / "out", NIGHT) / "exposures"
+    (row,) = pq.read_table(paths.work_dir(tmp_path / "out", NIGHT) / "exposures"
                            / "poison.parquet").to_pylist()
     assert row["status"] == "failed" and row["detector"] == "ALL"
     assert "worker process died on this file" in row["error"]

@@ -236,6 +236,38 @@ def test_zarr_layout_is_stable_across_reruns(tmp_path):
     assert np.nansum(one) == 128 and np.isnan(one[2:]).all()
 
 
+def test_store_frames_and_arrays_read_back(tmp_path):
+    store = tmp_path / "n.zarr"
+    variables = {"sky_map": ((2, 2), ("y", "x"), "float32", np.nan)}
+    assert io.variable_shape(store, "sky_map") is None  # no store yet
+    index = io.setup_zarr(store, [("e1", "0"), ("e2", "0")], variables)
+    io.write_frame(store, index[("e2", "0")], {"sky_map": np.full((2, 2), 7.0)})
+    assert io.store_frames(store) == index == {("e1", "0"): 0, ("e2", "0"): 1}
+    assert io.store_frames(store, "ae_mask") == {}  # no such array
+    assert io.variable_shape(store, "sky_map") == (2, 2)
+    got = io.read_frames(store, "sky_map", {"b": 1, "a": 0})
+    assert np.all(got["b"] == 7.0) and np.isnan(got["a"]).all()
+    assert io.read_frames(store, "ae_mask", {"a": 0}) == {}
+
+
+def test_saturated_pixels_are_finite_and_at_the_level():
+    data = np.array([[1.0, 5.0], [np.inf, np.nan]], np.float32)
+    assert io.saturated_pixels(data, 5.0).tolist() == [[False, True], [False, False]]
+    assert not io.saturated_pixels(data, math.nan).any()
+
+
+def test_detector_headers_name_detectors_as_the_catalog_does(tmp_path):
+    p = tmp_path / "mef.fits"
+    image = np.random.default_rng(0).normal(100, 5, (64, 64)).astype(np.float32)
+    fits.HDUList([fits.PrimaryHDU(), fits.ImageHDU(image, name="SCI"),
+                  fits.ImageHDU(image, name="SCI")]).writeto(p)
+    cfg = IOConfig(min_image_pixels=100)
+    got = io.detector_headers(p, cfg)
+    assert [name for name, _ in got] == ["SCI", "SCI#2"]
+    assert got[0][1]["NAXIS1"] == 64
+    assert io.detector_headers(tmp_path / "missing.fits", cfg) == []
+
+
 # -------------------------------------------------------------------- headers as written
 
 

@@ -11,7 +11,8 @@ from astropy.io import fits
 
 from survey_qa.cli import main
 from survey_qa.config import load_config
-from survey_qa.flows.nightly import run_night, work_dir
+from survey_qa.flows.nightly import run_night
+from survey_qa.paths import work_dir
 from survey_qa.pipeline.flags import decode_flags
 
 NIGHT = "2024-03-01"
@@ -240,3 +241,58 @@ def test_cli_runs_a_night_and_reports(night, tmp_path, capsys, monkeypatch):
     text = capsys.readouterr().out
     assert "failed" in text and "exposures catalog" in text
     assert main(["--night", "2031-01-01", "--raw-root", str(night)]) == 2
+
+
+# -------------------------------------------------------------------- pure pieces of a task
+
+
+def _detector_row(exposure, detector, cls="good", flags=0):
+    from survey_qa.pipeline.schema import empty_exposure_row
+
+    row = empty_exposure_row()
+    row.update(exposure=exposure, detector=detector, status="ok", quality_class=cls,
+               qa_flags=flags, p_good=1.0, t_background_s=1.0)
+    return row
+
+
+def test_exposure_rows_add_the_mosaic_row_and_the_run_facts():
+    from datetime import datetime, timezone
+
+    from survey_qa.pipeline.measure import exposure_level, exposure_rows, failed_row
+    from survey_qa.pipeline.errors import QualityError
+
+    when = datetime(2024, 3, 2, tzinfo=timezone.utc)
+    dets = [_detector_row("e1", "A", flags=1), _detector_row("e1", "B", flags=2),
+            failed_row("x.fits", "e1", "C", QualityError("unreadable HDU 3"))]
+    rows = exposure_rows(dets, 3, t_read_s=3.0, t_total_s=9.0, pipeline_version="v",
+                         model_version="m", processed_at=when)
+    assert [r["detector"] for r in rows] == ["A", "B", "C", "ALL"]
+    assert rows[0]["t_read_s"] == 1.0 and math.isnan(rows[2]["t_read_s"])
+    assert rows[3]["qa_flags"] == 3 and rows[3]["t_background_s"] == 2.0
+    assert all(r["n_detectors"] == 3 and r["processed_at"] == when for r in rows)
+    assert [r["t_total_s"] for r in rows if r["status"] == "ok"] == [9.0, 9.0, 9.0]
+    assert math.isnan(dets[0]["t_total_s"])  # the detector rows given are left as they were
+    assert exposure_level(rows) == [rows[3]]
+    single = exposure_rows([_detector_row("e2", "0")], 1, t_read_s=1.0, t_total_s=2.0,
+                           pipeline_version="v", model_version="m", processed_at=when)
+    assert [r["detector"] for r in single] == ["0"] and exposure_level(single) == single
+
+
+def test_the_store_is_sized_for_the_largest_detector_and_never_shrinks():
+    from survey_qa.pipeline.measure import max_shape
+
+    assert max_shape([(100, 300), (200, 50)], None, 64) == (200, 300)
+    assert max_shape([(100, 300)], (4, 2), 64) == (256, 300)
+    assert max_shape([], None, 1) == (1, 1)
+
+
+def test_a_result_whose_arrays_were_not_written_says_so():
+    import pandas as pd
+
+    from survey_qa.pipeline.measure import DetectorResult
+
+    result = DetectorResult(row=_detector_row("e1", "0", flags=1), sources=pd.DataFrame(),
+                            arrays={}, mask=None)
+    skipped = result.arrays_skipped()
+    assert "ARRAYS_SKIPPED" in decode_flags(skipped.row["qa_flags"])
+    assert result.row["qa_flags"] == 1

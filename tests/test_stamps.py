@@ -9,7 +9,7 @@ from survey_qa.pipeline.background import measure_background
 from survey_qa.pipeline.flags import SOURCE_FLAGS
 from survey_qa.pipeline.psf import select_psf_stars
 from survey_qa.pipeline.sources import extract_sources
-from survey_qa.pipeline.stamps import cut_stamps, stamp_order
+from survey_qa.pipeline.stamps import cut_stamps, stamp_order, stamp_variables, star_stamps
 
 
 @pytest.fixture
@@ -63,3 +63,18 @@ def test_star_near_the_edge_is_zero_padded(scene):
     edge = int(np.argmin(src.x.to_numpy()))
     assert np.isfinite(cut).all()
     assert np.allclose(cut[edge, :, :4], 0.0)  # columns left of the detector
+
+
+def test_star_stamps_carry_their_stars_positions_in_stamp_order(measured):
+    s, bkg, src, star = measured
+    cfg = StampsConfig(size_px=16, per_detector=6)
+    got = star_stamps(s.image, bkg, src, star, cfg)
+    order = stamp_order(src, star, 6)
+    assert np.array_equal(got.stamps, cut_stamps(s.image, bkg, src, star, cfg))
+    assert np.array_equal(got.x_px, src["x"].to_numpy(np.float32)[order])
+    assert np.array_equal(got.y_px, src["y"].to_numpy(np.float32)[order])
+    arrays = got.arrays()
+    variables = stamp_variables(cfg)
+    assert set(arrays) == set(variables) and int(arrays["n_stamps"]) == 6
+    for name, (shape, dims, dtype, _) in variables.items():
+        assert arrays[name].shape == shape and len(dims) == len(shape)
