@@ -460,6 +460,7 @@ def test_flows_train_and_evaluate(nights, tmp_path):
 
 DDP_SCRIPT = """
 import sys
+from pathlib import Path
 import lightning as L
 from survey_qa.config import load_config
 from survey_qa.flows.train_classifier import train_classifier
