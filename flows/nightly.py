@@ -72,14 +72,6 @@ class NightSummary:
         return "\n".join(lines)
 
 
-# ---------------------------------------------------------------------------- paths
-
-
-def done_exposures(out_root: str | Path, night: str, files: dict[str, Path]) -> set[str]:
-    """Exposures whose results are whole (see :func:`workdir.verified_done`)."""
-    return workdir.verified_done(out_root, night, files)
-
-
 # ---------------------------------------------------------------------------- models
 
 
@@ -264,7 +256,7 @@ def _run_locked(cfg: Config, night: str, files: dict[str, Path], models: Models,
         echo(f"warning: {damage}: rebuilding it and redoing the night's exposures")
         io.remove_store(store)
         workdir.forget_results(out_root, night)
-    done = done_exposures(out_root, night, files)
+    done = workdir.verified_done(out_root, night, files)
     todo = {e: str(p) for e, p in files.items() if e not in done}
 
     if todo:
@@ -280,7 +272,8 @@ def _run_locked(cfg: Config, night: str, files: dict[str, Path], models: Models,
             futures = client.map(process_exposure, list(todo.values()), [cfg] * n,
                                  [night] * n, [str(store)] * n, [index] * n, list(todo),
                                  pure=False)
-            _follow(futures, as_completed, cfg, echo, night, dict(zip(futures, todo.items())))
+            follow_tasks(futures, as_completed, cfg, echo, night,
+                         dict(zip(futures, todo.items())))
     exposures, exp_path, src_path = gather_night(cfg, night, list(files), models)
     return _summarize(night, exposures.to_pylist(), len(files), len(todo), exp_path,
                       src_path, store, time.perf_counter() - t0)
@@ -307,7 +300,7 @@ def gather_night(cfg: Config, night: str, exposures: list[str], models: Models,
     return table, exp_path, src_path
 
 
-def _follow(futures, as_completed, cfg: Config, echo, night: str = "",
+def follow_tasks(futures, as_completed, cfg: Config, echo, night: str = "",
             files: dict | None = None) -> None:
     """Wait for every task, with a progress bar and a live line per bad frame.
 

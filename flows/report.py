@@ -29,24 +29,10 @@ import survey_qa
 from survey_qa import atomic, paths
 from survey_qa.config import Config
 from survey_qa.pipeline import io, nightview, selection
-from survey_qa.pipeline.flags import decode_flags
-from survey_qa.pipeline.schema import CLASSES, PRIORITY
+from survey_qa.pipeline.schema import PRIORITY
 
 TEMPLATE = "night_report.html.j2"
 THUMB_SIDE_PX = 192
-
-TABLE_COLUMNS = [
-    # (column, header, decimals or None for text)
-    ("exposure", "exposure", None), ("detector", "det", None), ("date_obs", "DATE-OBS", None),
-    ("quality_class", "class", None),
-    *[(f"p_{c}", f"p {c.replace('_', ' ')}", 2) for c in CLASSES],
-    ("fwhm_arcsec", "FWHM \"", 2), ("fwhm_px", "FWHM px", 2), ("ellipticity", "e", 3),
-    ("trail_ratio", "trail T/s", 2), ("sky_level", "sky ADU", 1), ("sky_noise", "noise ADU", 2),
-    ("sky_nonuniformity", "non-unif.", 3), ("n_stars_used", "stars", 0),
-    ("ae_score", "AE score", 2), ("mask_fraction", "masked", 3),
-    ("flags", "flags", None), ("reason", "reason", None), ("path", "file", None),
-]
-
 
 def write_report(cfg: Config, night: str, out: str | Path | None = None) -> Path:
     """Build the night's HTML page from its catalogs, arrays and frames; returns its path.
@@ -54,11 +40,11 @@ def write_report(cfg: Config, night: str, out: str | Path | None = None) -> Path
     Raises ``ValueError`` when the night has no exposure catalog.
     """
     out_root = Path(cfg.run.out_root)
-    from survey_qa.flows.select import read_night, weighted_rows
+    from survey_qa.flows.select import read_night
 
     exposures, sources = read_night(out_root, night)
-    level = weighted_rows(exposures, sources)
-    level["time"] = _times(level)
+    level = selection.weighted_rows(exposures, sources)
+    level["time"] = nightview.observation_times(level)
     arrays = ArrayStore.open(paths.zarr_store(out_root, night))
     cache = paths.report_cache(out_root, night)
     cards = [exposure_card(cfg, exposures[exposures["exposure"] == e], arrays, cache)
@@ -71,13 +57,13 @@ def write_report(cfg: Config, night: str, out: str | Path | None = None) -> Path
             level["date_obs"].fillna("").tolist(), level["quality_class"].tolist(),
             level["status"].tolist(), level["error"].fillna("").tolist(),
             level["image_type"].fillna("").tolist()),
-        "counts": _counts(level),
+        "counts": nightview.class_counts(level),
         "colours": nightview.CLASS_COLOURS,
         "timeline": timeline_html(level, cfg, include_js=True),
-        "columns": TABLE_COLUMNS,
-        "rows": table_rows(exposures, level),
+        "columns": nightview.TABLE_COLUMNS,
+        "rows": nightview.table_rows(exposures, level),
         "classes": [*PRIORITY[::-1], "failed"],
-        "failed": failed_rows(exposures),
+        "failed": nightview.failed_rows(exposures),
         "cards": cards,
         "n_exposures": len(level),
         "n_untimed": int(level["time"].isna().sum()),
@@ -96,71 +82,6 @@ def try_write_report(cfg: Config, night: str) -> str:
         return f"not written ({type(e).__name__}: {e})"
 
 
-# ---------------------------------------------------------------------------- data
-
-
-def _times(rows: pd.DataFrame) -> pd.Series:
-    """DATE-OBS as UTC timestamps (MJD-OBS where DATE-OBS is missing; NaT when neither)."""
-    t = pd.to_datetime(rows["date_obs"].replace("", None), errors="coerce", utc=True,
-                       format="ISO8601")
-    mjd = pd.to_datetime(rows["mjd_obs"] - 40587.0, unit="D", utc=True, errors="coerce")
-    return t.fillna(mjd)
-
-
-def _counts(level: pd.DataFrame) -> list[tuple[str, int]]:
-    ok = level["status"] == "ok"
-    counts = [(c, int(((level["quality_class"] == c) & ok).sum())) for c in PRIORITY[::-1]]
-    return counts + [("failed", int((~ok).sum()))]
-
-
-def _fmt(value, decimals) -> tuple[str, str]:
-    """(shown text, sort key) of one cell."""
-    if decimals is None:
-        return ("" if value is None else str(value)), ("" if value is None else str(value))
-    try:
-        v = float(value)
-    except (TypeError, ValueError):
-        return "", ""
-    if not math.isfinite(v):
-        return "", ""
-    return f"{v:.{decimals}f}", repr(v)
-
-
-def table_rows(exposures: pd.DataFrame, level: pd.DataFrame) -> list[dict]:
-    """Rows of the page's table: each exposure, then its detectors when it is a mosaic."""
-    out = []
-    for _, top in level.iterrows():
-        group = exposures[exposures["exposure"] == top["exposure"]]
-        members = [top] + ([r for _, r in group.iterrows() if r["detector"] != "ALL"]
-                           if top["detector"] == "ALL" else [])
-        for i, r in enumerate(members):
-            cls = r["quality_class"] if r["status"] == "ok" else "failed"
-            cells = []
-            for col, _, dec in TABLE_COLUMNS:
-                if col == "flags":
-                    value = " ".join(decode_flags(r["qa_flags"]))
-                elif col == "reason":
-                    value = r["reason"] if r["status"] == "ok" else r["error"]
-                elif col == "quality_class":
-                    value = cls
-                else:
-                    value = r[col]
-                cells.append(_fmt(value, dec))
-            out.append({"level": "exposure" if i == 0 else "detector", "cls": cls,
-                        "anchor": _anchor(r["exposure"]), "cells": cells})
-    return out
-
-
-def failed_rows(exposures: pd.DataFrame) -> list[dict]:
-    bad = exposures[exposures["status"] != "ok"]
-    return [{"exposure": r["exposure"], "detector": r["detector"], "path": r["path"],
-             "error": r["error"]} for _, r in bad.iterrows()]
-
-
-def _anchor(exposure: str) -> str:
-    return "exp-" + "".join(ch if ch.isalnum() or ch in "-_" else "_" for ch in exposure)
-
-
 # ---------------------------------------------------------------------------- plots
 
 
@@ -174,8 +95,7 @@ def timeline_html(level: pd.DataFrame, cfg: Config, *, include_js: bool) -> str:
     use_arcsec = bool(np.isfinite(rows["fwhm_arcsec"]).any()) if len(rows) else True
     fwhm_col = "fwhm_arcsec" if use_arcsec else "fwhm_px"
     fwhm_limit = c.seeing_limit_arcsec if use_arcsec else c.seeing_limit_px
-    flux = rows["star_flux_adu"] / rows["exptime_s"].where(rows["exptime_s"] > 0)
-    rel_flux = flux / flux.max() if np.isfinite(flux.max()) and flux.max() > 0 else flux * np.nan
+    rel_flux = nightview.relative_star_flux(rows)
     panels = [
         (fwhm_col, "FWHM (arcsec)" if use_arcsec else "FWHM (px, no pixel scale)",
          rows[fwhm_col], [(fwhm_limit, "seeing limit")] if fwhm_limit else []),
@@ -285,7 +205,7 @@ def exposure_card(cfg: Config, rows: pd.DataFrame, arrays: ArrayStore, cache: Pa
         if not png.is_file():
             _write_png(png, focal_plane_png(top["path"], dets, previews, cfg))
         mosaic = _b64(png)
-    return {"exposure": top["exposure"], "anchor": _anchor(top["exposure"]), "cls": cls,
+    return {"exposure": top["exposure"], "anchor": nightview.anchor(top["exposure"]), "cls": cls,
             "date_obs": top["date_obs"], "path": top["path"],
             "reason": top["reason"] if top["status"] == "ok" else top["error"],
             "images": images, "mosaic": mosaic, "weight": top.get("weight", math.nan)}
@@ -346,9 +266,8 @@ def detector_panel(row: pd.Series, thumb: np.ndarray | None, arrays: ArrayStore,
     n = arrays.get("n_stamps", row["exposure"], row["detector"])
     ax = axes[1]
     if stamps is not None and n is not None and int(n) > 0:
-        med = np.nanmedian(stamps[: int(n)], axis=0)
-        ax.imshow(np.arcsinh(med / (np.nanmax(np.abs(med)) or 1) * 50), cmap="magma",
-                  origin="lower", interpolation="nearest")
+        ax.imshow(nightview.median_stamp(stamps, int(n)), cmap="magma", origin="lower",
+                  interpolation="nearest")
         ax.set_title(f"median of {int(n)} stars", fontsize=8)
     else:
         ax.text(0.5, 0.5, "no star stamps", ha="center", va="center", fontsize=8)

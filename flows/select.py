@@ -60,15 +60,6 @@ def read_night(out_root: str | Path, night: str) -> tuple[pd.DataFrame, pd.DataF
     return pd.read_parquet(exp), sources
 
 
-def weighted_rows(exposures: pd.DataFrame, sources: pd.DataFrame) -> pd.DataFrame:
-    """Exposure-level rows with ``star_flux_adu`` and ``weight`` (relative to the night)."""
-    rows = selection.exposure_rows(exposures)
-    flux = selection.star_flux(sources)
-    rows["star_flux_adu"] = rows["exposure"].map(flux).astype(float)
-    rows["weight"] = selection.frame_weights(rows, flux)
-    return rows
-
-
 def select_frames(cfg: Config, night: str, *, where: str | None = None,
                   classes: list[str] | None = None, out_dir: str | Path | None = None,
                   copy_to: str | Path | None = None, link_to: str | Path | None = None
@@ -97,18 +88,14 @@ def select_frames(cfg: Config, night: str, *, where: str | None = None,
     if copy_to and link_to:
         raise ValueError("--copy-to and --link-to: choose one")
     exposures, sources = read_night(cfg.run.out_root, night)
-    rows = weighted_rows(exposures, sources)
-    light = rows["image_type"].str.lower().isin(["light", "object", "science", ""])
-    pool = rows[(rows["status"] == "ok") & light]
-    chosen = selection.apply_filter(pool, where, classes)
-    chosen = chosen.sort_values("date_obs", kind="stable")
+    pool, chosen = selection.choose_frames(selection.weighted_rows(exposures, sources),
+                                           where, classes)
     out = Path(out_dir) if out_dir else paths.selection_dir(cfg.run.out_root, night)
     outputs = write_lists(out, pool, chosen)
     if copy_to or link_to:
         outputs["files"] = place_files(chosen["path"].tolist(), Path(copy_to or link_to),
                                        link=bool(link_to))
-    return Selection(night=night, chosen=chosen.reset_index(drop=True),
-                     pool=pool.reset_index(drop=True), outputs=outputs)
+    return Selection(night=night, chosen=chosen, pool=pool, outputs=outputs)
 
 
 def write_lists(out: Path, pool: pd.DataFrame, chosen: pd.DataFrame) -> dict[str, Path]:

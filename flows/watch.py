@@ -16,8 +16,6 @@ twice). SIGINT and SIGTERM stop it after the frame in hand, as does ``--until``.
 """
 from __future__ import annotations
 
-import json
-import math
 import os
 import queue
 import signal
@@ -31,7 +29,7 @@ from pathlib import Path
 
 from survey_qa import paths
 from survey_qa.config import Config
-from survey_qa.pipeline import io, measure
+from survey_qa.pipeline import io, measure, verdict
 
 SETTLE_S = 2.0
 """Seconds a file's size must stay the same when no close-after-write event is seen."""
@@ -39,7 +37,7 @@ SETTLE_S = 2.0
 COMPRESSED_STREAMS = (".gz", ".bz2")
 
 
-# ---------------------------------------------------------------------------- pure helpers
+# ---------------------------------------------------------------------------- arguments, files
 
 
 def parse_until(text: str | None, now: datetime | None = None) -> datetime | None:
@@ -92,64 +90,14 @@ def frame_complete(path: str | os.PathLike) -> bool:
         return False
 
 
-def is_frame_name(path: Path, folder: Path) -> bool:
-    """A FITS file the nightly discovery would take (suffix; no hidden or ``_`` parts)."""
-    try:
-        parts = path.relative_to(folder).parts
-    except ValueError:
-        return False
-    if any(p.startswith((".", "_")) for p in parts):
-        return False
-    return path.name.lower().endswith(io.FITS_SUFFIXES)
-
-
-def row_json(row: dict) -> str:
-    """A catalog row as JSON: NaN as null, times as ISO strings."""
-    def plain(v):
-        if isinstance(v, float) and not math.isfinite(v):
-            return None
-        if hasattr(v, "isoformat"):
-            return v.isoformat()
-        if hasattr(v, "item"):
-            return plain(v.item())
-        return v
-    return json.dumps({k: plain(v) for k, v in row.items()})
-
-
-def row_env(row: dict, night: str) -> dict[str, str]:
-    """``SURVEY_QA_*`` variables of a row, for ``--on-bad``."""
-    def text(v):
-        if isinstance(v, float):
-            return "" if not math.isfinite(v) else f"{v:.6g}"
-        return "" if v is None else str(v)
-    env = {"SURVEY_QA_NIGHT": night}
-    for key in ("exposure", "detector", "path", "status", "reason", "error", "date_obs",
-                "fwhm_arcsec", "fwhm_px", "ellipticity", "trail_ratio", "sky_level",
-                "sky_noise", "sky_nonuniformity", "n_stars_used", "p_good"):
-        env[f"SURVEY_QA_{key.upper()}"] = text(row.get(key))
-    env["SURVEY_QA_CLASS"] = "failed" if row.get("status") != "ok" else text(row["quality_class"])
-    return env
-
-
-def verdict_line(row: dict) -> str:
-    """One line per frame: class, FWHM, ellipticity, sky, reason."""
-    def num(v, fmt):
-        return "-" if v is None or not math.isfinite(float(v)) else format(float(v), fmt)
-    if row.get("status") != "ok":
-        return f"{row['exposure']}  FAILED  {row.get('error', '')}"
-    fwhm = (f"FWHM {num(row['fwhm_arcsec'], '.2f')}\"" if math.isfinite(row["fwhm_arcsec"])
-            else f"FWHM {num(row['fwhm_px'], '.2f')} px")
-    return (f"{row['exposure']}  {row['quality_class']}  {fwhm}  "
-            f"e {num(row['ellipticity'], '.3f')}  "
-            f"sky {num(row['sky_level'], '.1f')} ± {num(row['sky_noise'], '.1f')} ADU  "
-            f"| {row.get('reason', '')}")
-
-
 # ---------------------------------------------------------------------------- the loop
 
 
 @dataclass
-class _Pending:
+class PendingFile:
+    """A frame seen landing, not measured yet: its last size, when that changed, and
+    whether its writer closed it."""
+
     size: int = -1
     changed_at: float = 0.0
     closed: bool = False
@@ -220,9 +168,9 @@ def watch(cfg: Config, night: str, *, until: datetime | None = None,
     try:
         with workdir.night_lock(out_root, night):
             files = io.night_exposures(cfg.run.raw_root, night)
-            done = nightly.done_exposures(out_root, night, files)
+            done = workdir.verified_done(out_root, night, files)
             summary.skipped = len(done)
-            pending = {Path(p): _Pending() for e, p in files.items() if e not in done}
+            pending = {Path(p): PendingFile() for e, p in files.items() if e not in done}
             measured = {Path(p) for e, p in files.items() if e in done}
             echo(f"watching {folder} ({len(done)} frames already done, {len(pending)} to "
                  f"measure){' until ' + until.isoformat() if until else ''}; Ctrl-C stops")
@@ -231,7 +179,7 @@ def watch(cfg: Config, night: str, *, until: datetime | None = None,
                 if until and datetime.now(timezone.utc) >= until:
                     summary.stopped_by = "--until"
                     break
-                _drain(events, pending, folder, 0.25 if pending else 1.0, measured)
+                drain_events(events, pending, folder, 0.25 if pending else 1.0, measured)
                 ready = _ready(pending, settle_s)
                 for path in ready:
                     del pending[path]
@@ -242,7 +190,7 @@ def watch(cfg: Config, night: str, *, until: datetime | None = None,
                     if rows is None:
                         continue
                     top = measure.exposure_level(rows)[0]
-                    echo(verdict_line(top))
+                    echo(verdict.verdict_line(top))
                     summary.measured.append(top["exposure"])
                     if top["status"] != "ok" or top["quality_class"] != "good":
                         summary.bad.append(top["exposure"])
@@ -282,7 +230,7 @@ WRITE_EVENTS = ("created", "modified", "moved", "closed")
 reads included) is not."""
 
 
-def _drain(events: queue.Queue, pending: dict[Path, _Pending], folder: Path,
+def drain_events(events: queue.Queue, pending: dict[Path, PendingFile], folder: Path,
            timeout: float, measured: set[Path]) -> None:
     """Take the file events that arrived; wait up to ``timeout`` for the first one.
 
@@ -295,8 +243,8 @@ def _drain(events: queue.Queue, pending: dict[Path, _Pending], folder: Path,
     while True:
         kind, name = item
         path = Path(name)
-        if kind in WRITE_EVENTS and path not in measured and is_frame_name(path, folder):
-            p = pending.setdefault(path, _Pending())
+        if kind in WRITE_EVENTS and path not in measured and io.is_frame_file(path, folder):
+            p = pending.setdefault(path, PendingFile())
             if kind == "closed":
                 p.closed = True
         elif kind == "deleted":
@@ -307,7 +255,7 @@ def _drain(events: queue.Queue, pending: dict[Path, _Pending], folder: Path,
             return
 
 
-def _ready(pending: dict[Path, _Pending], settle_s: float) -> list[Path]:
+def _ready(pending: dict[Path, PendingFile], settle_s: float) -> list[Path]:
     """Pending files that are whole now, oldest first."""
     now = time.monotonic()
     out = []
@@ -369,9 +317,9 @@ def _report(cfg: Config, night: str, echo) -> None:
 def _run_on_bad(command: str, row: dict, night: str) -> subprocess.Popen:
     """Start the user's command with the row on stdin and in the environment."""
     proc = subprocess.Popen(command, shell=True, stdin=subprocess.PIPE,
-                            env={**os.environ, **row_env(row, night)})
+                            env={**os.environ, **verdict.row_env(row, night)})
     try:
-        proc.stdin.write(row_json(row).encode())
+        proc.stdin.write(verdict.row_json(row).encode())
         proc.stdin.close()
     except BrokenPipeError:  # the command does not read its input: fine
         pass

@@ -102,6 +102,22 @@ def _suffix(path: Path) -> str:
     return next((s for s in FITS_SUFFIXES if name.endswith(s)), path.suffix.lower())
 
 
+def is_frame_name(name: str) -> bool:
+    """A file name a night's frame may have: a FITS suffix, not hidden, not ``_``-prefixed."""
+    return not name.startswith((".", "_")) and name.lower().endswith(FITS_SUFFIXES)
+
+
+def is_frame_file(path: str | os.PathLike, night_folder: str | os.PathLike) -> bool:
+    """Whether :func:`discover_night` takes this file of the night folder: a frame name
+    (:func:`is_frame_name`) in no hidden or ``_``-prefixed sub-folder."""
+    try:
+        parts = Path(path).relative_to(night_folder).parts
+    except ValueError:
+        return False
+    return (bool(parts) and is_frame_name(parts[-1])
+            and not any(p.startswith((".", "_")) for p in parts[:-1]))
+
+
 def discover_night(raw_root: str | os.PathLike, night: str) -> list[Path]:
     """FITS files of one night, sorted, sub-folders included.
 
@@ -129,7 +145,7 @@ def discover_night(raw_root: str | os.PathLike, night: str) -> list[Path]:
         seen.add(real)
         dirnames[:] = sorted(d for d in dirnames if not d.startswith((".", "_")))
         for name in filenames:
-            if not name.startswith((".", "_")) and name.lower().endswith(FITS_SUFFIXES):
+            if is_frame_name(name):
                 found.append(Path(dirpath) / name)
     found.sort()
     return found

@@ -3,7 +3,10 @@
 - :func:`preview` bins and stretches a detector for a thumbnail;
 - :func:`focal_plane` places a mosaic's detectors from their headers;
 - :func:`summary_lines` is the ten-second summary of a night;
-- :func:`class_runs` groups consecutive exposures of one class into time intervals.
+- :func:`class_runs` groups consecutive exposures of one class into time intervals;
+- :func:`table_rows`, :func:`failed_rows`, :func:`class_counts`, :func:`observation_times`,
+  :func:`relative_star_flux` and :func:`median_stamp` are the data of the page's table,
+  counts, timeline and detector panels.
 """
 from __future__ import annotations
 
@@ -13,8 +16,10 @@ import re
 from dataclasses import dataclass
 
 import numpy as np
+import pandas as pd
 
-from survey_qa.pipeline.schema import PRIORITY
+from survey_qa.pipeline.flags import decode_flags
+from survey_qa.pipeline.schema import CLASSES, PRIORITY
 
 CLASS_COLOURS = {
     "good": "#2ca02c", "bad_seeing": "#ff7f0e", "background_issues": "#9467bd",
@@ -181,3 +186,100 @@ def summary_lines(times: list[str], classes: list[str], statuses: list[str],
         kinds = ", ".join(f"{k} {v}" for k, v in sorted(calib.items()))
         lines.append(f"{sum(calib.values())} calibration frames set aside ({kinds}).")
     return lines
+
+
+# ---------------------------------------------------------------------------- the page's data
+
+
+TABLE_COLUMNS = [
+    # (column, header, decimals or None for text)
+    ("exposure", "exposure", None), ("detector", "det", None), ("date_obs", "DATE-OBS", None),
+    ("quality_class", "class", None),
+    *[(f"p_{c}", f"p {c.replace('_', ' ')}", 2) for c in CLASSES],
+    ("fwhm_arcsec", "FWHM \"", 2), ("fwhm_px", "FWHM px", 2), ("ellipticity", "e", 3),
+    ("trail_ratio", "trail T/s", 2), ("sky_level", "sky ADU", 1),
+    ("sky_noise", "noise ADU", 2), ("sky_nonuniformity", "non-unif.", 3),
+    ("n_stars_used", "stars", 0), ("ae_score", "AE score", 2), ("mask_fraction", "masked", 3),
+    ("flags", "flags", None), ("reason", "reason", None), ("path", "file", None),
+]
+"""Columns of the report's table."""
+
+
+def observation_times(rows: pd.DataFrame) -> pd.Series:
+    """DATE-OBS as UTC timestamps (MJD-OBS where DATE-OBS is missing; NaT when neither)."""
+    t = pd.to_datetime(rows["date_obs"].replace("", None), errors="coerce", utc=True,
+                       format="ISO8601")
+    mjd = pd.to_datetime(rows["mjd_obs"] - 40587.0, unit="D", utc=True, errors="coerce")
+    return t.fillna(mjd)
+
+
+def class_counts(level: pd.DataFrame) -> list[tuple[str, int]]:
+    """Exposures per class (best class last, as the page lists them), then failed ones."""
+    ok = level["status"] == "ok"
+    counts = [(c, int(((level["quality_class"] == c) & ok).sum())) for c in PRIORITY[::-1]]
+    return counts + [("failed", int((~ok).sum()))]
+
+
+def cell(value, decimals: int | None) -> tuple[str, str]:
+    """(shown text, sort key) of one table cell; numbers with ``decimals`` places."""
+    if decimals is None:
+        return ("" if value is None else str(value)), ("" if value is None else str(value))
+    try:
+        v = float(value)
+    except (TypeError, ValueError):
+        return "", ""
+    if not math.isfinite(v):
+        return "", ""
+    return f"{v:.{decimals}f}", repr(v)
+
+
+def anchor(exposure: str) -> str:
+    """The HTML id of an exposure's card."""
+    return "exp-" + "".join(ch if ch.isalnum() or ch in "-_" else "_" for ch in exposure)
+
+
+def table_rows(exposures: pd.DataFrame, level: pd.DataFrame) -> list[dict]:
+    """Rows of the page's table: each exposure, then its detectors when it is a mosaic."""
+    out = []
+    for _, top in level.iterrows():
+        group = exposures[exposures["exposure"] == top["exposure"]]
+        members = [top] + ([r for _, r in group.iterrows() if r["detector"] != "ALL"]
+                           if top["detector"] == "ALL" else [])
+        for i, r in enumerate(members):
+            cls = r["quality_class"] if r["status"] == "ok" else "failed"
+            cells = []
+            for col, _, dec in TABLE_COLUMNS:
+                if col == "flags":
+                    value = " ".join(decode_flags(r["qa_flags"]))
+                elif col == "reason":
+                    value = r["reason"] if r["status"] == "ok" else r["error"]
+                elif col == "quality_class":
+                    value = cls
+                else:
+                    value = r[col]
+                cells.append(cell(value, dec))
+            out.append({"level": "exposure" if i == 0 else "detector", "cls": cls,
+                        "anchor": anchor(r["exposure"]), "cells": cells})
+    return out
+
+
+def failed_rows(exposures: pd.DataFrame) -> list[dict]:
+    """The rows that could not be measured: exposure, detector, file and error."""
+    bad = exposures[exposures["status"] != "ok"]
+    return [{"exposure": r["exposure"], "detector": r["detector"], "path": r["path"],
+             "error": r["error"]} for _, r in bad.iterrows()]
+
+
+def relative_star_flux(rows: pd.DataFrame) -> pd.Series:
+    """Star flux per second of exposure relative to the night's highest (on one field:
+    the transparency); NaN where unknown."""
+    flux = rows["star_flux_adu"] / rows["exptime_s"].where(rows["exptime_s"] > 0)
+    best = flux.max()
+    return flux / best if np.isfinite(best) and best > 0 else flux * np.nan
+
+
+def median_stamp(stamps: np.ndarray, n: int) -> np.ndarray:
+    """The median of a detector's first ``n`` star stamps, stretched for display
+    (``arcsinh`` of 50 times the stamp over its peak)."""
+    med = np.nanmedian(stamps[:n], axis=0)
+    return np.arcsinh(med / (np.nanmax(np.abs(med)) or 1) * 50)

@@ -88,6 +88,42 @@ def frame_weights(rows: pd.DataFrame, flux_adu: pd.Series) -> pd.Series:
     return (raw / best if np.isfinite(best) and best > 0 else raw).rename("weight")
 
 
+def weighted_rows(exposures: pd.DataFrame, sources: pd.DataFrame) -> pd.DataFrame:
+    """Exposure-level rows (:func:`exposure_rows`) with ``star_flux_adu`` and ``weight``
+    (:func:`frame_weights`, relative to the night)."""
+    rows = exposure_rows(exposures)
+    flux = star_flux(sources)
+    rows["star_flux_adu"] = rows["exposure"].map(flux).astype(float)
+    rows["weight"] = frame_weights(rows, flux)
+    return rows
+
+
+LIGHT_TYPES = ("light", "object", "science", "")
+"""Image types (lower case) of the frames a stacker takes."""
+
+
+def choose_frames(rows: pd.DataFrame, where: str | None = None,
+                  classes: list[str] | None = None) -> tuple[pd.DataFrame, pd.DataFrame]:
+    """The pool of a night's measured light frames and the frames chosen from it.
+
+    Parameters
+    ----------
+    rows
+        Weighted exposure-level rows (:func:`weighted_rows`).
+    where, classes
+        As :func:`apply_filter`.
+
+    Returns
+    -------
+    pool, chosen
+        Both indexed from 0; the chosen frames in time order (``date_obs``).
+    """
+    light = rows["image_type"].str.lower().isin(LIGHT_TYPES)
+    pool = rows[(rows["status"] == "ok") & light]
+    chosen = apply_filter(pool, where, classes).sort_values("date_obs", kind="stable")
+    return pool.reset_index(drop=True), chosen.reset_index(drop=True)
+
+
 # ---------------------------------------------------------------------------- the filter
 
 

@@ -381,8 +381,8 @@ def test_a_file_that_kills_its_worker_every_time_gets_a_failed_row(tmp_path):
 
     cfg = config(tmp_path / "raw", tmp_path / "out")
     fut = Dead()
-    nightly._follow([fut], iter, cfg, lambda *a: None, NIGHT,
-                    {fut: ("poison", str(tmp_path / "raw" / NIGHT / "poison.fits"))})
+    nightly.follow_tasks([fut], iter, cfg, lambda *a: None, NIGHT,
+                         {fut: ("poison", str(tmp_path / "raw" / NIGHT / "poison.fits"))})
     (row,) = pq.read_table(paths.work_dir(tmp_path / "out", NIGHT) / "exposures"
                            / "poison.parquet").to_pylist()
     assert row["status"] == "failed" and row["detector"] == "ALL"

@@ -171,7 +171,7 @@ def test_watch_measures_each_frame_once_across_a_restart(tmp_path):
 
 def test_only_writes_make_a_frame_pending(tmp_path):
     """Opening or reading a frame (the watch's own reads) never queues it again."""
-    from survey_qa.flows.watch import _drain
+    from survey_qa.flows.watch import drain_events
 
     folder = tmp_path / NIGHT
     a, b, c = (folder / n for n in ("a.fits", "b.fits", "sub/_truth.fits"))
@@ -181,5 +181,35 @@ def test_only_writes_make_a_frame_pending(tmp_path):
                        ("closed", folder / "done.fits")]:
         events.put((kind, str(path)))
     pending = {}
-    _drain(events, pending, folder, 0.1, measured={folder / "done.fits"})
+    drain_events(events, pending, folder, 0.1, measured={folder / "done.fits"})
     assert list(pending) == [b] and pending[b].closed
+
+
+def test_frames_are_the_files_a_nightly_run_would_take(tmp_path):
+    from survey_qa.pipeline import io
+
+    folder = tmp_path / NIGHT
+    assert io.is_frame_file(folder / "sub" / "a.fits.fz", folder)
+    assert not io.is_frame_file(folder / "_truth" / "a.fits", folder)
+    assert not io.is_frame_file(folder / ".a.fits.tmp", folder)
+    assert not io.is_frame_file(folder / "notes.txt", folder)
+    assert not io.is_frame_file(tmp_path / "other" / "a.fits", folder)
+
+
+def test_verdict_of_a_frame_as_text_json_and_environment():
+    import math
+
+    from survey_qa.pipeline import verdict
+
+    row = {"exposure": "e1", "status": "ok", "quality_class": "bad_seeing",
+           "fwhm_arcsec": math.nan, "fwhm_px": 5.5, "ellipticity": 0.1, "sky_level": 100.0,
+           "sky_noise": 5.0, "reason": "FWHM 5.5 px > 4", "processed_at":
+           datetime(2024, 3, 1, tzinfo=timezone.utc)}
+    line = verdict.verdict_line(row)
+    assert line.startswith("e1  bad_seeing  FWHM 5.50 px") and "| FWHM 5.5 px > 4" in line
+    sent = json.loads(verdict.row_json(row))
+    assert sent["fwhm_arcsec"] is None and sent["processed_at"].startswith("2024-03-01")
+    env = verdict.row_env(row, NIGHT)
+    assert env["SURVEY_QA_CLASS"] == "bad_seeing" and env["SURVEY_QA_FWHM_ARCSEC"] == ""
+    assert verdict.verdict_line({"exposure": "e2", "status": "failed", "error": "x"}) == \
+        "e2  FAILED  x"
