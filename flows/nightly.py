@@ -11,14 +11,12 @@ what is missing.
 """
 from __future__ import annotations
 
-import collections
 import functools
 import time
 from dataclasses import dataclass, field
 from datetime import datetime, timezone
 from pathlib import Path
 
-import pandas as pd
 import pyarrow as pa
 
 import survey_qa
@@ -30,9 +28,9 @@ from survey_qa.pipeline import io, measure
 from survey_qa.pipeline.errors import QualityError
 from survey_qa.pipeline.measure import (DetectorResult, Models, exposure_level, exposure_rows,
                                         failed_row, internal_error, measure_detector,
-                                        stage_medians)
+                                        stage_medians, tally)
 from survey_qa.pipeline.records import DetectorImage
-from survey_qa.pipeline.schema import CLASSES, PRIORITY, SOURCE_SCHEMA, rows_to_table
+from survey_qa.pipeline.schema import CLASSES, PRIORITY, rows_to_table
 
 
 @dataclass
@@ -186,16 +184,9 @@ def process_exposure(path: str, cfg: Config, night: str, store: str,
         pipeline_version=survey_qa.__version__, model_version=models.version,
         processed_at=datetime.now(timezone.utc).replace(microsecond=0))
     write_masks(cfg, night, exposure, models, results)
-    sources = (pd.concat([r.sources for r in results], ignore_index=True) if results
-               else SOURCE_SCHEMA.empty_table().to_pandas())
-    workdir.write_results(cfg.run.out_root, night, exposure, rows_to_table(rows),
-                          _sources_table(sources))
+    workdir.write_results(cfg.run.out_root, night, exposure, rows,
+                          [r.sources for r in results])
     return rows
-
-
-def _sources_table(df: pd.DataFrame) -> pa.Table:
-    return pa.Table.from_pandas(df[SOURCE_SCHEMA.names], schema=SOURCE_SCHEMA,
-                                preserve_index=False)
 
 
 # ---------------------------------------------------------------------------- the night
@@ -301,7 +292,7 @@ def gather_night(cfg: Config, night: str, exposures: list[str], models: Models,
 
 
 def follow_tasks(futures, as_completed, cfg: Config, echo, night: str = "",
-            files: dict | None = None) -> None:
+                 files: dict | None = None) -> None:
     """Wait for every task, with a progress bar and a live line per bad frame.
 
     A file whose task kills its worker process every time it is tried (a crash in a
@@ -332,22 +323,17 @@ def follow_tasks(futures, as_completed, cfg: Config, echo, night: str = "",
 def _write_failed(cfg: Config, night: str, exposure: str, path: str, reason: str) -> list[dict]:
     """Write the results of a file that could not be processed at all: one failed row."""
     rows = exposure_rows([failed_row(path, exposure, "ALL", QualityError(reason))],
-                         n_detectors=0, t_read_s=0.0, t_total_s=0.0, pipeline_version=survey_qa.__version__,
-                         model_version="",
+                         n_detectors=0, t_read_s=0.0, t_total_s=0.0,
+                         pipeline_version=survey_qa.__version__, model_version="",
                          processed_at=datetime.now(timezone.utc).replace(microsecond=0))
-    workdir.write_results(cfg.run.out_root, night, exposure, rows_to_table(rows),
-                          _sources_table(SOURCE_SCHEMA.empty_table().to_pandas()))
+    workdir.write_results(cfg.run.out_root, night, exposure, rows, [])
     return rows
 
 
 def _summarize(night, rows, n_files, n_todo, exp_path, src_path, store, wall_s) -> NightSummary:
-    level = exposure_level(rows)
-    counts = collections.Counter(r["quality_class"] for r in level if r["status"] == "ok")
-    failures = [(r["exposure"], r["detector"], r["error"]) for r in rows
-                if r["status"] == "failed"]
+    counts, n_failed, failures = tally(rows)
     return NightSummary(night=night, n_files=n_files, n_processed=n_todo,
-                        n_skipped=n_files - n_todo, class_counts=dict(counts),
-                        n_failed=sum(1 for r in level if r["status"] == "failed"),
+                        n_skipped=n_files - n_todo, class_counts=counts, n_failed=n_failed,
                         failures=failures, exposures_catalog=exp_path,
                         sources_catalog=src_path, arrays=store, wall_s=wall_s,
                         stage_median_s=stage_medians(rows))

@@ -18,13 +18,14 @@ import shutil
 import uuid
 from pathlib import Path
 
+import pandas as pd
 import pyarrow as pa
 import pyarrow.parquet as pq
 
 from survey_qa import paths
 from survey_qa.pipeline import io
 from survey_qa.pipeline.errors import NightLocked, RunEnvironmentError
-from survey_qa.pipeline.schema import EXPOSURE_SCHEMA, SOURCE_SCHEMA
+from survey_qa.pipeline.schema import EXPOSURE_SCHEMA, SOURCE_SCHEMA, rows_to_table
 
 ENVIRONMENT_ERRNOS = {errno.ENOSPC, errno.EROFS, errno.EACCES, errno.EPERM, errno.EDQUOT,
                       errno.EIO}
@@ -43,12 +44,17 @@ def result_file(out_root: str | os.PathLike, night: str, kind: str, exposure: st
     return paths.work_dir(out_root, night) / kind / f"{exposure}.parquet"
 
 
-def write_results(out_root: str | os.PathLike, night: str, exposure: str,
-                  exposures: pa.Table, sources: pa.Table) -> None:
-    """Write one exposure's results, atomically: the sources, then the exposure rows (whose
-    presence marks the exposure done)."""
-    io.write_parquet_atomic(sources, result_file(out_root, night, "sources", exposure))
-    io.write_parquet_atomic(exposures, result_file(out_root, night, "exposures", exposure))
+def write_results(out_root: str | os.PathLike, night: str, exposure: str, rows: list[dict],
+                  sources: list[pd.DataFrame]) -> None:
+    """Write one exposure's results, atomically: its sources (the tables of its detectors,
+    catalog columns), then its exposure rows (whose presence marks the exposure done)."""
+    frame = (pd.concat(sources, ignore_index=True) if sources
+             else SOURCE_SCHEMA.empty_table().to_pandas())
+    table = pa.Table.from_pandas(frame[SOURCE_SCHEMA.names], schema=SOURCE_SCHEMA,
+                                 preserve_index=False)
+    io.write_parquet_atomic(table, result_file(out_root, night, "sources", exposure))
+    io.write_parquet_atomic(rows_to_table(rows),
+                            result_file(out_root, night, "exposures", exposure))
 
 
 def check_out_root(out_root: str | os.PathLike, min_free_mb: float) -> None:

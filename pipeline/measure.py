@@ -247,6 +247,16 @@ def exposure_level(rows: list[dict]) -> list[dict]:
     return chosen
 
 
+def tally(rows: list[dict]) -> tuple[dict[str, int], int, list[tuple[str, str, str]]]:
+    """A night's rows counted: exposures per class (measured ones), exposures that failed,
+    and (exposure, detector, error) of every failed row."""
+    level = exposure_level(rows)
+    counts = collections.Counter(r["quality_class"] for r in level if r["status"] == "ok")
+    failures = [(r["exposure"], r["detector"], r["error"]) for r in rows
+                if r["status"] == "failed"]
+    return dict(counts), sum(1 for r in level if r["status"] == "failed"), failures
+
+
 def stage_medians(rows: list[dict]) -> dict[str, float]:
     """Median time per measured detector of each stage, seconds, keyed by stage name."""
     det_rows = [r for r in rows if r["status"] == "ok" and r["detector"] != "ALL"]

@@ -291,3 +291,16 @@ def test_a_result_whose_arrays_were_not_written_says_so():
     skipped = result.arrays_skipped()
     assert "ARRAYS_SKIPPED" in decode_flags(skipped.row["qa_flags"])
     assert result.row["qa_flags"] == 1
+
+
+def test_a_night_is_tallied_by_exposure():
+    from survey_qa.pipeline.errors import QualityError
+    from survey_qa.pipeline.measure import failed_row, tally
+
+    mosaic = [_detector_row("m", "A", "bad_seeing"), _detector_row("m", "B", "good"),
+              {**_detector_row("m", "ALL", "bad_seeing")}]
+    rows = [*mosaic, _detector_row("s", "0"),
+            failed_row("f.fits", "f", "ALL", QualityError("not a FITS file"))]
+    counts, n_failed, failures = tally(rows)
+    assert counts == {"bad_seeing": 1, "good": 1} and n_failed == 1
+    assert failures == [("f", "ALL", "not a FITS file")]
