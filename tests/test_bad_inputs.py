@@ -21,6 +21,7 @@ from survey_qa.pipeline.errors import QualityError
 from survey_qa.pipeline.flags import decode_flags
 
 from contract import assert_contract_holds
+from synthetic import star_field
 
 NIGHT = "2024-03-01"
 N = 160  # detector side: small and quick
@@ -28,15 +29,7 @@ N = 160  # detector side: small and quick
 
 def stars(n=N, seed=0, sky=300.0, n_stars=30, fwhm_px=3.0):
     """Gaussian stars on a flat sky with Poisson and read noise (ADU, gain 1)."""
-    rng = np.random.default_rng(seed)
-    yy, xx = np.mgrid[0:n, 0:n]
-    s = fwhm_px / 2.3548
-    img = np.full((n, n), sky)
-    for _ in range(n_stars):
-        x0, y0 = rng.uniform(12, n - 12, 2)
-        img += 10 ** rng.uniform(3.3, 4.3) / (2 * np.pi * s * s) * np.exp(
-            -0.5 * ((xx - x0) ** 2 + (yy - y0) ** 2) / s ** 2)
-    return (rng.poisson(img) + rng.normal(0, 3, img.shape)).astype(np.float32)
+    return star_field(n, n_stars, fwhm_px, sky, seed, margin_px=12, log_flux=(3.3, 4.3))
 
 
 def header(**extra) -> fits.Header:

@@ -14,23 +14,9 @@ from survey_qa.paths import work_dir
 from survey_qa.pipeline.flags import decode_flags
 
 from contract import assert_contract_holds
+from synthetic import star_field
 
 NIGHT = "2024-03-01"
-
-
-def star_field(n=256, n_stars=40, fwhm_px=3.0, sky=200.0, seed=0, elongate=1.0):
-    """Gaussian stars on a noisy flat sky (ADU, gain 1)."""
-    rng = np.random.default_rng(seed)
-    yy, xx = np.mgrid[0:n, 0:n]
-    sigma = fwhm_px / 2.3548
-    img = np.full((n, n), sky)
-    for _ in range(n_stars):
-        x0, y0 = rng.uniform(15, n - 15, 2)
-        flux = 10 ** rng.uniform(3.5, 4.5)
-        r2 = ((xx - x0) / (sigma * elongate)) ** 2 + ((yy - y0) / sigma) ** 2
-        img += flux / (2 * np.pi * sigma ** 2 * elongate) * np.exp(-0.5 * r2)
-    img = rng.poisson(img) + rng.normal(0, 3, img.shape)
-    return img.astype(np.float32)
 
 
 def header(**extra):
