@@ -230,13 +230,15 @@ def test_rerun_redoes_what_it_cannot_verify(tmp_path):
     make_night(raw, 5)
     run_night(config(raw, out), NIGHT, echo=lambda *a: None)
     before = {r["exposure"]: r for r in rows(out)}
-    work = paths.work_dir(out, NIGHT)
-    pq.write_table(pa.table({"a": [1, 2]}), work / "exposures" / "f00.parquet")  # wrong schema
-    (work / "sources" / "f01.parquet").unlink()  # sources lost
-    (work / "exposures" / "f02.parquet").write_bytes(b"garbage")  # not Parquet
-    data = (work / "exposures" / "f03.parquet").read_bytes()
-    (work / "exposures" / "f03.parquet").write_bytes(data[: len(data) // 2])  # truncated
-    (work / "exposures" / ".f04.parquet.0123.tmp").write_bytes(b"half")  # a killed write
+    def result(kind, exposure):
+        return workdir.result_file(out, NIGHT, kind, exposure)
+
+    pq.write_table(pa.table({"a": [1, 2]}), result("exposures", "f00"))  # wrong schema
+    result("sources", "f01").unlink()  # sources lost
+    result("exposures", "f02").write_bytes(b"garbage")  # not Parquet
+    data = result("exposures", "f03").read_bytes()
+    result("exposures", "f03").write_bytes(data[: len(data) // 2])  # truncated
+    (result("exposures", "f04").parent / ".f04.parquet.0123.tmp").write_bytes(b"half")  # killed
     summary = run_night(config(raw, out), NIGHT, echo=lambda *a: None)
     assert summary.n_processed == 4 and summary.n_skipped == 1
     after = {r["exposure"]: r for r in rows(out)}
@@ -247,7 +249,7 @@ def test_rerun_redoes_what_it_cannot_verify(tmp_path):
     src = pads.dataset(out / "catalogs" / "sources", format="parquet",
                        partitioning="hive").to_table().to_pandas()
     assert set(src.exposure) == set(before)
-    assert not list(work.rglob(".*.tmp"))
+    assert not list(paths.work_dir(out, NIGHT).rglob(".*.tmp"))
 
 
 def test_damaged_array_store_is_rebuilt(tmp_path):
@@ -383,8 +385,8 @@ def test_a_file_that_kills_its_worker_every_time_gets_a_failed_row(tmp_path):
     fut = Dead()
     nightly.follow_tasks([fut], iter, cfg, lambda *a: None, NIGHT,
                          {fut: ("poison", str(tmp_path / "raw" / NIGHT / "poison.fits"))})
-    (row,) = pq.read_table(paths.work_dir(tmp_path / "out", NIGHT) / "exposures"
-                           / "poison.parquet").to_pylist()
+    (row,) = pq.read_table(workdir.result_file(tmp_path / "out", NIGHT, "exposures",
+                                               "poison")).to_pylist()
     assert row["status"] == "failed" and row["detector"] == "ALL"
     assert "worker process died on this file" in row["error"]
     assert workdir.verified_done(tmp_path / "out", NIGHT, {

@@ -9,8 +9,8 @@ from astropy.io import fits
 
 from survey_qa.cli import main
 from survey_qa.config import load_config
+from survey_qa.flows import workdir
 from survey_qa.flows.nightly import run_night
-from survey_qa.paths import work_dir
 from survey_qa.pipeline.flags import decode_flags
 
 from contract import assert_contract_holds
@@ -204,7 +204,7 @@ def test_duckdb_reads_the_catalog(first_run):
 def test_rerun_finishes_only_what_is_missing(night, first_run):
     out, _ = first_run
     before = read_rows(out)
-    (work_dir(out, NIGHT) / "exposures" / "good1.parquet").unlink()  # as if it crashed there
+    workdir.result_file(out, NIGHT, "exposures", "good1").unlink()  # as if it crashed there
     summary = run_night(config(night, out), NIGHT, echo=lambda *a: None)
     assert summary.n_processed == 1 and summary.n_skipped == 11
     after = read_rows(out)
