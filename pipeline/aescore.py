@@ -464,6 +464,21 @@ def make_mask(score_map: np.ndarray, threshold: float, close_px: int) -> np.ndar
     return _extended(ndimage.grey_closing, opened.astype(np.uint8), int(close_px)) > 0
 
 
+def patch_grid(shape: tuple[int, int], block_px: int) -> tuple[int, int]:
+    """Cells (gy, gx) of the score map and mask of a detector of ``shape`` (ny, nx): a
+    partial patch at an edge counts as a cell."""
+    return -(-int(shape[0]) // block_px), -(-int(shape[1]) // block_px)
+
+
+def score_variables(block_px: int, max_shape: tuple[int, int]) -> dict[str, tuple]:
+    """Array-store variables of a scored detector (``ae_score_map``, ``ae_mask``) for
+    detectors up to ``max_shape`` (ny, nx): name -> (per-detector shape, dimension names,
+    dtype, fill value)."""
+    grid = patch_grid(max_shape, block_px)
+    return {"ae_score_map": (grid, ("patch_y", "patch_x"), "float32", np.nan),
+            "ae_mask": (grid, ("patch_y", "patch_x"), "uint8", 0)}
+
+
 def upsample_mask(patch_mask: np.ndarray, block_px: int, shape: tuple[int, int]
                   ) -> np.ndarray:
     """A patch mask at full resolution (for FITS masks and IoU).

@@ -118,7 +118,7 @@ def calibrate_group(rows: list[dict], score_maps: dict[int, np.ndarray], referen
     """
     first = rows[next(iter(score_maps))]
     nx, ny = first["nx"], first["ny"]
-    grid = (-(-ny // block_px), -(-nx // block_px))
+    grid = aescore.patch_grid((ny, nx), block_px)
     maps = {i: m[:grid[0], :grid[1]] for i, m in score_maps.items()}
     threshold = night_threshold(list(maps.values()), reference, quantile)
     changed, masks = {}, {}

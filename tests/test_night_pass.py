@@ -77,3 +77,11 @@ def test_finish_night_reports_a_lone_foreign_frame_out_of_domain(tmp_path):
     out = finish_night(rows, load_config(), models, store)
     assert math.isnan(out[0]["ae_score"]) and math.isnan(out[0]["mask_fraction"])
     assert "AE_OUT_OF_DOMAIN" in decode_flags(out[0]["qa_flags"])
+
+
+def test_a_score_grid_covers_partial_edge_patches():
+    from survey_qa.pipeline import aescore
+
+    assert aescore.patch_grid((256, 300), 32) == (8, 10)
+    variables = aescore.score_variables(32, (256, 300))
+    assert variables["ae_mask"][0] == variables["ae_score_map"][0] == (8, 10)
