@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import collections
 import dataclasses
-import math
 import time
 from dataclasses import dataclass
 from datetime import datetime
@@ -89,10 +88,7 @@ def array_variables(cfg: Config, models: Models, max_shape: tuple[int, int]) -> 
         out["som_representatives"] = ((cfg.som.representatives, *som.stamp_shape),
                                       ("representative", "y", "x"), "float32", np.nan)
     if models.scorer is not None:
-        block = models.scorer.block_px
-        grid = (math.ceil(max_shape[0] / block), math.ceil(max_shape[1] / block))
-        out["ae_score_map"] = (grid, ("patch_y", "patch_x"), "float32", np.nan)
-        out["ae_mask"] = (grid, ("patch_y", "patch_x"), "uint8", 0)
+        out.update(aescore.score_variables(models.scorer.block_px, max_shape))
     return out
 
 
@@ -143,9 +139,10 @@ def measure_detector(det: DetectorImage, cfg: Config, models: Models,
     src = sources.extract_sources(det.data, bkg, det.mask, cfg.sources, det.meta.saturate_adu)
     timings["t_sources_s"] = time.perf_counter() - t
     t = time.perf_counter()
-    star = psf.select_psf_stars(src, det.data.shape, cfg.psf)
+    selection, _ = psf.selection_flags(src, det.data.shape, cfg.psf)
+    star = psf.select_psf_stars(src, det.data.shape, cfg.psf, flags=selection)
     psf_result = psf.measure_psf(det.data, bkg, src, star, cfg.psf)
-    src = psf.annotate_sources(src, star, psf_result, det.data.shape, cfg.psf)
+    src = psf.annotate_sources(src, star, psf_result, det.data.shape, cfg.psf, flags=selection)
     timings["t_psf_s"] = time.perf_counter() - t
     t = time.perf_counter()
     cut = stamps.star_stamps(det.data, bkg, src, psf_result.psf_star, cfg.stamps)

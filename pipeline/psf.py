@@ -322,8 +322,8 @@ def selection_flags(sources: pd.DataFrame, shape: tuple[int, int],
     return flags, fwhm_guess
 
 
-def select_psf_stars(sources: pd.DataFrame, shape: tuple[int, int],
-                     cfg: PSFConfig) -> np.ndarray:
+def select_psf_stars(sources: pd.DataFrame, shape: tuple[int, int], cfg: PSFConfig,
+                     flags: np.ndarray | None = None) -> np.ndarray:
     """Which sources are usable PSF stars.
 
     Parameters
@@ -334,6 +334,8 @@ def select_psf_stars(sources: pd.DataFrame, shape: tuple[int, int],
         Detector shape (ny, nx).
     cfg
         PSF settings.
+    flags
+        The first result of :func:`selection_flags` when the caller has it already.
 
     Returns
     -------
@@ -342,7 +344,8 @@ def select_psf_stars(sources: pd.DataFrame, shape: tuple[int, int],
         edges, S/N >= ``cfg.min_snr`` (``cfg.fallback_min_snr`` when fewer than
         ``cfg.min_stars`` reach it), on the stellar locus.
     """
-    flags, _ = selection_flags(sources, shape, cfg)
+    if flags is None:
+        flags, _ = selection_flags(sources, shape, cfg)
     if len(sources) == 0:
         return np.zeros(0, bool)
     snr = sources["snr"].to_numpy(float)
@@ -987,7 +990,8 @@ def _doubled_result(n_src: int, cfg: PSFConfig, trail: _Trail, doubling: Doublin
 
 
 def annotate_sources(sources: pd.DataFrame, psf_star: np.ndarray, psf: PSFResult,
-                     shape: tuple[int, int], cfg: PSFConfig) -> pd.DataFrame:
+                     shape: tuple[int, int], cfg: PSFConfig,
+                     flags: np.ndarray | None = None) -> pd.DataFrame:
     """The source table with the PSF stage's per-star results filled in.
 
     Parameters
@@ -1002,6 +1006,8 @@ def annotate_sources(sources: pd.DataFrame, psf_star: np.ndarray, psf: PSFResult
         Detector shape (ny, nx).
     cfg
         PSF settings.
+    flags
+        The first result of :func:`selection_flags` when the caller has it already.
 
     Returns
     -------
@@ -1012,7 +1018,8 @@ def annotate_sources(sources: pd.DataFrame, psf_star: np.ndarray, psf: PSFResult
     out = sources.copy()
     if len(out) == 0:
         return out
-    flags, _ = selection_flags(sources, shape, cfg)
+    if flags is None:
+        flags, _ = selection_flags(sources, shape, cfg)
     fitted = getattr(psf, "fitted", None)
     if fitted is None:  # a PSFResult from elsewhere: find which stars the fit took
         fitted = np.zeros(len(out), bool)
