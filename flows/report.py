@@ -153,31 +153,26 @@ def timeline_html(level: pd.DataFrame, cfg: Config, *, include_js: bool) -> str:
 
 @dataclass
 class ArrayStore:
-    """The night's Zarr arrays, indexed by (exposure, detector); empty when absent."""
+    """The night's array store and its frame index; empty when absent or unreadable."""
 
-    ds: object | None
+    path: Path | None
     index: dict[tuple[str, str], int]
 
     @classmethod
     def open(cls, path: Path) -> "ArrayStore":
         if not path.exists():
             return cls(None, {})
-        import xarray as xr
-
         try:
-            ds = xr.open_zarr(path, consolidated=False)
+            return cls(path, io.store_frames(path))
         except Exception:  # an empty or half-made store: no arrays to show
             return cls(None, {})
-        if "exposure" not in ds.coords:
-            return cls(None, {})
-        keys = zip(ds["exposure"].values.tolist(), ds["detector"].values.tolist())
-        return cls(ds, {(str(e), str(d)): i for i, (e, d) in enumerate(keys)})
 
     def get(self, name: str, exposure: str, detector: str) -> np.ndarray | None:
+        """One detector's array ``name``, or None when the store does not hold it."""
         i = self.index.get((exposure, detector))
-        if self.ds is None or i is None or name not in self.ds:
+        if self.path is None or i is None:
             return None
-        return np.asarray(self.ds[name][i].values)
+        return io.read_frames(self.path, name, {0: i}).get(0)
 
 
 def exposure_card(cfg: Config, rows: pd.DataFrame, arrays: ArrayStore, cache: Path) -> dict:
