@@ -52,11 +52,10 @@ def _measure_file(args) -> list[dict]:
     """Measure every detector of one file; failed detectors give a row with the error."""
     path, overrides = args
     os.environ.setdefault("OMP_NUM_THREADS", "1")
-    from survey_qa.pipeline import io, sources
+    from survey_qa.pipeline import io
     from survey_qa.pipeline.errors import QualityError
 
     cfg = load_config(overrides=overrides)
-    sources.configure_sep(cfg.sources)
     rows = []
     for det in io.read_detectors(path, cfg.io):
         if isinstance(det, QualityError):

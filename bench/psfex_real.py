@@ -165,10 +165,8 @@ def main(argv: list[str] | None = None) -> int:
         print(f"no frames under {a.shared}")
         return 1
     from survey_qa.config import load_config
-    from survey_qa.pipeline import sources
 
     cfg = load_config()
-    sources.configure_sep(cfg.sources)
     rows, diffs = [], []
     for path in files[:a.limit or None]:
         with tempfile.TemporaryDirectory() as tmp:

@@ -16,6 +16,7 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 
+from survey_qa import paths
 from survey_qa.pipeline.schema import TIME_COLUMNS
 
 NIGHTS = {"2018-10-12": "real-nights/cminsky__asteroid2713",
@@ -69,7 +70,7 @@ def main(argv=None) -> int:
         rows = pd.read_parquet(summary.exposures_catalog).sort_values(["mjd_obs", "exposure"])
         print(f"\n### {folder} ({len(rows)} rows, night {night})\n")
         print(table(rows))
-    rows = pd.read_parquet(a.out / "qa" / "catalogs" / "exposures")
+    rows = pd.read_parquet(paths.catalog_root(a.out / "qa", "exposures"))
     ok = rows[(rows.status == "ok") & (rows.detector != "ALL")]
     print("\nmedian time per detector (s): " + ", ".join(
         f"{c[2:-2]} {ok[c].median():.3f}" for c in STAGES))

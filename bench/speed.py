@@ -299,9 +299,6 @@ def main(argv: list[str] | None = None) -> int:
         return 1
     truth = simulate(a.raw_root, a.n_frames, a.seed, a.size_px)
     cfg = load_config()
-    from survey_qa.pipeline import sources
-
-    sources.configure_sep(cfg.sources)
     timing, accuracy = [], []
     for _, tr in truth.sort_values("exposure").iterrows():
         path = str(Path(a.raw_root) / NIGHT / Path(tr["path"]).name)

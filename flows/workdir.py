@@ -23,6 +23,7 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 
 from survey_qa import paths
+from survey_qa.atomic import TEMPORARY_GLOB
 from survey_qa.pipeline import io
 from survey_qa.pipeline.errors import NightLocked, RunEnvironmentError
 from survey_qa.pipeline.schema import EXPOSURE_SCHEMA, SOURCE_SCHEMA, rows_to_table
@@ -39,9 +40,7 @@ exposure rows last: they mark the exposure done)."""
 
 def result_file(out_root: str | os.PathLike, night: str, kind: str, exposure: str) -> Path:
     """One exposure's results of one kind (``exposures`` or ``sources``)."""
-    if kind not in RESULT_KINDS:
-        raise ValueError(f"unknown result kind {kind!r}; expected one of {tuple(RESULT_KINDS)}")
-    return paths.work_dir(out_root, night) / kind / f"{exposure}.parquet"
+    return paths.result_file(out_root, night, kind, exposure)
 
 
 def write_results(out_root: str | os.PathLike, night: str, exposure: str, rows: list[dict],
@@ -152,7 +151,7 @@ def _rows_ok(path: Path, exposure: str, source_path: str) -> bool:
 
 def remove_temporaries(folder: Path) -> None:
     """Remove hidden temporary files that a killed run left behind."""
-    for p in folder.glob(".*.tmp"):
+    for p in folder.glob(TEMPORARY_GLOB):
         with contextlib.suppress(OSError):
             p.unlink()
 

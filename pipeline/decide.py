@@ -224,7 +224,7 @@ def classify_row(row: dict, cfg: ClassifyConfig, learned_model=None,
     """A copy of ``row`` with the decision written in: class, probabilities, flags,
     ``classifier``, ``reason`` and the added ``qa_flags`` bits.
 
-    ``learned_model`` is a :class:`~survey_qa.models.classifier.LearnedClassifier` (or
+    ``learned_model`` is a :class:`~survey_qa.models.classifier_inference.LearnedClassifier` (or
     None: rules only) and ``occupancy`` the detector's SOM occupancy map for it.
     """
     why, probs = "", None

@@ -17,6 +17,7 @@ from survey_qa.pipeline.psf import (ELLIPTICITY_NOISE_SNR, FWHM_PER_HALF_LIGHT_R
                                     coherent_elongation)
 from survey_qa.pipeline.records import BackgroundResult, DetectorImage, FrameMeta, PSFResult
 from survey_qa.pipeline.schema import empty_exposure_row
+from survey_qa.pipeline.sources import saturated_pixels
 
 
 def update_identity(row: dict, det: DetectorImage) -> dict:
@@ -76,7 +77,7 @@ def update_sources(row: dict, sources: pd.DataFrame, det: DetectorImage) -> dict
         row["qa_flags"] |= bits("NO_SOURCES")
     level = det.meta.saturate_adu
     if math.isfinite(level):
-        row["saturated_fraction"] = float(np.count_nonzero(det.data >= level) / det.data.size)
+        row["saturated_fraction"] = float(saturated_pixels(det.data, level).mean())
     return row
 
 

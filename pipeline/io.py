@@ -35,6 +35,7 @@ from survey_qa.config import IOConfig
 from survey_qa.pipeline.errors import QualityError, RunEnvironmentError
 from survey_qa.pipeline.flags import bits
 from survey_qa.pipeline.records import DetectorImage, FrameMeta
+from survey_qa.pipeline.sources import saturated_pixels
 
 FITS_SUFFIXES = tuple(f".{base}{comp}" for comp in (".fz", ".gz", ".bz2", "")
                       for base in ("fits", "fit", "fts"))
@@ -580,19 +581,6 @@ def _read_hdu(hdu, primary: fits.Header | None, n_bytes: int, path: Path, exposu
     return DetectorImage(exposure=exposure, detector=det, hdu=index, path=str(path),
                          data=np.ascontiguousarray(data), mask=np.ascontiguousarray(mask),
                          meta=meta, n_detectors=1, qa_flags=flags)
-
-
-def saturated_pixels(data: np.ndarray, saturate_adu: float) -> np.ndarray:
-    """Finite pixels at or above the saturation level (ADU); none when it is unknown (NaN).
-
-    Returns
-    -------
-    numpy.ndarray
-        bool, the shape of ``data``.
-    """
-    if not math.isfinite(saturate_adu):
-        return np.zeros(data.shape, dtype=bool)
-    return np.isfinite(data) & (data >= saturate_adu)
 
 
 NO_LIGHT_BRIGHT_FRACTION = 1e-3

@@ -111,6 +111,19 @@ def _extract(sub: np.ndarray, noise: float, mask: np.ndarray, cfg: SourcesConfig
             thresh *= THRESH_FACTOR_PER_RETRY
 
 
+def saturated_pixels(data: np.ndarray, saturate_adu: float) -> np.ndarray:
+    """Finite pixels at or above the saturation level (ADU); none when it is unknown (NaN).
+
+    Returns
+    -------
+    numpy.ndarray
+        bool, the shape of ``data``.
+    """
+    if not math.isfinite(saturate_adu):
+        return np.zeros(data.shape, dtype=bool)
+    return np.isfinite(data) & (data >= saturate_adu)
+
+
 def _saturated_ids(segmap: np.ndarray, saturated: np.ndarray) -> np.ndarray:
     """Segmentation ids of detections that touch (within 2 px) a saturated pixel."""
     if not saturated.any():
@@ -208,12 +221,8 @@ def extract_sources(data: np.ndarray, background: BackgroundResult, mask: np.nda
     data = np.ascontiguousarray(data, dtype=np.float32)
     mask = (np.zeros(data.shape, bool) if mask is None
             else np.ascontiguousarray(mask, dtype=bool))
-    if math.isfinite(saturate_adu):
-        saturated = data >= saturate_adu
-        full_mask = mask | saturated
-    else:
-        saturated = np.zeros(data.shape, bool)
-        full_mask = mask
+    saturated = saturated_pixels(data, saturate_adu)
+    full_mask = mask | saturated
     sub = np.subtract(data, background.back, dtype=np.float32)
     rms = np.ascontiguousarray(background.rms, dtype=np.float32)
     objects, segmap, thresh = _extract(sub, float(background.noise), full_mask, cfg)

@@ -15,6 +15,10 @@ from collections.abc import Iterator
 from pathlib import Path
 
 
+TEMPORARY_GLOB = ".*.tmp"
+"""The names of the temporary files :func:`atomic_target` writes (a hidden ``.<name>.<id>.tmp``)."""
+
+
 @contextlib.contextmanager
 def atomic_target(path: str | os.PathLike, *, mode: int | None = None) -> Iterator[Path]:
     """Yield a temporary path to write; on success it replaces ``path``.

@@ -12,7 +12,7 @@ I/O contract says::
     <out_root>/models/                                            trained SOM and weights
     <out_root>/checkpoints/<model>/                               training checkpoints
     <out_root>/evaluation/                                        classifier evaluation
-    <out_root>/_work/night=<night>/                               per-exposure results
+    <out_root>/_work/night=<night>/<catalog>/<exposure>.parquet   per-exposure results
     <out_root>/_work/night=<night>.lock                           a running job's lock
 
 Code elsewhere asks this module for a path; it never joins these names itself.
@@ -124,6 +124,13 @@ def evaluation_dir(out_root: PathLike) -> Path:
 def work_dir(out_root: PathLike, night: str) -> Path:
     """A night's per-exposure results while (or after) it runs."""
     return Path(out_root) / "_work" / f"night={night}"
+
+
+def result_file(out_root: PathLike, night: str, catalog: str, exposure: str) -> Path:
+    """One exposure's rows of one catalog while its night runs (merged when it ends)."""
+    if catalog not in CATALOGS:
+        raise ValueError(f"unknown catalog {catalog!r}; expected one of {CATALOGS}")
+    return work_dir(out_root, night) / catalog / f"{exposure}.parquet"
 
 
 def lock_file(out_root: PathLike, night: str) -> Path:

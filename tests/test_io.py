@@ -8,7 +8,7 @@ import pytest
 from astropy.io import fits
 
 from survey_qa.config import IOConfig
-from survey_qa.pipeline import io
+from survey_qa.pipeline import io, sources
 from survey_qa.pipeline.errors import QualityError
 from survey_qa.pipeline.flags import decode_flags
 
@@ -252,8 +252,8 @@ def test_store_frames_and_arrays_read_back(tmp_path):
 
 def test_saturated_pixels_are_finite_and_at_the_level():
     data = np.array([[1.0, 5.0], [np.inf, np.nan]], np.float32)
-    assert io.saturated_pixels(data, 5.0).tolist() == [[False, True], [False, False]]
-    assert not io.saturated_pixels(data, math.nan).any()
+    assert sources.saturated_pixels(data, 5.0).tolist() == [[False, True], [False, False]]
+    assert not sources.saturated_pixels(data, math.nan).any()
 
 
 def test_detector_headers_name_detectors_as_the_catalog_does(tmp_path):
