@@ -328,12 +328,8 @@ def select_psf_stars(sources: pd.DataFrame, shape: tuple[int, int], cfg: PSFConf
 
     Parameters
     ----------
-    sources
-        Source table from :func:`~survey_qa.pipeline.sources.extract_sources`.
-    shape
-        Detector shape (ny, nx).
-    cfg
-        PSF settings.
+    sources, shape, cfg
+        As for :func:`selection_flags`.
     flags
         The first result of :func:`selection_flags` when the caller has it already.
 
