@@ -15,7 +15,7 @@ from pathlib import Path
 import numpy as np
 
 from survey_qa.config import BackgroundConfig, Config, IOConfig
-from survey_qa.pipeline import illumination, io
+from survey_qa.pipeline import illumination, io, outputs
 from survey_qa.pipeline.errors import QualityError
 from survey_qa.pipeline.records import DetectorImage
 
@@ -96,12 +96,12 @@ def correct_night(rows: list[dict], cfg: Config, store) -> dict[int, dict]:
     mode = cfg.background.illumination
     if mode == "none" or not Path(store).exists():
         return {}
-    frames = io.store_frames(store, "sky_map")
+    frames = outputs.store_frames(store, "sky_map")
     min_frames = cfg.background.illumination_min_frames
     changed = {}
     for members in illumination.night_groups(rows, set(frames), min_frames):
         index = {i: frames[(rows[i]["exposure"], rows[i]["detector"])] for i in members}
-        sky_maps = io.read_frames(store, "sky_map", index)
-        mesh_px = {i: int(m) for i, m in io.read_frames(store, "sky_mesh_px", index).items()}
+        sky_maps = outputs.read_frames(store, "sky_map", index)
+        mesh_px = {i: int(m) for i, m in outputs.read_frames(store, "sky_mesh_px", index).items()}
         changed.update(illumination.correct_group(rows, sky_maps, mesh_px, mode, min_frames))
     return changed

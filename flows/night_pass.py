@@ -12,7 +12,7 @@ import numpy as np
 
 from survey_qa.config import Config
 from survey_qa.flows import illumination
-from survey_qa.pipeline import io, night
+from survey_qa.pipeline import night, outputs
 
 
 def _keys(rows: list[dict], positions) -> dict[int, tuple[str, str]]:
@@ -26,17 +26,17 @@ def calibrate_autoencoder(rows: list[dict], cfg: Config, scorer, store) -> dict[
     Reads the score maps from the array store and writes the new masks there; ``rows``
     are not changed. Returns the changed rows by position.
     """
-    frames = io.store_frames(store)
+    frames = outputs.store_frames(store)
     quantile = cfg.autoencoder.threshold_quantile
     reference = scorer.threshold_at(quantile)
     changed = {}
     for members in night.ae_groups(rows, set(frames)):
         index = {i: frames[key] for i, key in _keys(rows, members).items()}
-        maps = io.read_frames(store, "ae_score_map", index)
+        maps = outputs.read_frames(store, "ae_score_map", index)
         rows_now, masks = night.calibrate_group(rows, maps, reference, quantile,
                                                 cfg.autoencoder.close_px, scorer.block_px)
         for i, mask in masks.items():
-            io.write_frame(store, index[i], {"ae_mask": mask.astype(np.uint8)})
+            outputs.write_frame(store, index[i], {"ae_mask": mask.astype(np.uint8)})
         changed.update(rows_now)
     return changed
 
@@ -56,7 +56,7 @@ def finish_night(rows: list[dict], cfg: Config, models, store) -> list[dict]:
     changed |= set(lit)
     occupancies = {}
     if models.classifier is not None and changed:
-        frames = io.store_frames(store)
-        occupancies = io.read_frames(store, "som_occupancy",
-                                     {i: frames[key] for i, key in _keys(rows, changed).items()})
+        frames = outputs.store_frames(store)
+        wanted = {i: frames[key] for i, key in _keys(rows, changed).items()}
+        occupancies = outputs.read_frames(store, "som_occupancy", wanted)
     return night.decide_again(rows, changed, cfg.classify, models.classifier, occupancies)

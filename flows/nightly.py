@@ -24,7 +24,7 @@ from survey_qa import paths
 from survey_qa.config import Config
 from survey_qa.flows import illumination, workdir
 from survey_qa.flows.night_pass import finish_night
-from survey_qa.pipeline import io, measure
+from survey_qa.pipeline import io, measure, outputs
 from survey_qa.pipeline.errors import QualityError
 from survey_qa.pipeline.measure import (DetectorResult, Models, exposure_level, exposure_rows,
                                         failed_row, internal_error, measure_detector,
@@ -143,7 +143,7 @@ def write_arrays(store: str, frame_index: dict[tuple[str, str], int],
     """Write a detector's arrays into its place in the store; a detector without a place,
     or too large for it, gets its row flagged ``ARRAYS_SKIPPED`` instead."""
     key = (result.row["exposure"], result.row["detector"])
-    if key in frame_index and io.write_frame(store, frame_index[key], result.arrays):
+    if key in frame_index and outputs.write_frame(store, frame_index[key], result.arrays):
         return result
     return result.arrays_skipped()
 
@@ -154,7 +154,7 @@ def write_masks(cfg: Config, night: str, exposure: str, models: Models,
     masks = {r.row["detector"]: r.mask for r in results if r.mask is not None}
     if not masks:
         return
-    io.write_mask_fits(paths.mask_file(cfg.run.out_root, night, exposure), masks, {
+    outputs.write_mask_fits(paths.mask_file(cfg.run.out_root, night, exposure), masks, {
         "EXPOSURE": (exposure, "exposure the mask belongs to"),
         "MASKVAL": (1, "1: damaged (autoencoder), 0: usable"),
         "AEBLOCK": (models.scorer.block_px, "mask cell side, pixels"),
@@ -242,10 +242,10 @@ def _run_locked(cfg: Config, night: str, files: dict[str, Path], models: Models,
     store = paths.zarr_store(out_root, night)
     if cfg.run.force:
         workdir.forget_results(out_root, night)
-    damage = io.store_damage(store)
+    damage = outputs.store_damage(store)
     if damage:
         echo(f"warning: {damage}: rebuilding it and redoing the night's exposures")
-        io.remove_store(store)
+        outputs.remove_store(store)
         workdir.forget_results(out_root, night)
     done = workdir.verified_done(out_root, night, files)
     todo = {e: str(p) for e, p in files.items() if e not in done}
@@ -258,8 +258,8 @@ def _run_locked(cfg: Config, night: str, files: dict[str, Path], models: Models,
                                              list(todo), pure=False))
             frames = [f for plan in plans for f in plan]
             shape = measure.max_shape([f[2:] for f in frames], None, 1)
-            index = io.setup_zarr(store, [f[:2] for f in frames],
-                                  measure.array_variables(cfg, models, shape))
+            index = outputs.setup_zarr(store, [f[:2] for f in frames],
+                                       measure.array_variables(cfg, models, shape))
             futures = client.map(process_exposure, list(todo.values()), [cfg] * n,
                                  [night] * n, [str(store)] * n, [index] * n, list(todo),
                                  pure=False)
@@ -282,12 +282,12 @@ def gather_night(cfg: Config, night: str, exposures: list[str], models: Models,
     out_root = Path(cfg.run.out_root)
     store = paths.zarr_store(out_root, night)
     if not store.exists():
-        io.setup_zarr(store, [], measure.array_variables(cfg, models, (1, 1)))
+        outputs.setup_zarr(store, [], measure.array_variables(cfg, models, (1, 1)))
     rows = workdir.read_results(out_root, night, "exposures", exposures).to_pylist()
     table = rows_to_table(finish_night(rows, cfg, models, store) if calibrate else rows)
-    exp_path = io.consolidate(table, out_root, "exposures", night)
-    src_path = io.consolidate(workdir.read_results(out_root, night, "sources", exposures),
-                              out_root, "sources", night)
+    exp_path = outputs.consolidate(table, out_root, "exposures", night)
+    src_path = outputs.consolidate(workdir.read_results(out_root, night, "sources", exposures),
+                                   out_root, "sources", night)
     return table, exp_path, src_path
 
 

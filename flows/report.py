@@ -28,7 +28,7 @@ import pandas as pd
 import survey_qa
 from survey_qa import atomic, paths
 from survey_qa.config import Config
-from survey_qa.pipeline import io, nightview, selection
+from survey_qa.pipeline import io, nightview, outputs, selection
 from survey_qa.pipeline.schema import PRIORITY
 
 TEMPLATE = "night_report.html.j2"
@@ -163,7 +163,7 @@ class ArrayStore:
         if not path.exists():
             return cls(None, {})
         try:
-            return cls(path, io.store_frames(path))
+            return cls(path, outputs.store_frames(path))
         except Exception:  # an empty or half-made store: no arrays to show
             return cls(None, {})
 
@@ -172,7 +172,7 @@ class ArrayStore:
         i = self.index.get((exposure, detector))
         if self.path is None or i is None:
             return None
-        return io.read_frames(self.path, name, {0: i}).get(0)
+        return outputs.read_frames(self.path, name, {0: i}).get(0)
 
 
 def exposure_card(cfg: Config, rows: pd.DataFrame, arrays: ArrayStore, cache: Path) -> dict:

@@ -29,7 +29,7 @@ from pathlib import Path
 
 from survey_qa import paths
 from survey_qa.config import Config
-from survey_qa.pipeline import io, measure, verdict
+from survey_qa.pipeline import io, measure, outputs, verdict
 
 SETTLE_S = 2.0
 """Seconds a file's size must stay the same when no close-after-write event is seen."""
@@ -285,11 +285,11 @@ def _measure(cfg: Config, night: str, path: Path, done: set[str], models) -> lis
         return None
     store = paths.zarr_store(cfg.run.out_root, night)
     frames = nightly.plan_frames(str(path), cfg, exposure)
-    stored = io.variable_shape(store, "ae_mask") if models.scorer is not None else None
+    stored = outputs.variable_shape(store, "ae_mask") if models.scorer is not None else None
     shape = measure.max_shape([f[2:] for f in frames], stored,
                               models.scorer.block_px if models.scorer is not None else 1)
-    index = io.setup_zarr(store, [f[:2] for f in frames],
-                          measure.array_variables(cfg, models, shape))
+    index = outputs.setup_zarr(store, [f[:2] for f in frames],
+                               measure.array_variables(cfg, models, shape))
     rows = nightly.process_exposure(str(path), cfg, night, str(store), index, exposure)
     done.add(exposure)
     return rows

@@ -24,7 +24,7 @@ import pyarrow.parquet as pq
 
 from survey_qa import paths
 from survey_qa.atomic import TEMPORARY_GLOB
-from survey_qa.pipeline import io
+from survey_qa.pipeline import outputs
 from survey_qa.pipeline.errors import NightLocked, RunEnvironmentError
 from survey_qa.pipeline.schema import EXPOSURE_SCHEMA, SOURCE_SCHEMA, rows_to_table
 
@@ -51,9 +51,9 @@ def write_results(out_root: str | os.PathLike, night: str, exposure: str, rows: 
              else SOURCE_SCHEMA.empty_table().to_pandas())
     table = pa.Table.from_pandas(frame[SOURCE_SCHEMA.names], schema=SOURCE_SCHEMA,
                                  preserve_index=False)
-    io.write_parquet_atomic(table, result_file(out_root, night, "sources", exposure))
-    io.write_parquet_atomic(rows_to_table(rows),
-                            result_file(out_root, night, "exposures", exposure))
+    outputs.write_parquet_atomic(table, result_file(out_root, night, "sources", exposure))
+    outputs.write_parquet_atomic(rows_to_table(rows),
+                                 result_file(out_root, night, "exposures", exposure))
 
 
 def check_out_root(out_root: str | os.PathLike, min_free_mb: float) -> None:

@@ -38,3 +38,10 @@ class NightLocked(RunEnvironmentError):
     """Another run is processing the same night into the same out-root."""
 
     exit_code = 4
+
+
+def exception_text(error: Exception, limit_chars: int = 200) -> str:
+    """An exception's message on one line, at most ``limit_chars`` long (its type name
+    when it has no message), for a reason a person reads."""
+    text = " ".join(str(error).split()) or type(error).__name__
+    return text[:limit_chars]

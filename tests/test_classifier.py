@@ -30,7 +30,7 @@ from survey_qa.models.components.classifier import DualInputClassifier
 from survey_qa.models.som import dihedral, prepare_stamps, train_som
 from survey_qa.models.splits import split_by_night_and_exposure
 from survey_qa.models.weights import load_som, save_classifier, save_som
-from survey_qa.pipeline import io
+from survey_qa.pipeline import outputs
 from survey_qa.pipeline.classify import classify_rules
 from survey_qa.pipeline.flags import decode_flags
 from survey_qa.pipeline.schema import CLASSES, empty_exposure_row, rows_to_table
@@ -112,10 +112,10 @@ def write_night(out_root, raw_root, night, n_exposures, seed, mosaic_every=0):
     variables = {"stamps": ((PER_DET, STAMP, STAMP), ("star", "y", "x"), "float32", np.nan),
                  "n_stamps": ((), (), "int32", 0)}
     store = paths.zarr_store(out_root, night)
-    index = io.setup_zarr(store, frames, variables)
+    index = outputs.setup_zarr(store, frames, variables)
     for key, st in stamps.items():
-        io.write_frame(store, index[key], {"stamps": st, "n_stamps": np.int32(len(st))})
-    io.consolidate(rows_to_table(rows), out_root, "exposures", night)
+        outputs.write_frame(store, index[key], {"stamps": st, "n_stamps": np.int32(len(st))})
+    outputs.consolidate(rows_to_table(rows), out_root, "exposures", night)
     table = paths.truth_table(raw_root, night)
     table.parent.mkdir(parents=True, exist_ok=True)
     pd.DataFrame(truth).to_parquet(table)

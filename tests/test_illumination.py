@@ -10,7 +10,7 @@ from astropy.io import fits
 
 from survey_qa.config import BackgroundConfig, Config
 from survey_qa.flows import illumination as flow
-from survey_qa.pipeline import illumination, io
+from survey_qa.pipeline import illumination, io, outputs
 from survey_qa.pipeline.background import measure_background
 from survey_qa.pipeline.errors import QualityError
 from survey_qa.pipeline.flags import bits
@@ -161,12 +161,12 @@ def test_night_pass_rewrites_u_of_the_vignetted_frames_only(scene, tmp_path):
     frames.append(scene(shape=SHAPE, n_stars=20, sky=SKY, seed=99).image)  # not vignetted
     store = tmp_path / "night.zarr"
     keys = [(f"e{k}", "0") for k in range(len(frames))]
-    index = io.setup_zarr(store, keys, dict(illumination.SKY_VARIABLES))
+    index = outputs.setup_zarr(store, keys, dict(illumination.SKY_VARIABLES))
     rows = []
     for k, image in enumerate(frames):
         bkg = measure_background(image, None, BackgroundConfig(box_px=32))
-        io.write_frame(store, index[keys[k]],
-                       illumination.sky_arrays(bkg, np.zeros(SHAPE, bool)))
+        outputs.write_frame(store, index[keys[k]],
+                            illumination.sky_arrays(bkg, np.zeros(SHAPE, bool)))
         rows.append(dict(exposure=f"e{k}", detector="0", status="ok", image_type="light",
                          nx=SHAPE[1], ny=SHAPE[0], filter="V", qa_flags=0,
                          sky_level=bkg.level, sky_noise=bkg.noise,

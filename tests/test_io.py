@@ -203,53 +203,6 @@ def test_discovery(tmp_path):
         io.discover_night(tmp_path, "2024-03-02")
 
 
-def test_atomic_parquet_write_leaves_no_partial_file(tmp_path, monkeypatch):
-    import pyarrow as pa
-    import pyarrow.parquet as pq
-
-    table = pa.table({"a": [1, 2, 3]})
-    target = tmp_path / "cat" / "part-0.parquet"
-    io.write_parquet_atomic(table, target)
-    assert pq.read_table(target).equals(table)
-
-    def crash(*args, **kwargs):
-        raise OSError("disk full")
-
-    monkeypatch.setattr(pq, "write_table", crash)
-    with pytest.raises(OSError):
-        io.write_parquet_atomic(pa.table({"a": [9]}), target)
-    assert pq.read_table(target).equals(table)  # the old whole file is still there
-    assert sorted(p.name for p in target.parent.iterdir()) == ["part-0.parquet"]
-
-
-def test_zarr_layout_is_stable_across_reruns(tmp_path):
-    import xarray as xr
-
-    store = tmp_path / "n.zarr"
-    variables = {"stamps": ((4, 8, 8), ("star", "y", "x"), "float32", np.nan)}
-    first = io.setup_zarr(store, [("e1", "0"), ("e2", "ccd1")], variables)
-    io.write_frame(store, first[("e2", "ccd1")], {"stamps": np.ones((2, 8, 8))})
-    again = io.setup_zarr(store, [("e3", "0"), ("e2", "ccd1")], variables)
-    assert again[("e2", "ccd1")] == first[("e2", "ccd1")] and again[("e3", "0")] == 2
-    ds = xr.open_zarr(store, consolidated=False).set_index(frame=["exposure", "detector"])
-    one = ds.stamps.sel(exposure="e2", detector="ccd1").values
-    assert np.nansum(one) == 128 and np.isnan(one[2:]).all()
-
-
-def test_store_frames_and_arrays_read_back(tmp_path):
-    store = tmp_path / "n.zarr"
-    variables = {"sky_map": ((2, 2), ("y", "x"), "float32", np.nan)}
-    assert io.variable_shape(store, "sky_map") is None  # no store yet
-    index = io.setup_zarr(store, [("e1", "0"), ("e2", "0")], variables)
-    io.write_frame(store, index[("e2", "0")], {"sky_map": np.full((2, 2), 7.0)})
-    assert io.store_frames(store) == index == {("e1", "0"): 0, ("e2", "0"): 1}
-    assert io.store_frames(store, "ae_mask") == {}  # no such array
-    assert io.variable_shape(store, "sky_map") == (2, 2)
-    got = io.read_frames(store, "sky_map", {"b": 1, "a": 0})
-    assert np.all(got["b"] == 7.0) and np.isnan(got["a"]).all()
-    assert io.read_frames(store, "ae_mask", {"a": 0}) == {}
-
-
 def test_saturated_pixels_are_finite_and_at_the_level():
     data = np.array([[1.0, 5.0], [np.inf, np.nan]], np.float32)
     assert sources.saturated_pixels(data, 5.0).tolist() == [[False, True], [False, False]]

@@ -6,7 +6,7 @@ import numpy as np
 
 from survey_qa.config import load_config
 from survey_qa.flows.night_pass import finish_night
-from survey_qa.pipeline import io, night
+from survey_qa.pipeline import night, outputs
 from survey_qa.pipeline.flags import decode_flags
 from survey_qa.pipeline.schema import empty_exposure_row
 
@@ -38,13 +38,13 @@ def test_night_threshold_never_below_the_reference_and_needs_frames():
 def _night(tmp_path, score_maps):
     store = tmp_path / "a.zarr"
     frames = [(f"e{i}", "0") for i in range(len(score_maps))]
-    index = io.setup_zarr(store, frames, {
+    index = outputs.setup_zarr(store, frames, {
         "ae_score_map": ((8, 8), ("patch_y", "patch_x"), "float32", np.nan),
         "ae_mask": ((8, 8), ("patch_y", "patch_x"), "uint8", 0)})
     rows = []
     for (exp, det), smap in zip(frames, score_maps):
-        io.write_frame(store, index[(exp, det)], {"ae_score_map": smap,
-                                                  "ae_mask": (smap > REF).astype(np.uint8)})
+        outputs.write_frame(store, index[(exp, det)], {"ae_score_map": smap,
+                                                       "ae_mask": (smap > REF).astype(np.uint8)})
         r = empty_exposure_row()
         r.update(exposure=exp, detector=det, status="ok", nx=256, ny=256, fwhm_px=3.0,
                  n_stars_used=30, pixscale_arcsec=0.5, fwhm_arcsec=1.0, ellipticity=0.05,

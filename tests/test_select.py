@@ -12,7 +12,7 @@ import pytest
 from astropy.io import fits
 
 from survey_qa.cli import main
-from survey_qa.pipeline import io, selection
+from survey_qa.pipeline import outputs, selection
 from survey_qa.pipeline.flags import SOURCE_FLAGS
 from survey_qa.pipeline.schema import SOURCE_SCHEMA, empty_exposure_row, rows_to_table
 
@@ -134,12 +134,13 @@ def night(tmp_path):
     failed.update(exposure="z", detector="ALL", path=str(raw / NIGHT / "z.fits"),
                   status="failed", error="unreadable FITS file")
     rows.append(failed)
-    io.consolidate(rows_to_table(rows), out, "exposures", NIGHT)
+    outputs.consolidate(rows_to_table(rows), out, "exposures", NIGHT)
     src = pd.DataFrame(srcs)
     for f in SOURCE_SCHEMA:
         if f.name not in src:
             src[f.name] = 0.0 if f.name not in ("exposure", "detector") else ""
-    io.consolidate(rows_to_table(src.to_dict("records"), SOURCE_SCHEMA), out, "sources", NIGHT)
+    outputs.consolidate(rows_to_table(src.to_dict("records"), SOURCE_SCHEMA), out, "sources",
+                        NIGHT)
     return raw, out
 
 
