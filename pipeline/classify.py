@@ -285,8 +285,8 @@ def combine_detectors(rows: list[dict]) -> dict:
         (:data:`~survey_qa.pipeline.columns.EXPOSURE_COLUMNS`): identity and header facts
         of the first detector; the class the worst held by at least a quarter of the
         detectors (each defect flag likewise); probabilities the mean; PSF, sky and
-        autoencoder quantities the median; counts and times sums; ``qa_flags`` OR-ed;
-        per-detector quantities (grids, detection moments) left empty. The mean
+        autoencoder quantities and the detections' moments the median; counts and times
+        sums; ``qa_flags`` OR-ed; the per-region grids left empty. The mean
         probabilities need not peak at the class: the quarter rule of the spec decides it.
     """
     if not rows:

@@ -114,7 +114,7 @@ EXPOSURE_COLUMNS: tuple[Column, ...] = (
         Column("nx", INT32, "px", "image width", "first"),
         Column("ny", INT32, "px", "image height", "first"),
         Column("image_type", STRING, "", "light | bias | dark | flat | ... (header or "
-               "content)", "none"),
+               "content)", "first"),
     ),
     *grouped(
         "decision",
@@ -164,10 +164,10 @@ EXPOSURE_COLUMNS: tuple[Column, ...] = (
     ),
     *grouped(
         "moments of the bright detections (there when the PSF fit is not)",
-        Column("src_fwhm_px", FLOAT, "px", "FWHM from the half-light radii", "none"),
-        Column("src_ellipticity", FLOAT, "", "median ellipticity 1 - b/a", "none"),
+        Column("src_fwhm_px", FLOAT, "px", "FWHM from the half-light radii", "median"),
+        Column("src_ellipticity", FLOAT, "", "median ellipticity 1 - b/a", "median"),
         Column("src_elongation_coherence", FLOAT, "", "direction coherence of their "
-               "elongation", "none"),
+               "elongation", "median"),
     ),
     *grouped(
         "autoencoder",
