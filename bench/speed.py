@@ -39,6 +39,7 @@ from pathlib import Path
 import numpy as np
 from astropy.io import fits
 
+from survey_qa import paths
 from survey_qa.config import load_config
 
 #: The reference tools the stages are timed against (Debian packages of the same names).
@@ -128,7 +129,7 @@ def simulate(raw_root: str, n_frames: int, seed: int, size_px: int):
     from survey_qa.flows.simulate import load_truth, write_night
     from survey_qa.simulate import FramePlan
 
-    truth_file = Path(raw_root) / NIGHT / "_truth" / "truth.parquet"
+    truth_file = paths.truth_table(raw_root, NIGHT)
     if not truth_file.exists():
         classes = ["good", "bad_seeing", "good", "bad_tracking", "good"]
         plans = [FramePlan(i, f"speed_{i:02d}", classes[i % len(classes)], False, "fits",

@@ -47,7 +47,8 @@ def write_report(cfg: Config, night: str, out: str | Path | None = None) -> Path
     level["time"] = nightview.observation_times(level)
     arrays = ArrayStore.open(paths.zarr_store(out_root, night))
     cache = paths.report_cache(out_root, night)
-    cards = [exposure_card(cfg, exposures[exposures["exposure"] == e], arrays, cache)
+    block_px = _block_px(cfg)
+    cards = [exposure_card(cfg, exposures[exposures["exposure"] == e], arrays, cache, block_px)
              for e in level["exposure"]]
     context = {
         "night": night,
@@ -175,8 +176,10 @@ class ArrayStore:
         return outputs.read_frames(self.path, name, {0: i}).get(0)
 
 
-def exposure_card(cfg: Config, rows: pd.DataFrame, arrays: ArrayStore, cache: Path) -> dict:
-    """Images and text of one exposure: per detector a panel; a focal plane for a mosaic."""
+def exposure_card(cfg: Config, rows: pd.DataFrame, arrays: ArrayStore, cache: Path,
+                  block_px: int | None) -> dict:
+    """Images and text of one exposure: per detector a panel; a focal plane for a mosaic.
+    ``block_px`` is the side of an autoencoder mask cell (:func:`_block_px`)."""
     top = selection.exposure_rows(rows).iloc[0]
     dets = rows[rows["detector"] != "ALL"]
     cls = top["quality_class"] if top["status"] == "ok" else "failed"
@@ -192,7 +195,7 @@ def exposure_card(cfg: Config, rows: pd.DataFrame, arrays: ArrayStore, cache: Pa
         png = cache / f"{key}__{r['detector']}.png"
         if not png.is_file():
             data = previews.get(r["detector"])
-            _write_png(png, detector_panel(r, data, arrays, _block_px(cfg)))
+            _write_png(png, detector_panel(r, data, arrays, block_px))
         images[r["detector"]] = _b64(png)
     mosaic = None
     if len(dets) > 1:
