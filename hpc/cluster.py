@@ -18,6 +18,7 @@ The configuration is validated once, when it is loaded
 """
 from __future__ import annotations
 
+import abc
 import math
 import os
 import sys
@@ -80,7 +81,7 @@ def slurm_job_kwargs(cfg: ClusterConfig) -> dict[str, Any]:
     }
 
 
-class ClusterKind:
+class ClusterKind(abc.ABC):
     """One place the nightly job can run: which Dask cluster, and how it is sized.
 
     A subclass names itself with ``name`` (a value of ``cluster.kind``, listed in
@@ -98,18 +99,18 @@ class ClusterKind:
                             f"survey_qa.config.CLUSTER_KINDS {CLUSTER_KINDS}")
         KINDS[cls.name] = cls()
 
+    @abc.abstractmethod
     def spec(self, cfg: ClusterConfig) -> tuple[type, dict[str, Any]]:
         """The cluster class and the keyword arguments that start it."""
-        raise NotImplementedError
 
     def make(self, cfg: ClusterConfig):
         """Start the cluster and return it."""
         cls, kwargs = self.spec(cfg)
         return cls(**kwargs)
 
+    @abc.abstractmethod
     def plan(self, cfg: ClusterConfig, n_frames: int) -> ScalePlan:
         """How many workers (or worker jobs) a night of ``n_frames`` frames asks for."""
-        raise NotImplementedError
 
     def scale(self, cluster: Any, plan: ScalePlan) -> None:
         """Ask ``cluster`` for what ``plan`` says; by default the cluster is left as it is."""
