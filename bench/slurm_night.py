@@ -37,7 +37,7 @@ SLURM needs a running cluster (``eval "$(hpc/slurm-local.sh start)"``); without
 ``--no-slurm``). Usage::
 
     OMP_NUM_THREADS=1 python bench/slurm_night.py [--frames 10] [--distinct K]
-        [--size 512] [--workers 2] [--repeat 1] [--no-slurm]
+        [--size 512] [--workers 2] [--repeat 1] [--no-slurm] [--slurm-memory 2GiB]
         [--workdir /tmp/survey-qa-bench-slurm] [--json results.json]
 """
 from __future__ import annotations
@@ -258,7 +258,8 @@ def slurm_problem() -> str | None:
     except subprocess.TimeoutExpired:
         return "'squeue' did not answer within 30 s"
     if answer.returncode != 0:
-        return f"'squeue' failed: {answer.stderr.strip() or answer.returncode}"
+        last = (answer.stderr.strip().splitlines() or [f"exit status {answer.returncode}"])[-1]
+        return f"'squeue' failed: {last}"
     return None
 
 
@@ -345,6 +346,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--repeat", type=int, default=1, help="runs of each kind")
     p.add_argument("--seed", type=int, default=11)
     p.add_argument("--no-slurm", action="store_true", help="leave out the SLURM run")
+    p.add_argument("--slurm-memory", default="2GiB",
+                   help="memory of each SLURM worker job (its Dask memory limit)")
     p.add_argument("--sample-s", type=float, default=0.5,
                    help="seconds between readings of the worker processes' VmHWM")
     p.add_argument("--workdir", default="/tmp/survey-qa-bench-slurm")
@@ -366,7 +369,7 @@ def main(argv: list[str] | None = None) -> None:
     work = Path(a.workdir)
     (work / "logs").mkdir(parents=True, exist_ok=True)
     raw = prepare_night(work, a.frames, a.distinct, a.size, a.seed)
-    config = write_loopback_site(work, walltime="01:00:00")
+    config = write_loopback_site(work, walltime="01:00:00", memory=a.slurm_memory)
 
     n = a.workers
     runs = {"local 1": Run("local 1", "local", 1, work / "out-local-1")}
@@ -403,10 +406,10 @@ def main(argv: list[str] | None = None) -> None:
         "difference": differences,
         "load_average": os.getloadavg(),
     }
-    print(markdown(summaries, stages_s))
-    print(json.dumps(result, indent=1))
     if a.json:
         Path(a.json).write_text(json.dumps(result, indent=1))
+    print(markdown(summaries, stages_s))
+    print(json.dumps(result, indent=1))
 
 
 if __name__ == "__main__":
