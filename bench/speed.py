@@ -1,22 +1,25 @@
-"""Speed and FWHM accuracy of the stages next to SourceExtractor + PSFEx.
+"""Speed, memory and FWHM accuracy of the whole per-frame job next to SourceExtractor + PSFEx.
 
-Simulates (or reuses) a few single-detector 4096 x 4096 frames, then per frame and on
-one core:
+Simulates (or reuses) a few single-detector 4096 x 4096 frames, then:
 
-- survey-qa: read, background, sources, PSF (selection + fits), stamps, each timed in
-  CPU seconds (the tools below by their children's CPU time), so that a shared machine
-  does not inflate either side;
+- survey-qa: the nightly job itself (``survey-qa --night``, one worker, one thread), whose
+  exposure catalog gives each frame's stage times (read, background, sources, PSF, stamps,
+  autoencoder, classification) and ``t_total_s``, the whole frame on a warm worker, writes
+  included; the run's peak resident memory (largest process) and its CPU time per frame,
+  start-up and model loading included;
 - Debian's ``source-extractor`` (background + detection + a FITS_LDAC catalog with
-  vignets, ``NTHREADS 1``) and ``psfex`` on that catalog (``NTHREADS 1``), with their
-  configuration written to a temporary folder;
+  vignets, ``NTHREADS 1``) and ``psfex`` on that catalog (``NTHREADS 1``), timed by their
+  CPU time, with their configuration written to a temporary folder;
 
-and the FWHM each gives: survey-qa's ``fwhm_px`` (seeing before pixelisation) and
-``fwhm_image_px`` (its fitted profile convolved with the pixel), PSFEx's
-``FWHM_Mean`` and the median SourceExtractor ``FWHM_IMAGE`` of bright, unflagged
+and the FWHM each gives: survey-qa's ``fwhm_px`` (the seeing, before pixelisation),
+PSFEx's ``FWHM_Mean`` and the median SourceExtractor ``FWHM_IMAGE`` of bright, unflagged
 detections on the stellar locus. SourceExtractor and PSFEx run with the defaults Debian
 ships (``prepsfex.param``, ``default.psfex``) but for one thread, no check plots and a
 wider ``SAMPLE_FWHMRANGE``. The last two describe the pixel-convolved PSF, so they are
 compared with the FWHM of the true profile convolved with the pixel.
+
+The survey-qa stage times are wall-clock seconds of a single-threaded worker: run the
+benchmark on an otherwise quiet machine.
 
 Usage::
 
@@ -37,10 +40,10 @@ import xml.etree.ElementTree as ET
 from pathlib import Path
 
 import numpy as np
+import pandas as pd
 from astropy.io import fits
 
 from survey_qa import paths
-from survey_qa.config import load_config
 
 #: The reference tools the stages are timed against (Debian packages of the same names).
 REFERENCE_TOOLS = ("source-extractor", "psfex")
@@ -158,49 +161,30 @@ def pixelised_fwhm(truth_row) -> float:
     return float(img.calculateFWHM())
 
 
-def run_stages(path, cfg):
-    """Read the first detector and run background, sources, PSF and stamps, each timed in
-    CPU seconds (``process_time``: a machine busy with other work does not inflate it).
-
-    Returns (detector, number of sources, PSF result, times by stage).
-    """
-    from survey_qa.pipeline import background, io, psf, sources, stamps
-
-    clock = time.process_time
-    t0 = clock()
-    det = io.read_detectors(path, cfg.io)[0]
-    t = {"read": clock() - t0}
-    if not hasattr(det, "data"):
-        raise RuntimeError(str(det))
-    t0 = clock()
-    bkg = background.measure_background(det.data, det.mask, cfg.background)
-    t["background"] = clock() - t0
-    t0 = clock()
-    src = sources.extract_sources(det.data, bkg, det.mask, cfg.sources, det.meta.saturate_adu)
-    t["sources"] = clock() - t0
-    t0 = clock()
-    star = psf.select_psf_stars(src, det.data.shape, cfg.psf)
-    res = psf.measure_psf(det.data, bkg, src, star, cfg.psf, mask=det.mask)
-    src = psf.annotate_sources(src, star, res, det.data.shape, cfg.psf)
-    t["psf"] = clock() - t0
-    t0 = clock()
-    stamps.cut_stamps(det.data, bkg, src, res.psf_star, cfg.stamps)
-    t["stamps"] = clock() - t0
-    return det, len(src), res, t
-
-
 def children_cpu() -> float:
     """CPU time (user + system, s) of the finished child processes."""
     usage = resource.getrusage(resource.RUSAGE_CHILDREN)
     return usage.ru_utime + usage.ru_stime
 
 
-def run_survey_qa(path: str, cfg) -> dict:
-    """Time each stage on one frame; returns the timings and the measured FWHM."""
-    _, n_src, res, t = run_stages(path, cfg)
-    t["total"] = sum(t.values())
-    return {"t": t, "fwhm": res.fwhm_px, "fwhm_image": getattr(res, "fwhm_image_px", math.nan),
-            "n_sources": n_src, "n_stars": res.n_used}
+def run_night_job(raw_root: str, out_root: str) -> tuple[pd.DataFrame, float, float]:
+    """The nightly job on the frames, one worker, one thread, from scratch.
+
+    Returns
+    -------
+    rows, peak_rss_mb, cpu_s
+        The exposure catalog (one row per frame), the peak resident memory of the
+        largest process of the run (MB) and the CPU time of the whole run (s).
+    """
+    cmd = [str(Path(sys.executable).with_name("survey-qa")), "--night", NIGHT,
+           "--raw-root", raw_root, "--out-root", out_root, "--workers", "1", "--force"]
+    t0 = children_cpu()
+    subprocess.run(cmd, check=True, capture_output=True, env={**os.environ,
+                                                                "OMP_NUM_THREADS": "1"})
+    cpu_s = children_cpu() - t0
+    peak_mb = resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss / 1024
+    rows = pd.read_parquet(paths.catalog_file(out_root, "exposures", NIGHT))
+    return rows.set_index("exposure"), peak_mb, cpu_s
 
 
 def run_astromatic(path: str, work: Path) -> dict:
@@ -288,9 +272,14 @@ def ready_to_time(no_reference: bool) -> bool:
     return True
 
 
+STAGES = ("read", "background", "sources", "psf", "stamps", "ae", "classify")
+
+
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--raw-root", default="/tmp/survey-qa-speed")
+    ap.add_argument("--out-root", default=None,
+                    help="where the nightly job writes (default: a temporary folder)")
     ap.add_argument("--n-frames", type=int, default=3)
     ap.add_argument("--seed", type=int, default=777)
     ap.add_argument("--size-px", type=int, default=4096)
@@ -299,35 +288,41 @@ def main(argv: list[str] | None = None) -> int:
     if not ready_to_time(a.no_reference):
         return 1
     truth = simulate(a.raw_root, a.n_frames, a.seed, a.size_px)
-    cfg = load_config()
+    with tempfile.TemporaryDirectory() as tmp:
+        rows, peak_mb, cpu_s = run_night_job(a.raw_root, a.out_root or tmp)
     timing, accuracy = [], []
     for _, tr in truth.sort_values("exposure").iterrows():
         path = str(Path(a.raw_root) / NIGHT / Path(tr["path"]).name)
-        ours = run_survey_qa(path, cfg)
+        ours = rows.loc[tr["exposure"]]
         with tempfile.TemporaryDirectory() as tmp:
             astro = (run_astromatic(path, Path(tmp)) if not a.no_reference else
                      {"t_sex": math.nan, "t_psfex": math.nan, "fwhm_sex": math.nan,
                       "fwhm_psfex": math.nan, "n_sources": 0})
-        t = ours["t"]
-        timing.append([tr["exposure"], t["read"], t["background"], t["sources"], t["psf"],
-                       t["stamps"], t["total"], astro["t_sex"], astro["t_psfex"],
-                       astro["t_sex"] + astro["t_psfex"]])
+        reference = astro["t_sex"] + astro["t_psfex"]
+        timing.append([tr["exposure"], *(float(ours[f"t_{s}_s"]) for s in STAGES),
+                       float(ours["t_total_s"]), astro["t_sex"], astro["t_psfex"], reference,
+                       reference / float(ours["t_total_s"])])
         true_fwhm, pix_fwhm = float(tr["fwhm_px_true"]), pixelised_fwhm(tr)
+        fwhm = float(ours["fwhm_px"])
         accuracy.append([tr["exposure"], f"{tr['psf_profile']}", float(tr["trail_ratio"]),
-                         true_fwhm, pix_fwhm, ours["fwhm"], ours["fwhm"] / true_fwhm - 1,
-                         ours["fwhm_image"], ours["fwhm_image"] / pix_fwhm - 1,
+                         true_fwhm, pix_fwhm, fwhm, fwhm / true_fwhm - 1,
                          astro["fwhm_psfex"], astro["fwhm_psfex"] / pix_fwhm - 1,
                          astro["fwhm_sex"], astro["fwhm_sex"] / pix_fwhm - 1,
-                         f"{ours['n_sources']}/{astro['n_sources']}"])
-    mean = ["mean"] + [float(np.mean([r[i] for r in timing])) for i in range(1, 10)]
-    print("\nCPU time per frame, one thread (s)")
-    print(table(timing + [mean], ["frame", "read", "backgr", "sources", "psf", "stamps",
-                                  "survey-qa", "SExtractor", "PSFEx", "SEx+PSFEx"]))
-    print("\nFWHM (pixels): survey-qa fwhm_px vs the seeing; survey-qa fwhm_image_px, PSFEx "
-          "and SExtractor vs the seeing convolved with the pixel")
+                         f"{int(ours['n_sources'])}/{astro['n_sources']}"])
+    mean = ["mean"] + [float(np.mean([r[i] for r in timing])) for i in range(1, len(timing[0]))]
+    mean[-1] = mean[-2] / mean[8]  # the ratio of the mean times
+    megapixels = a.size_px ** 2 / 1e6
+    print(f"\nTime per {a.size_px}x{a.size_px} frame, one thread (s): survey-qa's nightly job "
+          "(wall, warm worker, writes included) next to SourceExtractor + PSFEx (CPU)")
+    print(table(timing + [mean], ["frame", *STAGES, "survey-qa", "SExtractor", "PSFEx",
+                                  "SEx+PSFEx", "ratio"]))
+    print(f"\nsurvey-qa: {mean[8] / megapixels:.3f} s per megapixel; the whole run (start-up, "
+          f"model loading, night pass and report included) took {cpu_s / len(timing):.2f} "
+          f"CPU s per frame; peak resident memory of its largest process {peak_mb:.0f} MB")
+    print("\nFWHM (pixels): survey-qa fwhm_px vs the seeing; PSFEx and SExtractor (which "
+          "describe the pixel-convolved PSF) vs the seeing convolved with the pixel")
     print(table(accuracy, ["frame", "profile", "trail r", "true", "true+pix", "qa fwhm_px",
-                           "err", "qa image", "err", "PSFEx", "err", "SEx FWHM_IMAGE", "err",
-                           "n src (qa/SEx)"]))
+                           "err", "PSFEx", "err", "SEx FWHM_IMAGE", "err", "n src (qa/SEx)"]))
     return 0
 
 

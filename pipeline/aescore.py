@@ -30,6 +30,7 @@ import torch
 from scipy import ndimage
 
 from survey_qa.config import AutoencoderConfig
+from survey_qa.pipeline.background import block_sum
 from survey_qa.pipeline.errors import QualityError
 
 
@@ -203,18 +204,16 @@ def bin_frame(data: np.ndarray, mask: np.ndarray | None, factor: int
     ny, nx = data.shape
     py, px = -ny % factor, -nx % factor
     if not (py or px) and good.all():  # the common case, without the bookkeeping
-        rows = sum(data[i::factor] for i in range(factor))  # strided sums: fast
-        binned = sum(rows[:, j::factor] for j in range(factor)) / np.float32(factor * factor)
-        return binned.astype(np.float32, copy=False), np.zeros(binned.shape, dtype=bool)
+        binned = block_sum(data, factor) / np.float32(factor * factor)
+        return binned, np.zeros(binned.shape, dtype=bool)
     values = np.where(good, data, np.float32(0))
     if py or px:
         values = np.pad(values, ((0, py), (0, px)))
         good = np.pad(good, ((0, py), (0, px)))
-    shape = (values.shape[0] // factor, factor, values.shape[1] // factor, factor)
-    total = values.reshape(shape).sum(axis=(1, 3), dtype=np.float64)
-    count = good.reshape(shape).sum(axis=(1, 3))
+    total = block_sum(values, factor)
+    count = block_sum(good, factor, np.int32)
     binned = np.divide(total, count, out=np.zeros_like(total), where=count > 0)
-    return binned.astype(np.float32), count == 0
+    return binned, count == 0
 
 
 def robust_noise(image: np.ndarray, mask: np.ndarray | None = None) -> float:
@@ -369,8 +368,14 @@ def patch_errors(x: torch.Tensor, recon: torch.Tensor, params: ScoreParams | Non
     return cells.median(dim=2).values.abs().mean(dim=1)
 
 
+SCORE_BATCH = 256
+"""Patches per forward pass: a batch's activations stay in the CPU cache (a 4k frame
+scores about a quarter faster than in batches of 1024)."""
+
+
 def score_patches(model: torch.nn.Module, patches: np.ndarray, *,
-                  params: ScoreParams | None = None, batch_size: int = 1024) -> np.ndarray:
+                  params: ScoreParams | None = None,
+                  batch_size: int = SCORE_BATCH) -> np.ndarray:
     """Reconstruction error of every patch (N, 1, p, p) -> (N,) float32."""
     out = np.empty(len(patches), dtype=np.float32)
     was_training = model.training
@@ -386,7 +391,7 @@ def score_patches(model: torch.nn.Module, patches: np.ndarray, *,
 
 
 def score_map(model: torch.nn.Module, binned: np.ndarray, patch_px: int, *,
-              params: ScoreParams | None = None, batch_size: int = 1024) -> np.ndarray:
+              params: ScoreParams | None = None, batch_size: int = SCORE_BATCH) -> np.ndarray:
     """Per-patch reconstruction error of a normalised binned frame.
 
     Parameters

@@ -58,6 +58,9 @@ from survey_qa.pipeline.records import BackgroundResult, DetectorImage
 SKY_GRID = 32
 """Cells along each side of the coarse sky map stored per detector."""
 
+CELL_SAMPLES = 16
+"""Pixels along each side of a coarse-map cell that enter its mean (evenly spaced)."""
+
 FLAT_MIN = 0.05
 """Flat-field pixels below this fraction of the flat's median (or not finite) are masked."""
 
@@ -170,15 +173,21 @@ def coarse_sky_map(back: np.ndarray, mask: np.ndarray | None, grid: int = SKY_GR
     Returns
     -------
     numpy.ndarray
-        float32 map (ADU), NaN on cells without an unmasked pixel. Cell ``(i, j)`` covers
-        rows ``i ny / grid`` to ``(i + 1) ny / grid`` and likewise in x.
+        float32 map (ADU), NaN on cells without an unmasked sample. Cell ``(i, j)`` covers
+        rows ``i ny / grid`` to ``(i + 1) ny / grid`` and likewise in x; its mean is taken
+        over :data:`CELL_SAMPLES` evenly spaced rows and columns of it.
     """
     ny, nx = back.shape
     gy, gx = min(grid, ny), min(grid, nx)
-    good = np.ones(back.shape, bool) if mask is None else ~np.asarray(mask, bool)
-    ys, xs = _edges(ny, gy), _edges(nx, gx)
-    total = np.add.reduceat(np.add.reduceat(np.where(good, back, 0.0).astype(np.float64), ys,
-                                            axis=0), xs, axis=1)
+    # The sky is smooth: CELL_SAMPLES x CELL_SAMPLES evenly spaced pixels of a cell give its
+    # mean (a 4k detector costs 0.01 s instead of 0.4 s).
+    step = max(1, min(ny // gy, nx // gx) // CELL_SAMPLES)
+    back = back[::step, ::step]
+    good = (np.ones(back.shape, bool) if mask is None
+            else ~np.asarray(mask, bool)[::step, ::step])
+    ys, xs = -(-_edges(ny, gy) // step), -(-_edges(nx, gx) // step)
+    total = np.add.reduceat(np.add.reduceat(np.where(good, back, 0.0), ys, axis=0,
+                                            dtype=np.float64), xs, axis=1)
     count = np.add.reduceat(np.add.reduceat(good.astype(np.int64), ys, axis=0), xs, axis=1)
     with np.errstate(invalid="ignore", divide="ignore"):
         return np.where(count > 0, total / count, np.nan).astype(np.float32)

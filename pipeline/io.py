@@ -626,36 +626,54 @@ def unexposed_lines(data: np.ndarray, mask: np.ndarray, bias_level: float | None
     """
     out = np.zeros(data.shape, dtype=bool)
     # Each line is summarised on at most LINE_SAMPLES of its pixels, evenly spaced (the
-    # median and noise of a line need no more; a 4k frame costs 0.1 s instead of 5 s).
+    # median and noise of a line need no more).
     step = [max(1, n // LINE_SAMPLES) for n in data.shape]
-    good = np.where(mask, np.float32(np.nan), data.astype(np.float32))
-    if np.isnan(good[::step[0], ::step[1]]).all():
+
+    def sampled(rows: slice, cols: slice) -> np.ndarray:
+        return np.where(mask[rows, cols], np.float32(np.nan), data[rows, cols])
+
+    every = slice(None)
+    sample = sampled(slice(None, None, step[0]), slice(None, None, step[1]))
+    if np.isnan(sample).all():
         return out
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore", RuntimeWarning)
-        sky = float(np.nanmedian(good[::step[0], ::step[1]]))
-        for axis in (1, 0):  # rows, then columns
-            along = good[:, ::step[1]] if axis == 1 else good[::step[0], :]
-            level = np.nanmedian(along, axis=axis)
-            diff = np.diff(along, axis=axis)
-            noise = 1.4826 * np.nanmedian(
-                np.abs(diff - np.nanmedian(diff, axis=axis, keepdims=True)), axis=axis
-            ) / math.sqrt(2)
-            frame_noise = float(np.nanmedian(noise))
-            if not (math.isfinite(frame_noise) and frame_noise > 0):
-                continue
+    sky = float(np.nanmedian(sample))
+    for axis in (1, 0):  # rows, then columns
+        # one line per row of ``along``, contiguous, for the sorting medians
+        along = (sampled(every, slice(None, None, step[1])) if axis == 1 else
+                 np.ascontiguousarray(sampled(slice(None, None, step[0]), every).T))
+        level = line_medians(along)
+        diff = np.diff(along, axis=1)
+        noise = 1.4826 * line_medians(np.abs(diff - line_medians(diff)[:, None])) / math.sqrt(2)
+        finite_noise = noise[np.isfinite(noise)]
+        frame_noise = float(np.median(finite_noise)) if finite_noise.size else math.nan
+        if not (math.isfinite(frame_noise) and frame_noise > 0):
+            continue
+        with np.errstate(invalid="ignore"):
             low = level < sky - UNEXPOSED_DEFICIT_SIGMA * frame_noise
             quiet = noise < UNEXPOSED_NOISE_RATIO * frame_noise
             if math.isfinite(read_noise_adu) and read_noise_adu > 0:
                 quiet &= noise < 2 * read_noise_adu
             at_bias = (np.zeros_like(low) if bias_level is None
                        else level - bias_level < 0.1 * (sky - bias_level))
-            lines = np.nan_to_num(low & (quiet | at_bias)).astype(bool)
-            if axis == 1:
-                out[lines, :] = True
-            else:
-                out[:, lines] = True
+        lines = low & (quiet | at_bias)
+        if axis == 1:
+            out[lines, :] = True
+        else:
+            out[:, lines] = True
     return out
+
+
+def line_medians(a: np.ndarray) -> np.ndarray:
+    """The median of each row of a 2-D array, NaN left out (NaN for a row without a value).
+
+    The same values as ``np.nanmedian(a, axis=1)``, from one sort of the rows (NaN sorts
+    last): many times faster on the thousands of short rows of a 4k frame.
+    """
+    s = np.sort(a, axis=1)
+    n = np.count_nonzero(~np.isnan(a), axis=1)
+    lo, hi = np.maximum((n - 1) // 2, 0)[:, None], np.maximum(n // 2, 0)[:, None]
+    med = 0.5 * (np.take_along_axis(s, lo, axis=1) + np.take_along_axis(s, hi, axis=1))[:, 0]
+    return np.where(n > 0, med, np.nan)
 
 
 def bin2x2(a: np.ndarray) -> np.ndarray:
