@@ -5,7 +5,8 @@
 Each real sequence is laid out as one night (a symlink under a temporary raw root), run
 with the default configuration and shipped models, and every row is printed: class,
 classifier, FWHM (px and arcsec), ellipticity, direction coherence, sky, u, flags and the
-reason. The stage times per detector are printed at the end.
+reason. The stage times per detector and the whole frame's time per megapixel are printed
+at the end.
 """
 from __future__ import annotations
 
@@ -74,6 +75,11 @@ def main(argv=None) -> int:
     ok = rows[(rows.status == "ok") & (rows.detector != "ALL")]
     print("\nmedian time per detector (s): " + ", ".join(
         f"{c[2:-2]} {ok[c].median():.3f}" for c in STAGES))
+    single = ok[ok.n_detectors == 1]
+    per_mpx = single.t_total_s / (single.nx * single.ny / 1e6)
+    print(f"whole frame ({len(single)} single-detector files): median "
+          f"{single.t_total_s.median():.3f} s, {per_mpx.median():.3f} s per megapixel "
+          f"(range {per_mpx.min():.3f}-{per_mpx.max():.3f})")
     return 0
 
 
