@@ -21,6 +21,10 @@ masks refer to the exposed pixels (``DATASEC``), the grid the reader measures. B
 frames (``bayer_pattern``) are written at full resolution and their truth (``fwhm_px_true``,
 star positions, masks) is on that grid; the reader bins them 2x2 (``read_binning``).
 
+A sequence night (:func:`simulate_sequence`) is N exposures of one field under changing
+conditions; its truth table adds the sequence columns (transparency, pointing...) and its
+true stars a stable ``star_id`` (:mod:`survey_qa.simulate.sequence`).
+
 Every file is written under a hidden temporary name and renamed into place.
 """
 from __future__ import annotations
@@ -35,6 +39,7 @@ import pandas as pd
 from survey_qa import paths
 from survey_qa import simulate as sim
 from survey_qa.atomic import write_bytes
+from survey_qa.simulate import sequence
 
 
 def _fits_bytes(hdul, gzipped: bool) -> bytes:
@@ -86,6 +91,13 @@ def write_night(raw_root: str | os.PathLike, night: str, plans: list[sim.FramePl
     else:
         futures = client.map(write_exposure, *zip(*args), pure=False)
         results = client.gather(futures)
+    return _write_tables(raw_root, night, results)
+
+
+def _write_tables(raw_root: str | os.PathLike, night: str,
+                  results: list[tuple[list[dict], pd.DataFrame]]) -> pd.DataFrame:
+    """Write the night's truth table and true stars from per-exposure results; return the
+    truth table."""
     truth = pd.DataFrame([row for rows, _ in results for row in rows])
     stars = pd.concat([s for _, s in results], ignore_index=True)
     stars.insert(0, "night", night)
@@ -117,6 +129,77 @@ def simulate_night(raw_root: str | os.PathLike, night: str, n_frames: int, *, se
                            ambiguous_fraction=ambiguous_fraction, size_px=size_px,
                            domain=domain)
     return write_night(raw_root, night, plans, seed=seed, client=client)
+
+
+def write_sequence_frame(raw_root: str | os.PathLike, seq: sequence.Sequence, index: int
+                         ) -> tuple[list[dict], pd.DataFrame]:
+    """Render one frame of a sequence and write its frame and truth mask.
+
+    Returns the truth rows and the true stars (with ``star_id``), for the night's tables.
+    """
+    spec, det = sequence.render_frame(seq, index)
+    name = spec.exposure + ".fits"
+    write_bytes(paths.night_dir(raw_root, seq.night) / name,
+                _fits_bytes(sim.build_hdulist(spec, [det]), False))
+    write_bytes(paths.truth_mask(raw_root, seq.night, spec.exposure),
+                _fits_bytes(sim.mask_hdulist(spec, [det]), False))
+    rows = sequence.frame_truth(seq, spec, [det])
+    for row in rows:
+        row.update(night=seq.night, path=name)
+    stars = sequence.frame_stars(seq, spec, det).assign(exposure=spec.exposure,
+                                                        detector=det.name)
+    return rows, stars
+
+
+def simulate_sequence(raw_root: str | os.PathLike, night: str, n_frames: int, *,
+                      seed: int = 0, size_px: int = 1024, scene_seed: int | None = None,
+                      field: str | None = None, header_style: str = "wcs",
+                      client=None) -> pd.DataFrame:
+    """Write a night of ``n_frames`` exposures of one field and return its truth table.
+
+    The frames render one scene (:func:`survey_qa.simulate.sequence.plan_sequence`)
+    through a drifting pointing with one re-pointing, under seeing, focus, transparency,
+    patchy cloud, twilight, moon and tracking that change along the night. Besides the
+    usual columns, the truth table has ``field``, ``sequence_index``,
+    ``transparency_mag``, ``grey_extinction_mag``, ``patchy_mean_mag``, ``k_true``,
+    ``shift_x_px``, ``shift_y_px``, ``rotation_deg``, ``wcs_rotation_deg``,
+    ``repointed``, ``seeing_atm_arcsec``, ``focus_factor``, ``sky_factor``,
+    ``twilight_factor``, ``moon_factor``, ``moon_phase`` and ``scene_seed``
+    (:mod:`survey_qa.simulate.sequence`); the true stars have a stable ``star_id``,
+    their reference position ``x_ref``, ``y_ref`` and ``flux_clear_adu``.
+
+    Parameters
+    ----------
+    raw_root, night
+        Frames go to ``<raw_root>/<night>/`` (single-detector ``.fits``), truth to its
+        ``_truth/`` folder.
+    n_frames
+        Number of exposures.
+    seed
+        Seed of the night's conditions; deterministic for a seed and night.
+    size_px
+        Detector side in pixels.
+    scene_seed
+        Seed of the field (default ``seed``): the same scene seed gives the same field
+        on other nights.
+    field
+        Field name written as ``OBJECT`` (default the drawn ``FIELD_NNNN``).
+    header_style
+        ``wcs`` (default): a WCS that follows the pointing; see
+        :data:`survey_qa.simulate.HEADER_STYLES`.
+    client
+        Optional ``dask.distributed.Client``: frames rendered in parallel.
+    """
+    seq = sequence.plan_sequence(night, n_frames, seed=seed, size_px=size_px,
+                                 scene_seed=scene_seed, field=field,
+                                 header_style=header_style)
+    if client is None:
+        results = [write_sequence_frame(raw_root, seq, i) for i in range(n_frames)]
+    else:
+        futures = client.map(write_sequence_frame, [str(raw_root)] * n_frames,
+                             [seq] * n_frames, list(range(n_frames)), pure=False)
+        results = client.gather(futures)
+    return _write_tables(raw_root, night, results)
 
 
 DEMO_SEED = 20240301

@@ -19,7 +19,9 @@ Modules, each depending only on those above it:
 - :mod:`.camera`: the uncorrected flat, cosmetics, cosmic rays, bleeding, raw frames;
 - :mod:`.hdus`: FITS headers and HDUs;
 - :mod:`.render`: one detector, from sky to pixels with its truth;
-- :mod:`.plan`: night plans and the generators of each exposure.
+- :mod:`.plan`: night plans and the generators of each exposure;
+- :mod:`.sequence`: a night of exposures of one field (one scene seen through a drifting
+  pointing) under conditions that change with time, and its truth.
 
 Conventions
 -----------
@@ -41,6 +43,7 @@ from survey_qa.simulate.profiles import effective_fwhm
 from survey_qa.simulate.psf import (atmosphere_profile, drift_path, motion_kernel,
                                     psf_ellipticity)
 from survey_qa.simulate.render import render_detector
+from survey_qa.simulate.sequence import Pointing, Scene, Sequence, plan_sequence
 from survey_qa.simulate.sky import sky_nodes
 from survey_qa.simulate.spec import (BACKGROUND_KINDS, CONFOUNDERS, DOMAINS, FILE_FORMATS,
                                      HEADER_STYLES, PSF_PROFILES, SENSITIVE_KEYS, TRAIL_KINDS,
@@ -53,10 +56,11 @@ __all__ = [
     "BACKGROUND_KINDS", "CAMERA_CONFOUNDERS", "CONFOUNDERS", "DOMAINS", "FILE_FORMATS",
     "FORMAT_SHARES", "HEADER_STYLES", "LIMITS", "MASK_EXTINCTION_MAG", "MASK_LIGHT_FRACTION",
     "MIXES", "PSF_PROFILES", "SENSITIVE_KEYS", "TRAIL_KINDS", "WIDE", "WIDE_CONFOUNDERS",
-    "ExposureSpec", "FramePlan", "Limits", "SimDetector", "WideDomain",
+    "ExposureSpec", "FramePlan", "Limits", "Pointing", "Scene", "Sequence", "SimDetector",
+    "WideDomain",
     "atmosphere_profile", "build_hdulist", "camera_of", "detector_hdu", "detector_header",
     "detector_id", "draw_spec", "drift_path", "effective_fwhm", "exposure_class",
     "exposure_header", "exposure_seeds", "illumination", "mask_hdulist", "motion_kernel",
-    "night_times", "plan_night", "psf_ellipticity", "raw_frame", "raw_shape",
+    "night_times", "plan_night", "plan_sequence", "psf_ellipticity", "raw_frame", "raw_shape",
     "render_detector", "simulate_exposure", "sky_nodes", "truth_class", "truth_records",
 ]

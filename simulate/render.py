@@ -16,7 +16,8 @@ from survey_qa.simulate.camera import (add_cosmetics, add_cosmic_rays, bleed, da
 from survey_qa.simulate.hdus import detector_header, exposure_header
 from survey_qa.simulate.psf import psf_ellipticity, psf_model
 from survey_qa.simulate.sky import nonuniformity, sky_nodes, spread, upsample
-from survey_qa.simulate.sources import add_galaxies, add_stars, add_streaks, extended_light
+from survey_qa.simulate.sources import (SceneView, add_galaxies, add_scene, add_stars,
+                                        add_streaks, extended_light)
 from survey_qa.simulate.spec import ExposureSpec, SimDetector, detector_hdu, detector_id
 from survey_qa.simulate.truth import MASK_EXTINCTION_MAG, MASK_LIGHT_FRACTION, truth_class
 
@@ -24,7 +25,8 @@ from survey_qa.simulate.truth import MASK_EXTINCTION_MAG, MASK_LIGHT_FRACTION, t
 POISSON_EXACT_BELOW_E = 50.0
 
 
-def render_detector(spec: ExposureSpec, index: int, rng: np.random.Generator) -> SimDetector:
+def render_detector(spec: ExposureSpec, index: int, rng: np.random.Generator,
+                    scene: SceneView | None = None) -> SimDetector:
     """Render one detector of an exposure.
 
     Parameters
@@ -36,6 +38,10 @@ def render_detector(spec: ExposureSpec, index: int, rng: np.random.Generator) ->
     rng
         Randomness of this detector (star field, noise, cosmetics); exposure-wide
         structures come from ``spec.field_seed``.
+    scene
+        The stars and galaxies of a fixed scene in this detector's pixels (a frame of a
+        sequence, :mod:`.sequence`); None: the detector draws its own from ``rng``. The
+        stars of a scene keep their ``star_id``.
 
     Returns
     -------
@@ -52,8 +58,11 @@ def render_detector(spec: ExposureSpec, index: int, rng: np.random.Generator) ->
 
     psf = psf_model(spec, index)
     light = np.zeros((ny, nx), dtype=np.float32)
-    stars = add_stars(light, rng, spec, psf, sky_nodes_, noise_e)
-    n_gal = add_galaxies(light, rng, spec, psf, sky_nodes_, noise_e)
+    if scene is None:
+        stars = add_stars(light, rng, spec, psf, sky_nodes_, noise_e)
+        n_gal = add_galaxies(light, rng, spec, psf, sky_nodes_, noise_e)
+    else:
+        stars, n_gal = add_scene(light, spec, psf, sky_nodes_, noise_e, scene)
     extended = extended_light(spec, index, rng)
     streak = np.zeros((ny, nx), dtype=np.float32) if spec.n_satellites else None
     if streak is not None:

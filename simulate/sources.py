@@ -7,6 +7,7 @@ whole focal plane. Everything is in electrons, before the camera's effects.
 from __future__ import annotations
 
 import math
+from dataclasses import dataclass
 
 import galsim
 import numpy as np
@@ -19,6 +20,49 @@ from survey_qa.simulate.psf import PSFModel
 from survey_qa.simulate.sky import (SkyNodes, grid_step, nodes, random_field, sample_field,
                                     upsample)
 from survey_qa.simulate.spec import ExposureSpec, detector_offset, focal_plane_size
+
+
+@dataclass
+class SceneView:
+    """Sources of a fixed scene as one detector sees them (positions in its pixels).
+
+    Stars: ``star_id``, ``x``, ``y`` (px) and ``flux_e`` above the clouds (electrons);
+    galaxies: position, flux, half-light radius (arcsec), Sersic index, axis ratio and
+    position angle of the major axis (radians, in the detector's pixels).
+    """
+
+    star_id: np.ndarray
+    x: np.ndarray
+    y: np.ndarray
+    flux_e: np.ndarray
+    gal_x: np.ndarray
+    gal_y: np.ndarray
+    gal_flux_e: np.ndarray
+    gal_hlr_arcsec: np.ndarray
+    gal_sersic_n: np.ndarray
+    gal_q: np.ndarray
+    gal_beta_rad: np.ndarray
+
+
+def add_scene(image: np.ndarray, spec: ExposureSpec, psf: PSFModel, sky: SkyNodes,
+              noise_e: float, scene: SceneView) -> tuple[pd.DataFrame, int]:
+    """Render a scene's stars and galaxies, each dimmed by the grey transparency and the
+    patchy extinction at its position; returns the stars inside the detector (with
+    ``star_id``) and the number of galaxies drawn."""
+    stars = render_stars(image, spec, psf, sky, noise_e, scene.x, scene.y, scene.flux_e,
+                         {"star_id": scene.star_id})
+    ext = spec.transparency_mag + ndimage.map_coordinates(
+        sky.patchy_mag, [scene.gal_y / sky.step, scene.gal_x / sky.step], order=1,
+        mode="nearest")
+    region = psf.region(scene.gal_x, scene.gal_y, spec.nx, spec.ny)
+    trail_px = spec.trail_arcsec / spec.pixscale_arcsec
+    for k in range(len(scene.gal_x)):
+        draw_galaxy(image, spec, psf, float(scene.gal_x[k]), float(scene.gal_y[k]),
+                    float(scene.gal_flux_e[k] * 10 ** (-0.4 * ext[k])),
+                    float(scene.gal_hlr_arcsec[k]), float(scene.gal_sersic_n[k]),
+                    float(scene.gal_q[k]), float(scene.gal_beta_rad[k]), int(region[k]),
+                    trail_px)
+    return stars, len(scene.gal_x)
 
 
 def _place(image: np.ndarray, stamp: np.ndarray, ix: int, iy: int, scale: float) -> None:
@@ -77,6 +121,19 @@ def add_stars(image: np.ndarray, rng: np.random.Generator, spec: ExposureSpec,
         fluxes = np.concatenate([fluxes, bright])
     margin = psf.cores[0].half
     x, y = _star_positions(rng, len(fluxes), spec, margin)
+    return render_stars(image, spec, psf, sky, noise_e, x, y, fluxes)
+
+
+def render_stars(image: np.ndarray, spec: ExposureSpec, psf: PSFModel, sky: SkyNodes,
+                 noise_e: float, x: np.ndarray, y: np.ndarray, fluxes: np.ndarray,
+                 columns: dict[str, np.ndarray] | None = None) -> pd.DataFrame:
+    """Render stars of given positions (px) and fluxes above the clouds (electrons).
+
+    Each star is dimmed by the grey ``spec.transparency_mag`` plus the patchy extinction
+    at its position. Returns the stars inside the detector: ``x``, ``y``, ``flux_e`` (as
+    observed), ``extinction_mag`` and the per-star arrays of ``columns`` (e.g. an id).
+    """
+    fwhm = spec.fwhm_px
     # faint stars use the central part of the core stamp: what lies outside it is below
     # a tenth of the noise
     centre = psf.cores[len(psf.cores) // 2].phases[0, 0]
@@ -100,8 +157,9 @@ def add_stars(image: np.ndarray, rng: np.random.Generator, spec: ExposureSpec,
         if flux_obs[k] * wide_peak > 0.3 * noise_e:
             _place(image, psf.wide.stamp(fx[k], fy[k]), ix[k], iy[k], flux_obs[k])
     inside = (x >= -0.5) & (x < spec.nx - 0.5) & (y >= -0.5) & (y < spec.ny - 0.5)
+    extra = {name: np.asarray(v)[inside] for name, v in (columns or {}).items()}
     return pd.DataFrame({"x": x[inside], "y": y[inside],
-                         "flux_e": flux_obs[inside], "extinction_mag": ext[inside]})
+                         "flux_e": flux_obs[inside], "extinction_mag": ext[inside], **extra})
 
 
 def add_galaxies(image: np.ndarray, rng: np.random.Generator, spec: ExposureSpec,
@@ -123,24 +181,38 @@ def add_galaxies(image: np.ndarray, rng: np.random.Generator, spec: ExposureSpec
     trail_px = spec.trail_arcsec / spec.pixscale_arcsec
     # brighter galaxies are larger: hlr ~ 0.2-0.6" at the faint end, ~ flux**0.3
     hlr_arcsec = np.exp(rng.uniform(math.log(0.2), math.log(0.6), n)) * (fluxes / f_min) ** 0.3
-    gsp = galsim.GSParams(folding_threshold=1e-2, maxk_threshold=3e-3)
     for k in range(n):
-        hlr = float(min(hlr_arcsec[k], 15.0)) / spec.pixscale_arcsec
         sersic_n = float(rng.choice([1.0, 1.5, 2.5, 4.0]))
         q = float(rng.uniform(0.2, 1.0))
         beta = float(rng.uniform(0, np.pi))
-        gal = galsim.Sersic(n=sersic_n, half_light_radius=hlr, trunc=8 * hlr,
-                            flux=float(fluxes[k] * 10 ** (-0.4 * ext[k])), gsparams=gsp)
-        gal = gal.shear(q=q, beta=beta * galsim.radians)
-        half = int(min(math.ceil(4 * hlr + 3 * fwhm + trail_px / 2), 127))
-        ix, iy = int(np.floor(x[k])), int(np.floor(y[k]))
-        stamp = galsim.Convolve(gal, psf.profiles[region[k]], gsparams=gsp).drawImage(
-            nx=2 * half + 1, ny=2 * half + 1, scale=1.0,
-            offset=(x[k] - ix, y[k] - iy)).array
-        if psf.kernel_px is not None:
-            stamp = fftconvolve(stamp, psf.kernel_px, mode="same")
-        _place(image, stamp.astype(np.float32), ix, iy, 1.0)
+        draw_galaxy(image, spec, psf, float(x[k]), float(y[k]),
+                    float(fluxes[k] * 10 ** (-0.4 * ext[k])), float(hlr_arcsec[k]),
+                    sersic_n, q, beta, int(region[k]), trail_px)
     return n
+
+
+_GALAXY_GSPARAMS = galsim.GSParams(folding_threshold=1e-2, maxk_threshold=3e-3)
+
+
+def draw_galaxy(image: np.ndarray, spec: ExposureSpec, psf: PSFModel, x: float, y: float,
+                flux_e: float, hlr_arcsec: float, sersic_n: float, q: float, beta_rad: float,
+                region: int, trail_px: float) -> None:
+    """Add one Sersic galaxy (observed flux ``flux_e``, half-light radius ``hlr_arcsec``
+    capped at 15", axis ratio ``q``, major axis at ``beta_rad``) convolved with the PSF of
+    ``region`` and the image motion, centred on (x, y) px."""
+    gsp = _GALAXY_GSPARAMS
+    fwhm = spec.fwhm_px
+    hlr = float(min(hlr_arcsec, 15.0)) / spec.pixscale_arcsec
+    gal = galsim.Sersic(n=sersic_n, half_light_radius=hlr, trunc=8 * hlr, flux=flux_e,
+                        gsparams=gsp)
+    gal = gal.shear(q=q, beta=beta_rad * galsim.radians)
+    half = int(min(math.ceil(4 * hlr + 3 * fwhm + trail_px / 2), 127))
+    ix, iy = int(np.floor(x)), int(np.floor(y))
+    stamp = galsim.Convolve(gal, psf.profiles[region], gsparams=gsp).drawImage(
+        nx=2 * half + 1, ny=2 * half + 1, scale=1.0, offset=(x - ix, y - iy)).array
+    if psf.kernel_px is not None:
+        stamp = fftconvolve(stamp, psf.kernel_px, mode="same")
+    _place(image, stamp.astype(np.float32), ix, iy, 1.0)
 
 
 def extended_light(spec: ExposureSpec, index: int, rng: np.random.Generator) -> np.ndarray | None:

@@ -5,6 +5,7 @@
     survey-qa demo [--night 2024-03-01] [...]   # simulate the demo night (once), then run it
     survey-qa simulate --night 2024-03-01 --frames 100 [--seed S] [--size 4096]
                        [--mix balanced|realistic] [--domain default|wide] [--workers N]
+                       [--sequence]   # one field through the night, changing conditions
     survey-qa train autoencoder|som|classifier --out-root DIR [--night N ...] [options]
     survey-qa evaluate --out-root DIR --raw-root DIR --night N [--night N ...]
     survey-qa config            # print the configuration in force, as YAML
@@ -146,8 +147,13 @@ def simulate_main(argv: list[str]) -> int:
     p.add_argument("--workers", type=int,
                    help="render on a Dask cluster of this many workers (the cluster block "
                         "of the configuration); default: in this process")
+    p.add_argument("--sequence", action="store_true",
+                   help="a night of --frames exposures of one field (one star and galaxy "
+                        "scene) under changing seeing, transparency, patchy cloud, sky, "
+                        "drift, a re-pointing and focus (--mix, --domain and "
+                        "--ambiguous-fraction do not apply)")
     a, cfg = parse_command(p, argv)
-    from survey_qa.flows.simulate import simulate_night
+    from survey_qa.flows.simulate import simulate_night, simulate_sequence
 
     with contextlib.ExitStack() as stack:
         client = None
@@ -159,10 +165,16 @@ def simulate_main(argv: list[str]) -> int:
             cluster = stack.enter_context(make_cluster(cfg.cluster))
             scale_for_night(cluster, cfg.cluster, a.frames)
             client = stack.enter_context(Client(cluster))
-        truth = simulate_night(Path(cfg.run.raw_root), a.night, a.frames, seed=a.seed,
-                               size_px=a.size, mix=a.mix, client=client,
-                               ambiguous_fraction=a.ambiguous_fraction, domain=a.domain)
+        if a.sequence:
+            truth = simulate_sequence(Path(cfg.run.raw_root), a.night, a.frames, seed=a.seed,
+                                      size_px=a.size, client=client)
+        else:
+            truth = simulate_night(Path(cfg.run.raw_root), a.night, a.frames, seed=a.seed,
+                                   size_px=a.size, mix=a.mix, client=client,
+                                   ambiguous_fraction=a.ambiguous_fraction, domain=a.domain)
     print(f"wrote {truth['exposure'].nunique()} exposures to {Path(cfg.run.raw_root) / a.night}")
+    if a.sequence:
+        print(f"field {truth['field'].iloc[0]}")
     print(truth.drop_duplicates("exposure")["quality_class"].value_counts().to_string())
     return 0
 
