@@ -12,6 +12,8 @@
     survey-qa report --night N  # the night's HTML report
     survey-qa watch --night N [--until HH:MM] [--on-bad CMD]   # rate frames as they land
     survey-qa select --night N [--where EXPR | --class C] [--copy-to DIR | --link-to DIR]
+    survey-qa stack --night N [--field F] [--class C | --any-class] [--where EXPR]
+                    [--weighting quality|equal] [--sigma 3]   # a field's stack (FITS)
 
 Exit codes: 0 the night was processed (unreadable frames get failed rows); 2 a wrong
 argument or configuration (no night folder, broken YAML...); 3 the run cannot be done in
@@ -302,6 +304,38 @@ def select_main(argv: list[str]) -> int:
     return 0
 
 
+def stack_main(argv: list[str]) -> int:
+    p = command_parser(
+        "survey-qa stack",
+        "Register the chosen frames of one field of a night on its best frame, scale them "
+        "to its photometry, combine them with quality weights and sigma clipping, and "
+        "write the stack with its provenance to <out-root>/stacks/<night>/<field>.fits.")
+    p.add_argument("--field", help="the field (FIELD or OBJECT); needed when the chosen "
+                                   "frames hold several")
+    p.add_argument("--class", dest="classes", action="append",
+                   help="stack this class (repeat for several; default: good)")
+    p.add_argument("--any-class", action="store_true", help="stack frames of every class")
+    p.add_argument("--where", help="pandas expression over catalog columns, as in select")
+    p.add_argument("--weighting", choices=("quality", "equal"), default="quality",
+                   help="quality: t^2 / (sky noise^2 FWHM^2) per frame; equal: all alike")
+    p.add_argument("--sigma", type=float, default=3.0,
+                   help="clipping threshold in expected scatters (0: no clipping)")
+    p.add_argument("--detector", help="the detector to stack when the frames are mosaics")
+    p.add_argument("--output", help="the FITS file (default: "
+                                    "<out-root>/stacks/<night>/<field>.fits)")
+    a, cfg = parse_command(p, argv)
+    if a.any_class and a.classes:
+        raise ValueError("--class and --any-class: choose one")
+    from survey_qa.flows.stack import stack_field
+
+    classes = [] if a.any_class else a.classes
+    run = stack_field(cfg, a.night, field_name=a.field, classes=classes, where=a.where,
+                      weighting=a.weighting, sigma=a.sigma, detector=a.detector,
+                      output=a.output)
+    print(run.report())
+    return 0
+
+
 def demo_main(argv: list[str]) -> int:
     """``survey-qa demo``: the nightly job on the simulated demo night."""
     if not any(a == "--night" or a.startswith("--night=") for a in argv):
@@ -312,7 +346,7 @@ def demo_main(argv: list[str]) -> int:
 COMMANDS = {"demo": demo_main, "simulate": simulate_main, "train": train_main,
             "evaluate": evaluate_main, "config": config_main}
 
-COMMANDS.update(report=report_main, watch=watch_main, select=select_main)
+COMMANDS.update(report=report_main, watch=watch_main, select=select_main, stack=stack_main)
 
 
 def main(argv: list[str] | None = None) -> int:

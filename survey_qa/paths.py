@@ -9,6 +9,7 @@ I/O contract says::
     <out_root>/masks/night=<night>/<exposure>.fits                full-resolution masks
     <out_root>/reports/<night>.html                               the night report
     <out_root>/selections/night=<night>/                          frame lists for stacking
+    <out_root>/stacks/<night>/<field>.fits                        a field's stacked frames
     <out_root>/models/                                            trained SOM and weights
     <out_root>/checkpoints/<model>/                               training checkpoints
     <out_root>/evaluation/                                        classifier evaluation
@@ -100,6 +101,12 @@ def report_file(out_root: PathLike, night: str) -> Path:
 def selection_dir(out_root: PathLike, night: str) -> Path:
     """Where ``survey-qa select`` writes a night's frame lists by default."""
     return Path(out_root) / "selections" / f"night={night}"
+
+
+def stack_file(out_root: PathLike, night: str, field: str) -> Path:
+    """The stack ``survey-qa stack`` writes for one field of a night (``field``: a
+    file-name-safe name)."""
+    return Path(out_root) / "stacks" / night / f"{field}.fits"
 
 
 def models_dir(out_root: PathLike) -> Path:

@@ -1,0 +1,424 @@
+"""``survey-qa stack``: the chosen frames of one field, registered, scaled and combined.
+
+Reads the night's catalogs, chooses the frames as ``survey-qa select`` does (classes,
+``--where``), keeps one field, registers every frame to the field's reference frame from
+the catalogued stars, subtracts its sky, scales it to the reference photometry, combines
+the frames with quality weights and sigma clipping (:mod:`survey_qa.pipeline.stack`) and
+writes ``<out-root>/stacks/<night>/<field>.fits`` atomically:
+
+- primary HDU: the stack (float32, ADU of the reference frame, sky subtracted), with the
+  reference frame's celestial WCS when it had one, and the combination settings as
+  keywords;
+- ``WEIGHT``: the sum of the weights kept at each pixel (float32);
+- ``NFRAMES``: the number of frames kept at each pixel (int16);
+- ``PROVENANCE``: one row per chosen frame (exposure, path, weight, scale, drift, rotation,
+  FWHM, rejected pixels; frames that could not be used have ``used = False`` and a note).
+
+The frames are held in memory on the reference grid (``frames x ny x nx`` float32).
+"""
+from __future__ import annotations
+
+import math
+import re
+import warnings
+from dataclasses import dataclass, field
+from datetime import datetime, timezone
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+from astropy.io import fits
+from astropy.table import Table
+
+from survey_qa import __version__, paths
+from survey_qa.atomic import atomic_target
+from survey_qa.config import Config
+from survey_qa.pipeline import selection, stack
+from survey_qa.pipeline.background import measure_background
+from survey_qa.pipeline.errors import QualityError, exception_text
+from survey_qa.pipeline.flags import CUT_SHORT, SOURCE_FLAGS, bits
+from survey_qa.pipeline.io import read_detectors
+from survey_qa.pipeline.outputs import fits_text
+
+WEIGHTINGS = ("quality", "equal")
+"""``--weighting``: inverse variance for faint point sources, or every frame alike."""
+
+FIELD_COLUMNS = ("field", "object")
+"""Catalog columns that name a frame's field, the first one filled wins."""
+
+UNNAMED_FIELD = "field"
+"""The stack's file name when the frames have no field name."""
+
+SOURCE_COLUMNS = ["exposure", "detector", "x", "y", "flux", "flags"]
+
+NOT_STARS = bits(*CUT_SHORT, "EXTENDED", "COMPACT", registry=SOURCE_FLAGS)
+"""Source flags of detections that are not used to register or scale a frame."""
+
+
+@dataclass
+class StackRun:
+    """What ``stack`` combined and wrote."""
+
+    night: str
+    field: str
+    path: Path
+    provenance: pd.DataFrame  # one row per chosen frame (PROVENANCE)
+    noise_adu: float  # expected sky noise per pixel of the stack
+    notes: list[str] = field(default_factory=list)
+
+    def report(self) -> str:
+        used = self.provenance[self.provenance["used"]]
+        ref = self.provenance.loc[self.provenance["is_reference"], "exposure"]
+        lines = [f"night {self.night}, field {self.field}: {len(used)} of "
+                 f"{len(self.provenance)} chosen frames stacked (reference "
+                 f"{ref.iloc[0] if len(ref) else '-'}), "
+                 f"{int(used['rejected_px'].sum())} pixels rejected",
+                 f"  stack       {self.path}"]
+        for _, r in self.provenance[~self.provenance["used"]].iterrows():
+            lines.append(f"  left out    {r['exposure']}: {r['note']}")
+        lines.extend(f"  note        {n}" for n in self.notes)
+        return "\n".join(lines)
+
+
+# ---------------------------------------------------------------------------- choosing
+
+
+def read_catalogs(out_root: str | Path, night: str) -> tuple[pd.DataFrame, pd.DataFrame]:
+    """The night's exposure catalog and the source columns registration needs."""
+    exp = paths.catalog_file(out_root, "exposures", night)
+    src = paths.catalog_file(out_root, "sources", night)
+    if not exp.is_file() or not src.is_file():
+        raise ValueError(f"no catalogs for night {night} under {Path(out_root)} "
+                         f"(run: survey-qa --night {night})")
+    return pd.read_parquet(exp), pd.read_parquet(src, columns=SOURCE_COLUMNS)
+
+
+def detector_rows(exposures: pd.DataFrame, chosen: pd.DataFrame,
+                  detector: str | None) -> pd.DataFrame:
+    """The measured detector row of each chosen exposure (one detector of a mosaic).
+
+    Raises ``ValueError`` when the frames are mosaics and ``detector`` is not given, or
+    when no chosen frame has that detector.
+    """
+    rows = exposures[(exposures["detector"] != "ALL") & (exposures["status"] == "ok")
+                     & exposures["exposure"].isin(chosen["exposure"])]
+    if detector is not None:
+        rows = rows[rows["detector"] == detector]
+        if rows.empty:
+            raise ValueError(f"--detector: no chosen frame has a detector {detector!r}")
+    elif rows.groupby("exposure").size().max() > 1:
+        names = ", ".join(sorted(rows["detector"].unique()))
+        raise ValueError(f"the frames are mosaics: choose one --detector ({names})")
+    extra = chosen[["exposure", "weight", "star_flux_adu"]].rename(
+        columns={"weight": "select_weight"})
+    return rows.merge(extra, on="exposure", how="left").reset_index(drop=True)
+
+
+def field_names(rows: pd.DataFrame) -> pd.Series:
+    """Each row's field: the first of :data:`FIELD_COLUMNS` that is filled ('' if none)."""
+    names = pd.Series("", index=rows.index)
+    for col in FIELD_COLUMNS[::-1]:
+        if col in rows:
+            value = rows[col].fillna("").astype(str).str.strip()
+            names = value.where(value != "", names)
+    return names
+
+
+def one_field(rows: pd.DataFrame, wanted: str | None) -> tuple[pd.DataFrame, str, list[str]]:
+    """The rows of one field, its name, and notes on frames left out.
+
+    ``wanted`` picks the field (matched against every column of :data:`FIELD_COLUMNS`);
+    without it the chosen frames must hold one field. Of frames of several detector
+    shapes, those of the most common shape are kept.
+    """
+    names = field_names(rows)
+    if wanted is not None:
+        hit = np.zeros(len(rows), bool)
+        for col in FIELD_COLUMNS:
+            if col in rows:
+                hit |= (rows[col].fillna("").astype(str).str.strip() == wanted).to_numpy()
+        rows, name = rows[hit], wanted
+        if rows.empty:
+            known = ", ".join(sorted(set(names) - {""})) or "none named"
+            raise ValueError(f"--field: no chosen frame of field {wanted!r} (fields: {known})")
+    else:
+        counts = names.value_counts()
+        if len(counts) > 1:
+            listed = ", ".join(f"{k or '(unnamed)'} ({v})" for k, v in counts.items())
+            raise ValueError(f"the chosen frames hold several fields: {listed}; "
+                             "choose one with --field")
+        name = counts.index[0] if len(counts) else ""
+    notes = []
+    shapes = rows[["nx", "ny"]].astype(int).apply(tuple, axis=1)
+    if shapes.nunique() > 1:
+        common = shapes.value_counts().index[0]
+        notes.append(f"{int((shapes != common).sum())} frames of another detector shape "
+                     f"than {common[0]}x{common[1]} left out")
+        rows = rows[shapes == common]
+    return rows.reset_index(drop=True), name, notes
+
+
+def file_name(field_name: str) -> str:
+    """A file-name-safe version of a field name."""
+    safe = re.sub(r"[^A-Za-z0-9._+-]+", "_", field_name).strip("._")
+    return safe or UNNAMED_FIELD
+
+
+def transparency(rows: pd.DataFrame) -> np.ndarray:
+    """A relative throughput per frame, to choose the reference.
+
+    ``10^(-0.4 transparency_mag)`` where the catalog has it, else the summed star flux
+    per second of exposure.
+    """
+    if "transparency_mag" in rows and np.isfinite(rows["transparency_mag"]).any():
+        return 10 ** (-0.4 * rows["transparency_mag"].to_numpy(float))
+    exptime = rows["exptime_s"].to_numpy(float)
+    exptime = np.where(np.isfinite(exptime) & (exptime > 0), exptime, 1.0)
+    return rows["star_flux_adu"].to_numpy(float) / exptime
+
+
+def frame_fwhm(rows: pd.DataFrame) -> np.ndarray:
+    """The PSF FWHM of each frame (px): the fit, else the detection moments'."""
+    return rows["fwhm_px"].where(np.isfinite(rows["fwhm_px"]), rows["src_fwhm_px"]).to_numpy(
+        float)
+
+
+def frame_stars(sources: pd.DataFrame, exposure: str, detector: str
+                ) -> tuple[np.ndarray, np.ndarray]:
+    """Positions ``(n, 2)`` and fluxes of a frame's usable point sources, brightest first."""
+    s = sources[(sources["exposure"] == exposure) & (sources["detector"] == detector)]
+    s = s[((s["flags"].astype(np.int64) & NOT_STARS) == 0) & np.isfinite(s["flux"])
+          & (s["flux"] > 0)].sort_values("flux", ascending=False)
+    return s[["x", "y"]].to_numpy(float), s["flux"].to_numpy(float)
+
+
+# ---------------------------------------------------------------------------- the flow
+
+
+def stack_field(cfg: Config, night: str, *, field_name: str | None = None,
+                classes: list[str] | None = None, where: str | None = None,
+                weighting: str = "quality", sigma: float = 3.0, iterations: int = 3,
+                detector: str | None = None, output: str | Path | None = None
+                ) -> StackRun:
+    """Choose, register, scale and combine one field's frames of a night; write the FITS.
+
+    Parameters
+    ----------
+    field_name
+        The field (``field`` or ``OBJECT``); None: the chosen frames must hold one.
+    classes
+        Quality classes to stack (default: ``good``); an empty list: every class.
+    where
+        A ``survey-qa select`` expression over exposure columns.
+    weighting
+        ``quality`` (:func:`survey_qa.pipeline.stack.quality_weights`) or ``equal``.
+    sigma, iterations
+        Clipping threshold (0: none) and its passes.
+    detector
+        The detector of mosaic frames to stack.
+    output
+        The FITS file (default :func:`survey_qa.paths.stack_file`).
+
+    Raises ``ValueError`` on a wrong argument, a missing catalog or no usable frame.
+    """
+    from survey_qa.pipeline.schema import CLASSES
+
+    if weighting not in WEIGHTINGS:
+        raise ValueError(f"--weighting: {weighting!r} is not one of {', '.join(WEIGHTINGS)}")
+    classes = ["good"] if classes is None else list(classes)
+    for c in classes:
+        if c not in CLASSES:
+            raise ValueError(f"--class: {c!r} is not one of {', '.join(CLASSES)}")
+    exposures, sources = read_catalogs(cfg.run.out_root, night)
+    _, chosen = selection.choose_frames(selection.weighted_rows(exposures, sources), where,
+                                        classes or None)
+    if chosen.empty:
+        raise ValueError(f"no frame of night {night} passes the selection "
+                         f"(classes {', '.join(classes) or 'all'}{', ' + where if where else ''})")
+    rows, name, notes = one_field(detector_rows(exposures, chosen, detector), field_name)
+    ref = stack.choose_reference(transparency(rows), frame_fwhm(rows))
+    frames = _register_and_read(cfg, rows, sources, ref)
+    weights = (stack.quality_weights(frames.throughput, frames.noise_adu, frame_fwhm(rows))
+               if weighting == "quality" else np.where(frames.used, 1.0, 0.0))
+    weights = np.where(frames.used, weights, 0.0)
+    if not (weights > 0).any():
+        raise ValueError("no chosen frame could be registered and weighted")
+    scale = 1.0 / frames.throughput
+    result = stack.combine(frames.data, frames.mask, weights, frames.noise_adu * scale,
+                           scale / frames.gain, sigma=sigma, iterations=iterations)
+    provenance = _provenance(rows, frames, weights, result, ref)
+    settings = {"night": night, "field": name, "weighting": weighting, "sigma": sigma,
+                "iterations": iterations, "classes": classes, "where": where or ""}
+    path = Path(output) if output else paths.stack_file(cfg.run.out_root, night,
+                                                        file_name(name))
+    write_stack(path, result, provenance, settings, _reference_wcs(rows.iloc[ref],
+                                                                    frames.data.shape[1:]))
+    return StackRun(night=night, field=name or UNNAMED_FIELD, path=path,
+                    provenance=provenance, noise_adu=result.noise_adu, notes=notes)
+
+
+@dataclass
+class _Frames:
+    """The chosen frames on the reference grid and what was measured on each."""
+
+    data: np.ndarray  # (n, ny, nx) float32, sky subtracted, scaled to the reference
+    mask: np.ndarray  # (n, ny, nx) bool
+    used: np.ndarray  # (n,) bool
+    throughput: np.ndarray  # (n,) frame / reference star flux
+    noise_adu: np.ndarray  # (n,) sky noise of the frame itself
+    sky_adu: np.ndarray  # (n,) median sky subtracted
+    gain: np.ndarray  # (n,) e-/ADU (inf when unknown: no photon-noise term)
+    registrations: list[stack.Registration | None]
+    notes: list[str]
+
+
+def _read_frame(cfg: Config, row: pd.Series):
+    """The DetectorImage of a catalog row (raises QualityError when unreadable)."""
+    for d in read_detectors(row["path"], cfg.io, row["exposure"]):
+        if isinstance(d, QualityError):
+            if d.metadata.get("detector") == row["detector"]:
+                raise d
+        elif d.detector == row["detector"]:
+            return d
+    raise QualityError(f"no detector {row['detector']!r} in {row['path']}")
+
+
+def _register_and_read(cfg: Config, rows: pd.DataFrame, sources: pd.DataFrame,
+                       ref: int) -> _Frames:
+    """Register every frame to ``rows[ref]``, read it, subtract its sky and resample it."""
+    n = len(rows)
+    order = [ref, *[i for i in range(n) if i != ref]]
+    ref_xy, ref_flux = frame_stars(sources, rows.at[ref, "exposure"], rows.at[ref, "detector"])
+    frames: _Frames | None = None
+    for i in order:
+        row = rows.iloc[i]
+        try:
+            if i == ref:
+                reg = stack.identity()
+            else:
+                xy, flux = frame_stars(sources, row["exposure"], row["detector"])
+                reg = stack.register(ref_xy, ref_flux, xy, flux)
+                if not (math.isfinite(reg.throughput) and reg.throughput > 0):
+                    raise ValueError("no flux ratio from the matched stars")
+            image = _read_frame(cfg, row)
+            if frames is None:
+                frames = _empty_frames(n, image.data.shape)
+            sky = measure_background(image.data, image.mask, cfg.background)
+            data, mask = stack.resample(image.data - sky.back, image.mask, reg.matrix,
+                                        frames.data.shape[1:])
+        except (ValueError, QualityError, OSError) as e:
+            if i == ref:
+                raise ValueError(f"the reference frame {row['exposure']} cannot be used: "
+                                 f"{exception_text(e)}") from None
+            frames.notes[i] = exception_text(e)
+            continue
+        frames.data[i] = data / reg.throughput
+        frames.mask[i] = mask
+        frames.used[i] = True
+        frames.throughput[i] = reg.throughput
+        frames.noise_adu[i] = sky.noise
+        frames.sky_adu[i] = sky.level
+        gain = image.meta.gain_e_per_adu
+        frames.gain[i] = gain if math.isfinite(gain) and gain > 0 else math.inf
+        frames.registrations[i] = reg
+    return frames
+
+
+def _empty_frames(n: int, shape: tuple[int, int]) -> _Frames:
+    return _Frames(data=np.zeros((n, *shape), np.float32), mask=np.ones((n, *shape), bool),
+                   used=np.zeros(n, bool), throughput=np.full(n, math.nan),
+                   noise_adu=np.full(n, math.nan), sky_adu=np.full(n, math.nan),
+                   gain=np.full(n, math.inf), registrations=[None] * n, notes=[""] * n)
+
+
+def _provenance(rows: pd.DataFrame, frames: _Frames, weights: np.ndarray,
+                result: stack.StackResult, ref: int) -> pd.DataFrame:
+    """One row per chosen frame: what it is and what it gave the stack."""
+    ny, nx = frames.data.shape[1:]
+    centre = ((nx - 1) / 2, (ny - 1) / 2)
+    drift = [r.drift_px(*centre) if r is not None else (math.nan, math.nan)
+             for r in frames.registrations]
+    regs = frames.registrations
+    return pd.DataFrame({
+        "exposure": rows["exposure"].astype(str),
+        "detector": rows["detector"].astype(str),
+        "path": rows["path"].astype(str),
+        "quality_class": rows["quality_class"].astype(str),
+        "used": frames.used,
+        "is_reference": np.arange(len(rows)) == ref,
+        "weight": weights,
+        "throughput": frames.throughput,
+        "scale": 1.0 / frames.throughput,
+        "shift_x_px": [d[0] for d in drift],
+        "shift_y_px": [d[1] for d in drift],
+        "rotation_deg": [r.rotation_deg if r is not None else math.nan for r in regs],
+        "n_matched": [r.n_matched if r is not None else 0 for r in regs],
+        "fwhm_px": frame_fwhm(rows),
+        "sky_adu": frames.sky_adu,
+        "sky_noise_adu": frames.noise_adu,
+        "rejected_px": result.rejected_px,
+        "note": frames.notes,
+    })
+
+
+# ---------------------------------------------------------------------------- writing
+
+
+def _reference_wcs(row: pd.Series, shape: tuple[int, int]) -> fits.Header | None:
+    """The reference frame's celestial WCS as header cards, when it has one on the grid
+    that was stacked (an overscan-trimmed frame's WCS is not carried)."""
+    from astropy.wcs import WCS
+
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")  # FITSFixedWarning on non-standard headers
+            header = fits.getheader(row["path"], int(row["hdu"]))
+            if (header.get("NAXIS2"), header.get("NAXIS1")) != tuple(shape) and \
+                    (header.get("ZNAXIS2"), header.get("ZNAXIS1")) != tuple(shape):
+                return None
+            wcs = WCS(header).celestial
+            return wcs.to_header() if wcs.has_celestial else None
+    except Exception:  # an unreadable or odd header: the stack goes without WCS
+        return None
+
+
+def write_stack(path: str | Path, result: stack.StackResult, provenance: pd.DataFrame,
+                settings: dict, wcs: fits.Header | None = None) -> Path:
+    """Write the stack, its weight and count maps and the provenance table, atomically."""
+    primary = fits.PrimaryHDU(result.image.astype(np.float32))
+    h = primary.header
+    if wcs is not None:
+        h.update(wcs)
+    ref = provenance.loc[provenance["is_reference"], "exposure"]
+    used = provenance["used"]
+    cards = {
+        "BUNIT": ("ADU", "reference frame's ADU, sky subtracted"),
+        "ORIGIN": ("survey-qa", "survey-qa stack"),
+        "QAVERS": (__version__, "survey-qa version"),
+        "DATE": (datetime.now(timezone.utc).strftime("%Y-%m-%dT%H:%M:%S"), "written (UTC)"),
+        "NIGHT": (settings["night"], "night of the frames"),
+        "FIELD": (fits_text(settings["field"]), "field (FIELD / OBJECT)"),
+        "REFEXP": (fits_text(ref.iloc[0] if len(ref) else ""), "reference exposure"),
+        "NCOMBINE": (int(used.sum()), "frames combined"),
+        "NCHOSEN": (len(provenance), "frames chosen"),
+        "WEIGHTNG": (settings["weighting"], "quality: t^2/(sigma^2 FWHM^2); equal"),
+        "CLIPSIG": (float(settings["sigma"]), "clipping threshold (0: none)"),
+        "CLIPITER": (int(settings["iterations"]), "clipping passes at most"),
+        "INTERP": ("bilinear", "resampling onto the reference grid"),
+        "REGISTER": ("stars", "similarity transform from matched stars"),
+        "SKYSUB": (True, "each frame's mesh sky subtracted"),
+        "NREJECT": (int(provenance["rejected_px"].sum()), "pixels rejected by clipping"),
+        "SKYNOISE": (float(result.noise_adu), "expected sky noise per pixel (ADU)"),
+        "CLASSES": (fits_text(",".join(settings["classes"]) or "all"), "classes stacked"),
+        "WHERE": (fits_text(settings["where"]), "selection expression"),
+    }
+    for key, (value, comment) in cards.items():
+        h[key] = (value, comment)
+    table = fits.BinTableHDU(Table.from_pandas(provenance), name="PROVENANCE")
+    hdus = fits.HDUList([primary,
+                         fits.ImageHDU(result.weight.astype(np.float32), name="WEIGHT"),
+                         fits.ImageHDU(result.n_frames.astype(np.int16), name="NFRAMES"),
+                         table])
+    with atomic_target(path) as tmp:
+        hdus.writeto(tmp)
+    return Path(path)

@@ -1,0 +1,362 @@
+"""Registering and combining the frames of one field into a deep stack.
+
+Pure functions: source positions, pixel arrays and per-frame numbers in; transforms,
+resampled arrays, the stack and its per-frame counts out. Reading the catalogs and the
+frames and writing the FITS file is the flow's business (:mod:`survey_qa.flows.stack`).
+
+Registration
+------------
+A frame is registered to the reference frame of its field from its catalogued stars: the
+star patterns are matched (:func:`survey_qa.pipeline.sequence.match_stars`: astroalign's
+asterisms, then every star paired) and the similarity transform ``A`` that takes the frame's pixel
+coordinates ``(x, y)`` to the reference's is kept as a 3 x 3 matrix. The frame is then
+resampled onto the reference pixel grid (:func:`resample`, bilinear by default): every
+output pixel takes the frame's value at ``A^-1 (x, y)``. The frame's bad-pixel mask goes
+along; an output pixel is masked when any input pixel that enters its interpolation was
+masked or lay outside the frame.
+
+Photometric scale and weight
+----------------------------
+The throughput ``t_i`` of frame *i* is the median flux ratio of its matched stars to the
+same stars in the reference (``t < 1``: thinner sky, shorter exposure). Its sky-subtracted
+pixels are multiplied by ``1 / t_i`` so that a star has the reference's flux in every
+frame; its sky noise becomes ``sigma_i / t_i``. For a faint point source measured over
+``~FWHM^2`` pixels the inverse-variance weight of the scaled frame is therefore::
+
+    w_i = t_i^2 / (sigma_i^2 * FWHM_i^2)          (normalised to 1 for the best frame)
+
+(:func:`quality_weights`); ``equal`` weighting gives every frame 1.
+
+Combination
+-----------
+Per pixel, over the frames that are not masked there (:func:`combine`): the median of
+the values is the first centre; a value lies off by more than ``sigma`` times its
+expected scatter is rejected, the centre becomes the weighted mean of the values kept,
+and this repeats up to ``iterations`` times (a rejection is final). The expected scatter
+of frame *i* at a pixel is the larger of its noise and the pixel's robust scatter over the
+frames (1.4826 MAD). The noise is the sky noise, the photon noise of the centre value
+where the gain is known, and :data:`PROFILE_SCATTER` times the centre value: star cores
+differ between frames of different seeing (and after interpolation) by far more than
+their noise, and neither they nor the scatter of a few frames may clip them away. Pixels
+with fewer than ``MIN_CLIP_FRAMES`` values are averaged without clipping.
+"""
+from __future__ import annotations
+
+import math
+import warnings
+from dataclasses import dataclass
+
+import numpy as np
+from scipy import ndimage
+
+MIN_CLIP_FRAMES = 3
+"""A pixel is clipped only where at least this many frames have a value."""
+
+PROFILE_SCATTER = 0.25
+"""Expected scatter of a pixel between frames, as a share of its value (module notes): the
+core of a star sharper by a factor 1.15 in FWHM is a third brighter."""
+
+MAD_TO_SIGMA = 1.4826
+"""Standard deviation of a normal distribution over its median absolute deviation."""
+
+MATCH_STARS = 2000
+"""At most this many of the brightest catalogued stars of a frame enter the matching."""
+
+REFERENCE_TOLERANCE_MAG = 0.1
+"""The reference is the sharpest frame among those within this many magnitudes of the
+most transparent frame."""
+
+MASK_TOLERANCE = 1e-3
+"""An interpolated mask above this share of a masked input pixel masks the output pixel."""
+
+
+# ---------------------------------------------------------------------------- registration
+
+
+@dataclass
+class Registration:
+    """A frame's transform to the reference and its photometric throughput.
+
+    Attributes
+    ----------
+    matrix
+        3 x 3 affine matrix taking the frame's pixel coordinates ``(x, y, 1)`` to the
+        reference's (0-based, numpy convention).
+    n_matched
+        Stars matched between the frame and the reference.
+    throughput
+        Median flux ratio frame / reference of the matched stars (NaN when no flux).
+    """
+
+    matrix: np.ndarray
+    n_matched: int
+    throughput: float
+
+    def drift_px(self, x_px: float, y_px: float) -> tuple[float, float]:
+        """How far the stars at reference pixel ``(x, y)`` lie from it in the frame:
+        frame position minus reference position, ``(dx, dy)`` in px."""
+        fx, fy, _ = np.linalg.solve(self.matrix, [x_px, y_px, 1.0])
+        return float(fx - x_px), float(fy - y_px)
+
+    @property
+    def rotation_deg(self) -> float:
+        """How far the frame is rotated against the reference, degrees from +x towards +y
+        (the stars of a frame rotated by +a sit at ``R(a)`` of their reference positions)."""
+        return float(-math.degrees(math.atan2(self.matrix[1, 0], self.matrix[0, 0])))
+
+    @property
+    def scale(self) -> float:
+        """Pixel scale ratio of the transform (1 for frames of one camera)."""
+        return float(math.sqrt(abs(np.linalg.det(self.matrix[:2, :2]))))
+
+
+def identity() -> Registration:
+    """The reference frame's own registration."""
+    return Registration(matrix=np.eye(3), n_matched=0, throughput=1.0)
+
+
+def brightest(xy: np.ndarray, flux: np.ndarray, n: int = MATCH_STARS
+              ) -> tuple[np.ndarray, np.ndarray]:
+    """The ``n`` brightest positions with positive finite flux, and their indices in ``xy``."""
+    flux = np.asarray(flux, float)
+    ok = np.flatnonzero(np.isfinite(flux) & (flux > 0) & np.isfinite(xy).all(axis=1))
+    order = ok[np.argsort(flux[ok])[::-1][:n]]
+    return np.asarray(xy, float)[order], order
+
+
+def match_positions(ref_xy: np.ndarray, xy: np.ndarray
+                    ) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """Match two star lists (brightest first) and fit the similarity between them.
+
+    :func:`survey_qa.pipeline.sequence.match_stars` does the work (astroalign's asterisms
+    on the brightest, then every star paired and the transform refitted).
+
+    Returns
+    -------
+    matrix, ref_index, index
+        The 3 x 3 matrix taking ``xy`` to ``ref_xy`` coordinates, and the indices of the
+        matched stars in ``ref_xy`` and ``xy`` (pairwise).
+
+    Raises
+    ------
+    ValueError
+        When no transform is found (too few stars, no common pattern).
+    """
+    from survey_qa.pipeline.sequence import match_stars
+
+    transform, ref_index, index = match_stars(np.asarray(ref_xy, float),
+                                              np.asarray(xy, float))
+    return (np.asarray(transform.params, float), np.asarray(ref_index, int),
+            np.asarray(index, int))
+
+
+def register(ref_xy: np.ndarray, ref_flux: np.ndarray, xy: np.ndarray,
+             flux: np.ndarray) -> Registration:
+    """A frame's registration to the reference from both frames' catalogued stars.
+
+    The brightest :data:`MATCH_STARS` of each list are matched (:func:`match_positions`);
+    the throughput is the median flux ratio of the matched pairs.
+
+    Raises ``ValueError`` when the patterns do not match.
+    """
+    ref_pts, ref_order = brightest(ref_xy, ref_flux)
+    pts, order = brightest(xy, flux)
+    matrix, ref_i, i = match_positions(ref_pts, pts)
+    ratio = np.asarray(flux, float)[order[i]] / np.asarray(ref_flux, float)[ref_order[ref_i]]
+    ratio = ratio[np.isfinite(ratio) & (ratio > 0)]
+    throughput = float(np.median(ratio)) if ratio.size else math.nan
+    return Registration(matrix=matrix, n_matched=int(len(i)), throughput=throughput)
+
+
+# ---------------------------------------------------------------------------- resampling
+
+
+def _yx_inverse(matrix: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """The (row, column) matrix and offset of ``scipy.ndimage.affine_transform`` that
+    take reference pixels to the frame's pixels, for a frame-to-reference ``matrix``."""
+    inv = np.linalg.inv(np.asarray(matrix, float))
+    swap = np.array([[0, 1], [1, 0]])
+    return swap @ inv[:2, :2] @ swap, swap @ inv[:2, 2]
+
+
+def resample(data: np.ndarray, mask: np.ndarray, matrix: np.ndarray,
+             shape: tuple[int, int], order: int = 1) -> tuple[np.ndarray, np.ndarray]:
+    """A frame on the reference pixel grid, with its mask.
+
+    Parameters
+    ----------
+    data
+        The frame (any units); masked pixels may hold anything, NaN included.
+    mask
+        True where a pixel of ``data`` must not be used.
+    matrix
+        Frame-to-reference transform (:class:`Registration`).
+    shape
+        The reference's shape ``(ny, nx)``.
+    order
+        Spline order of the interpolation (1: bilinear).
+
+    Returns
+    -------
+    data, mask
+        float32 ``shape`` arrays; masked where a masked or outside pixel entered.
+    """
+    lin, offset = _yx_inverse(matrix)
+    clean = np.where(mask, 0.0, data).astype(np.float32)
+    out = ndimage.affine_transform(clean, lin, offset, output_shape=shape, order=order,
+                                   mode="constant", cval=0.0, prefilter=order > 1)
+    bad = ndimage.affine_transform(mask.astype(np.float32), lin, offset, output_shape=shape,
+                                   order=1, mode="constant", cval=1.0)
+    return out.astype(np.float32, copy=False), bad > MASK_TOLERANCE
+
+
+# ---------------------------------------------------------------------------- weights
+
+
+def quality_weights(throughput: np.ndarray, noise_adu: np.ndarray,
+                    fwhm_px: np.ndarray) -> np.ndarray:
+    """Inverse-variance weights of scaled frames for faint point sources (module notes).
+
+    ``t^2 / (sigma^2 FWHM^2)``, relative to the largest (1.0); 0 where an input is not a
+    positive finite number.
+    """
+    t, s, f = (np.asarray(v, float) for v in (throughput, noise_adu, fwhm_px))
+    with np.errstate(divide="ignore", invalid="ignore"):
+        w = t ** 2 / (s ** 2 * f ** 2)
+    w = np.where(np.isfinite(w) & (w > 0), w, 0.0)
+    return w / w.max() if w.max() > 0 else w
+
+
+def choose_reference(transparency: np.ndarray, fwhm_px: np.ndarray,
+                     tolerance_mag: float = REFERENCE_TOLERANCE_MAG) -> int:
+    """Index of the reference frame: the smallest FWHM among the most transparent.
+
+    Parameters
+    ----------
+    transparency
+        A relative measure of each frame's throughput (higher: clearer sky); NaN unknown.
+    fwhm_px
+        Each frame's FWHM; NaN unknown.
+    tolerance_mag
+        Frames within this many magnitudes of the clearest count as the most transparent.
+    """
+    t = np.asarray(transparency, float)
+    f = np.where(np.isfinite(fwhm_px), np.asarray(fwhm_px, float), np.inf)
+    if not np.isfinite(t).any():
+        return int(np.argmin(f))
+    clear = np.isfinite(t) & (t >= np.nanmax(t) * 10 ** (-0.4 * tolerance_mag))
+    return int(np.argmin(np.where(clear, f, np.inf)))
+
+
+# ---------------------------------------------------------------------------- combining
+
+
+@dataclass
+class StackResult:
+    """A combined image and what went into each pixel.
+
+    Attributes
+    ----------
+    image
+        Weighted mean of the kept values (float32; NaN where no frame has a value).
+    weight
+        Sum of the weights of the values kept at each pixel (float32).
+    n_frames
+        Number of values kept at each pixel (int16).
+    rejected_px
+        Pixels of each frame rejected by the clipping, ``(n_frames,)``.
+    noise_adu
+        Expected sky noise per pixel of the stack where every frame counts, from the
+        frames' noise and weights (ignores the correlation that resampling adds).
+    """
+
+    image: np.ndarray
+    weight: np.ndarray
+    n_frames: np.ndarray
+    rejected_px: np.ndarray
+    noise_adu: float
+
+
+def _quiet_nanmedian(a: np.ndarray, axis: int = 0) -> np.ndarray:
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", RuntimeWarning)  # all-NaN pixels give NaN
+        return np.nanmedian(a, axis=axis)
+
+
+def _clip_block(x: np.ndarray, keep: np.ndarray, w: np.ndarray, noise2: np.ndarray,
+                poisson: np.ndarray, sigma: float, iterations: int) -> np.ndarray:
+    """The values of one block kept after iterative clipping (module notes)."""
+    values = np.where(keep, x, np.nan)
+    center = _quiet_nanmedian(values)
+    scatter = MAD_TO_SIGMA * _quiet_nanmedian(np.abs(values - center))
+    enough = keep.sum(axis=0) >= MIN_CLIP_FRAMES
+    for _ in range(iterations):
+        signal = np.maximum(np.nan_to_num(center), 0.0)
+        expected = np.sqrt(noise2 + poisson * signal + (PROFILE_SCATTER * signal) ** 2)
+        expected = np.maximum(expected, np.nan_to_num(scatter))
+        off = keep & enough & (np.abs(x - center) > sigma * expected)
+        if not off.any():
+            break
+        keep = keep & ~off
+        wk = w * keep
+        total = wk.sum(axis=0)
+        with np.errstate(divide="ignore", invalid="ignore"):
+            center = np.where(total > 0, (wk * np.where(keep, x, 0.0)).sum(axis=0) / total,
+                              np.nan)
+    return keep
+
+
+def combine(frames: np.ndarray, masks: np.ndarray, weights: np.ndarray,
+            noise_adu: np.ndarray, poisson_adu: np.ndarray | None = None, *,
+            sigma: float = 3.0, iterations: int = 3, rows_per_block: int = 128
+            ) -> StackResult:
+    """Weighted mean of registered, scaled frames with iterative sigma clipping per pixel.
+
+    Parameters
+    ----------
+    frames
+        ``(n, ny, nx)`` sky-subtracted frames on one grid, scaled to one photometry.
+    masks
+        ``(n, ny, nx)`` bool, True where a frame has no usable value.
+    weights
+        ``(n,)`` non-negative weights.
+    noise_adu
+        ``(n,)`` sky noise per pixel of each scaled frame.
+    poisson_adu
+        ``(n,)`` photon-noise variance per unit of scaled signal (``scale / gain``); zeros
+        or None to leave the photon noise to the robust scatter.
+    sigma
+        Clipping threshold in expected scatters; 0 or less: no clipping.
+    iterations
+        At most this many rejection passes.
+    rows_per_block
+        Rows combined at once (bounds the temporary memory).
+    """
+    n, ny, nx = frames.shape
+    w = np.asarray(weights, np.float64).reshape(n, 1, 1)
+    noise2 = (np.asarray(noise_adu, np.float64) ** 2).reshape(n, 1, 1)
+    poisson = (np.zeros(n) if poisson_adu is None else
+               np.nan_to_num(np.asarray(poisson_adu, np.float64))).reshape(n, 1, 1)
+    image = np.full((ny, nx), np.nan, np.float32)
+    weight = np.zeros((ny, nx), np.float32)
+    count = np.zeros((ny, nx), np.int16)
+    rejected = np.zeros(n, np.int64)
+    for r0 in range(0, ny, rows_per_block):
+        rows = slice(r0, min(ny, r0 + rows_per_block))
+        x = frames[:, rows].astype(np.float64)
+        valid = ~masks[:, rows] & np.isfinite(x) & (w > 0)
+        keep = (_clip_block(x, valid, w, noise2, poisson, sigma, iterations)
+                if sigma > 0 else valid)
+        rejected += (valid & ~keep).reshape(n, -1).sum(axis=1)
+        wk = w * keep
+        total = wk.sum(axis=0)
+        with np.errstate(divide="ignore", invalid="ignore"):
+            image[rows] = np.where(total > 0, (wk * np.where(keep, x, 0.0)).sum(axis=0)
+                                   / total, np.nan)
+        weight[rows] = total
+        count[rows] = keep.sum(axis=0)
+    wv = np.asarray(weights, float)
+    sky = (math.sqrt(float(np.sum(wv ** 2 * np.asarray(noise_adu, float) ** 2))) / wv.sum()
+           if wv.sum() > 0 else math.nan)
+    return StackResult(image=image, weight=weight, n_frames=count, rejected_px=rejected,
+                       noise_adu=sky)

@@ -1,0 +1,297 @@
+"""survey-qa stack: registration, scaling, weights, clipping and the FITS it writes."""
+import math
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+import pytest
+from astropy.io import fits
+from astropy.wcs import WCS
+
+from survey_qa import paths
+from survey_qa.cli import main
+from survey_qa.config import load_config
+from survey_qa.flows import stack as stack_flow
+from survey_qa.pipeline import outputs, stack
+from survey_qa.pipeline.schema import SOURCE_SCHEMA, empty_exposure_row, rows_to_table
+
+from conftest import _positions, render_scene
+
+NIGHT = "2025-01-10"
+SHAPE = (128, 128)
+CENTRE = ((SHAPE[1] - 1) / 2, (SHAPE[0] - 1) / 2)
+
+
+def moved(x, y, dx, dy, rot_deg):
+    """Positions rotated by ``rot_deg`` about the centre, then shifted by (dx, dy)."""
+    a = math.radians(rot_deg)
+    u, v = x - CENTRE[0], y - CENTRE[1]
+    return (CENTRE[0] + math.cos(a) * u - math.sin(a) * v + dx,
+            CENTRE[1] + math.sin(a) * u + math.cos(a) * v + dy)
+
+
+def star_list(n=30, seed=0, min_sep=0.0):
+    """Random positions at least 22 px from the edges and ``min_sep`` apart, and fluxes."""
+    rng = np.random.default_rng(seed)
+    x, y = _positions(rng, n, SHAPE, 22, min_sep)
+    return x, y, 10 ** rng.uniform(3.5, 5, len(x))
+
+
+def test_registration_recovers_shift_rotation_and_throughput():
+    x, y, f = star_list(40)
+    fx, fy = moved(x, y, 3.4, -2.1, 1.5)
+    reg = stack.register(np.c_[x, y], f, np.c_[fx, fy][::-1], 0.6 * f[::-1])
+    assert reg.drift_px(*CENTRE) == pytest.approx((3.4, -2.1), abs=1e-6)
+    assert reg.rotation_deg == pytest.approx(1.5, abs=1e-6)
+    assert reg.throughput == pytest.approx(0.6)
+    assert reg.n_matched == 40
+    with pytest.raises(ValueError):
+        stack.register(np.c_[x, y], f, np.c_[x[:2], y[:2]], f[:2])
+
+
+def test_resampling_puts_a_frame_on_the_reference_grid():
+    x, y, f = star_list(25, seed=1)
+    ref = render_scene(SHAPE, positions=(x, y), fluxes=f, fwhm_px=3.0, sky=0.0,
+                       read_noise=0.1, seed=1)
+    fx, fy = moved(x, y, 5.3, 2.6, -2.0)
+    frame = render_scene(SHAPE, positions=(fx, fy), fluxes=f, fwhm_px=3.0, sky=0.0,
+                         read_noise=0.1, seed=2)
+    mask = np.zeros(SHAPE, bool)
+    mask[60:63, 10:13] = True
+    reg = stack.register(np.c_[x, y], f, np.c_[fx, fy], f)
+    data, out_mask = stack.resample(frame.image, mask, reg.matrix, SHAPE)
+    # the reference's top row and right columns lie outside the frame: masked
+    assert out_mask[-1, :].all() and out_mask[:, -3:].all() and not out_mask[10:100, :3].any()
+    inv = np.linalg.inv(reg.matrix)  # inside, masked pixels map back onto the bad ones
+    ys, xs = np.nonzero(out_mask[5:-8, 5:-8])
+    back = inv @ np.vstack([xs + 5, ys + 5, np.ones(xs.size)])
+    assert np.all(np.hypot(back[0] - 11, back[1] - 61) < 3.5)
+    diff = np.where(out_mask, 0, data - ref.image)
+    peak = ref.image.max()
+    assert np.abs(diff).max() < 0.15 * peak  # bilinear interpolation smooths the cores
+    ratios = []
+    for xi, yi in zip(x, y):
+        ix, iy = int(round(xi)), int(round(yi))
+        box = (slice(iy - 8, iy + 9), slice(ix - 8, ix + 9))
+        if not out_mask[box].any():
+            ratios.append(data[box].sum() / ref.image[box].sum())
+    assert len(ratios) > 15 and np.median(ratios) == pytest.approx(1.0, abs=0.01)
+    assert np.all(np.abs(np.array(ratios) - 1) < 0.06)  # photon noise of the neighbours
+
+
+def test_quality_weights_and_reference():
+    w = stack.quality_weights([1.0, 0.5, 1.0, 1.0, np.nan], [10, 10, 20, 10, 10],
+                              [3, 3, 3, 6, 3])
+    assert w.tolist() == pytest.approx([1.0, 0.25, 0.25, 0.25, 0.0])
+    # the sharpest of the frames within 0.1 mag of the clearest
+    assert stack.choose_reference([1.0, 0.95, 0.5, 0.99], [4.0, 3.0, 2.0, np.nan]) == 1
+    assert stack.choose_reference([np.nan, np.nan], [4.0, 3.0]) == 1
+
+
+def flat_frames(n=6, noise=5.0, seed=0, fwhm=(3.0,)):
+    """``n`` sky-subtracted frames of the same stars, FWHM cycling through ``fwhm``."""
+    x, y, f = star_list(12, seed=seed)
+    frames = [render_scene(SHAPE, positions=(x, y), fluxes=f, fwhm_px=fwhm[i % len(fwhm)],
+                           sky=0.0, read_noise=noise, seed=seed + 10 + i).image
+              for i in range(n)]
+    return np.stack(frames), (x, y, f)
+
+
+def test_a_cosmic_ray_is_rejected_and_star_cores_are_kept():
+    clean, (x, y, f) = flat_frames(fwhm=(2.5, 3.5, 4.5))
+    frames = clean.copy()
+    frames[2, 40, 50] += 5000.0
+    frames[4, 90:92, 30] += 3000.0
+    masks = np.zeros(frames.shape, bool)
+    res = stack.combine(frames, masks, np.ones(6), np.full(6, 5.0), sigma=3.0)
+    without = np.delete(clean, [2, 4], axis=0).mean(axis=0)  # the frames without a hit
+    assert abs(res.image[40, 50] - clean[[0, 1, 3, 4, 5], 40, 50].mean()) < 1e-3
+    assert abs(res.image[90, 30] - clean[[0, 1, 2, 3, 5], 90, 30].mean()) < 1e-3
+    assert abs(res.image[40, 50] - without[40, 50]) < 15
+    assert res.n_frames[40, 50] == 5
+    assert res.rejected_px[2] >= 1 and res.rejected_px[4] >= 2
+    plain = frames.mean(axis=0)
+    for xi, yi, fi in zip(x, y, f):  # seeing differences are not clipped away
+        box = (slice(int(yi) - 10, int(yi) + 11), slice(int(xi) - 10, int(xi) + 11))
+        assert res.image[box].sum() == pytest.approx(plain[box].sum(), rel=0.02)
+    assert res.rejected_px.sum() < 0.01 * frames[0].size * 6
+    assert res.noise_adu == pytest.approx(5.0 / math.sqrt(6))
+
+
+def test_a_bad_frame_with_a_low_weight_barely_counts():
+    frames, _ = flat_frames(n=5)
+    bad = frames.copy()
+    bad[4] = bad[4] * 0.3 + np.random.default_rng(9).normal(0, 40.0, SHAPE)  # cloud, noise
+    masks = np.zeros(frames.shape, bool)
+    w = stack.quality_weights([1, 1, 1, 1, 0.3], [5, 5, 5, 5, 40.0], [3] * 5)
+    assert w[4] == pytest.approx(0.3 ** 2 * 5 ** 2 / 40 ** 2)
+    good = stack.combine(frames[:4], masks[:4], w[:4], np.full(4, 5.0), sigma=0)
+    scaled = bad.copy()
+    scaled[4] /= 0.3
+    res = stack.combine(scaled, masks, w, np.array([5, 5, 5, 5, 40 / 0.3]), sigma=0)
+    assert np.abs(res.image - good.image).max() < 0.5  # a tenth of one frame's sky noise
+    assert res.noise_adu == pytest.approx(good.noise_adu, rel=0.01)
+    plain = stack.combine(scaled, masks, np.ones(5), np.array([5, 5, 5, 5, 40 / 0.3]),
+                          sigma=0)
+    assert np.std(plain.image - good.image) > 10 * np.std(res.image - good.image)
+
+
+def test_masked_pixels_do_not_count():
+    frames, _ = flat_frames(n=3)
+    masks = np.zeros(frames.shape, bool)
+    masks[1, 10:20, 10:20] = True
+    frames[1, 10:20, 10:20] = np.nan
+    masks[:, 0, 0] = True
+    res = stack.combine(frames, masks, np.ones(3), np.full(3, 5.0))
+    assert np.isfinite(res.image[10:20, 10:20]).all()
+    assert (res.n_frames[10:20, 10:20] == 2).all() and res.n_frames[0, 0] == 0
+    assert math.isnan(res.image[0, 0]) and res.weight[0, 0] == 0
+
+
+# ---------------------------------------------------------------- the command on a tiny night
+
+
+FRAMES = [  # exposure, class, dx, dy, rotation, transparency, FWHM, sky noise, field
+    ("f0", "good", 0.0, 0.0, 0.0, 1.0, 3.0, 5.0, "M42"),
+    ("f1", "good", 4.2, -3.1, 0.8, 0.8, 3.5, 5.0, "M42"),
+    ("f2", "good", -2.7, 1.9, -0.5, 1.0, 2.6, 5.0, "M42"),
+    ("f3", "bad_seeing", 1.0, 1.0, 0.0, 1.0, 7.0, 5.0, "M42"),
+    ("f4", "good", 1.5, 2.5, 0.3, 0.9, 3.0, 5.0, "M42"),
+]
+
+
+def reference_header():
+    w = WCS(naxis=2)
+    w.wcs.ctype = ["RA---TAN", "DEC--TAN"]
+    w.wcs.crval = [83.82, -5.39]
+    w.wcs.crpix = [64.5, 64.5]
+    w.wcs.cdelt = [-0.3 / 3600, 0.3 / 3600]
+    return w.to_header()
+
+
+@pytest.fixture
+def night(tmp_path):
+    """Frames of one field with known drifts, and catalogs that list their true stars."""
+    raw, out = tmp_path / "raw", tmp_path / "out"
+    (raw / NIGHT).mkdir(parents=True)
+    x, y, f = star_list(20, seed=3, min_sep=14)
+    rows, srcs = [], []
+    for i, (e, cls, dx, dy, rot, t, fwhm, noise, field) in enumerate(FRAMES):
+        fx, fy = moved(x, y, dx, dy, rot)
+        scene = render_scene(SHAPE, positions=(fx, fy), fluxes=t * f, fwhm_px=fwhm,
+                             sky=100.0, read_noise=noise, seed=20 + i)
+        image = scene.image
+        if e == "f4":
+            image[70, 40] += 8000.0  # a cosmic ray
+        header = reference_header() if e == "f2" else fits.Header()
+        header.update({"EXPTIME": 60.0, "GAIN": 1.0, "OBJECT": field})
+        path = raw / NIGHT / f"{e}.fits"
+        fits.PrimaryHDU(image, header).writeto(path)
+        r = empty_exposure_row()
+        r.update(exposure=e, detector="0", hdu=0, path=str(path), status="ok",
+                 quality_class=cls, fwhm_px=fwhm, sky_noise=noise, sky_level=100.0,
+                 date_obs=f"2025-01-11T0{i}:00:00", image_type="light", object=field,
+                 exptime_s=60.0, nx=SHAPE[1], ny=SHAPE[0])
+        rows.append(r)
+        for k, (xi, yi, fi) in enumerate(zip(fx, fy, t * f)):
+            srcs.append({"exposure": e, "detector": "0", "id": k, "x": xi, "y": yi,
+                         "flux": fi, "flags": 0})
+    outputs.consolidate(rows_to_table(rows), out, "exposures", NIGHT)
+    src = pd.DataFrame(srcs)
+    for c in SOURCE_SCHEMA:
+        if c.name not in src:
+            src[c.name] = 0.0
+    outputs.consolidate(rows_to_table(src.to_dict("records"), SOURCE_SCHEMA), out, "sources",
+                        NIGHT)
+    return raw, out, (x, y, f)
+
+
+def test_stack_command_writes_the_fits_with_its_provenance(night, capsys):
+    raw, out, (x, y, f) = night
+    assert main(["stack", "--night", NIGHT, "--out-root", str(out)]) == 0
+    assert "4 of 4 chosen frames stacked (reference f2)" in capsys.readouterr().out
+    path = paths.stack_file(out, NIGHT, "M42")
+    assert path.is_file() and not list(path.parent.glob(".*.tmp"))
+    with fits.open(path) as hdul:
+        assert [h.name for h in hdul] == ["PRIMARY", "WEIGHT", "NFRAMES", "PROVENANCE"]
+        h = hdul[0].header
+        image = hdul[0].data
+        assert h["BITPIX"] == -32 and image.shape == SHAPE
+        assert h["REFEXP"] == "f2" and h["NCOMBINE"] == 4 and h["WEIGHTNG"] == "quality"
+        assert h["CLIPSIG"] == 3.0 and h["NREJECT"] >= 1
+        assert WCS(h).has_celestial and h["CRVAL1"] == pytest.approx(83.82)
+        prov = pd.DataFrame(hdul["PROVENANCE"].data.tolist(),
+                            columns=hdul["PROVENANCE"].columns.names)
+        nframes = hdul["NFRAMES"].data
+    prov = prov.set_index("exposure")
+    assert list(prov.index) == ["f0", "f1", "f2", "f4"]  # bad seeing is not chosen
+    ref = FRAMES[2]
+    for e, _, dx, dy, rot, t, fwhm, noise, _ in FRAMES:
+        if e not in prov.index:
+            continue
+        p = prov.loc[e]
+        # drift and rotation against the reference frame f2 (small angles)
+        assert p["shift_x_px"] == pytest.approx(dx - ref[2], abs=0.3)
+        assert p["shift_y_px"] == pytest.approx(dy - ref[3], abs=0.3)
+        assert p["rotation_deg"] == pytest.approx(rot - ref[4], abs=0.02)
+        assert p["throughput"] == pytest.approx(t, rel=1e-6)
+        assert p["weight"] == pytest.approx(t ** 2 * ref[6] ** 2 / fwhm ** 2, rel=0.2)
+    assert prov.loc["f4", "rejected_px"] >= 1  # the cosmic ray
+    assert nframes[70, 40] <= 4
+    # photometry on the reference grid: stars keep the reference frame's flux
+    rx, ry = moved(x, y, *ref[2:5])
+    ratios = []
+    for xi, yi, fi in zip(rx, ry, f):
+        ix, iy = int(round(xi)), int(round(yi))
+        alone = np.sort(np.hypot(rx - xi, ry - yi))[1] > 14
+        if alone and 10 <= ix < SHAPE[1] - 10 and 10 <= iy < SHAPE[0] - 10 and fi > 1e4:
+            ratios.append(np.nansum(image[iy - 7:iy + 8, ix - 7:ix + 8]) / fi)
+    assert len(ratios) >= 5 and np.median(ratios) == pytest.approx(1.0, abs=0.03)
+
+
+def test_stack_is_written_atomically(night, monkeypatch):
+    raw, out, _ = night
+    assert main(["stack", "--night", NIGHT, "--out-root", str(out)]) == 0
+    path = paths.stack_file(out, NIGHT, "M42")
+    before = path.read_bytes()
+
+    def broken(self, target, *args, **kwargs):
+        Path(target).write_bytes(b"SIMPLE  =                    T / cut short")
+        raise OSError("disk full")
+
+    monkeypatch.setattr(fits.HDUList, "writeto", broken)
+    cfg = load_config(overrides={"run": {"raw_root": str(raw), "out_root": str(out)}})
+    with pytest.raises(OSError, match="disk full"):
+        stack_flow.stack_field(cfg, NIGHT)
+    assert path.read_bytes() == before
+    assert sorted(p.name for p in path.parent.iterdir()) == ["M42.fits"]
+
+
+def test_equal_weights_every_class_and_wrong_arguments(night, capsys, tmp_path):
+    raw, out, _ = night
+    target = tmp_path / "all.fits"
+    assert main(["stack", "--night", NIGHT, "--out-root", str(out), "--any-class",
+                 "--weighting", "equal", "--sigma", "0", "--output", str(target)]) == 0
+    with fits.open(target) as hdul:
+        prov = hdul["PROVENANCE"].data
+        assert len(prov) == 5 and set(prov["weight"]) == {1.0}
+        assert hdul[0].header["NREJECT"] == 0 and hdul[0].header["CLASSES"] == "all"
+    base = ["stack", "--night", NIGHT, "--out-root", str(out)]
+    assert main([*base, "--field", "M31"]) == 2
+    assert "no chosen frame of field 'M31'" in capsys.readouterr().err
+    assert main([*base, "--class", "great"]) == 2
+    assert main([*base, "--where", "fwhm < 2"]) == 2
+    assert main([*base, "--where", "fwhm_px > 100"]) == 2
+    assert main(["stack", "--night", "1999-01-01", "--out-root", str(out)]) == 2
+
+
+def test_frames_of_several_fields_need_a_field(night):
+    raw, out, _ = night
+    table = pd.read_parquet(paths.catalog_file(out, "exposures", NIGHT))
+    table.loc[table["exposure"] == "f1", "object"] = "M31"
+    rows, name, _ = stack_flow.one_field(table, "M42")
+    assert name == "M42" and "f1" not in set(rows["exposure"])
+    with pytest.raises(ValueError, match="several fields: M42 \\(4\\), M31 \\(1\\)"):
+        stack_flow.one_field(table, None)
+    assert stack_flow.file_name("NGC 224 / M31") == "NGC_224_M31"
+    assert stack_flow.file_name("") == "field"
