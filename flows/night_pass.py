@@ -3,16 +3,23 @@ taken again where they changed its inputs.
 
 It runs when the night's catalogs are gathered, on the per-exposure rows of the work
 folder (which it never changes), so a re-run gives the same catalog. What it reads and
-writes is the night's array store; what it computes is in :mod:`survey_qa.pipeline.night`
-and :mod:`survey_qa.pipeline.illumination`.
+writes is the night's array store (and, for the sequence, the per-exposure source
+catalogs); what it computes is in :mod:`survey_qa.pipeline.night`,
+:mod:`survey_qa.pipeline.illumination` and :mod:`survey_qa.pipeline.sequence`.
+
+The order: autoencoder threshold, illumination, then the frames of each field against
+each other (:func:`survey_qa.flows.sequence.measure_night`); the decision is taken again
+for the rows whose inputs the first two changed and for those where the sequence shows
+cloud (:func:`~survey_qa.pipeline.decide.cloud_words`). A row that only gains its
+cross-frame columns keeps its decision.
 """
 from __future__ import annotations
 
 import numpy as np
 
 from survey_qa.config import Config
-from survey_qa.flows import illumination
-from survey_qa.pipeline import night, outputs
+from survey_qa.flows import illumination, sequence
+from survey_qa.pipeline import decide, night, outputs
 
 
 def _keys(rows: list[dict], positions) -> dict[int, tuple[str, str]]:
@@ -54,6 +61,11 @@ def finish_night(rows: list[dict], cfg: Config, models, store) -> list[dict]:
     for i, r in lit.items():
         rows[i] = r
     changed |= set(lit)
+    fields = sequence.measure_night(rows, cfg, store)
+    for i, r in fields.items():
+        rows[i] = r
+    changed |= {i for i, r in fields.items()
+                if r["detector"] != "ALL" and decide.cloud_words(r, cfg.classify)}
     occupancies = {}
     if models.classifier is not None and changed:
         frames = outputs.store_frames(store)

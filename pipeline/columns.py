@@ -102,6 +102,10 @@ EXPOSURE_COLUMNS: tuple[Column, ...] = (
         Column("filter", STRING, "", "filter name", "first"),
         Column("airmass", FLOAT, "", "airmass", "first"),
         Column("object", STRING, "", "OBJECT keyword", "first"),
+        Column("ra_deg", FLOAT, "deg", "right ascension of the detector centre (celestial "
+               "WCS), else of the pointing keywords (RA, OBJCTRA, TELRA); NaN when unknown",
+               "first"),
+        Column("dec_deg", FLOAT, "deg", "declination, as ra_deg", "first"),
         Column("expnum", STRING, "", "exposure number", "first"),
         Column("gain_e_per_adu", FLOAT, "e-/ADU", "gain", "first"),
         Column("read_noise_e", FLOAT, "e-", "read noise", "first"),
@@ -125,8 +129,9 @@ EXPOSURE_COLUMNS: tuple[Column, ...] = (
                levels=(True, False)),
         Column("flag_tracking", STRING, "", "tracking defect: none | bad | very_bad",
                "worst", levels=TRACKING_FLAGS[::-1], empty="none"),
-        Column("flag_background", BOOL, "", "sky non-uniformity at or past its limit",
-               "worst", levels=(True, False)),
+        Column("flag_background", BOOL, "", "sky non-uniformity, or cloud seen against the "
+               "field's other frames (qa flag CLOUD), at or past its limit", "worst",
+               levels=(True, False)),
         Column("classifier", STRING, "", "what decided the class: rules | cnn", "first"),
         Column("reason", STRING, "", "one line in words: the quantities and limits behind "
                "the class", "decided"),
@@ -168,6 +173,30 @@ EXPOSURE_COLUMNS: tuple[Column, ...] = (
         Column("src_ellipticity", FLOAT, "", "median ellipticity 1 - b/a", "median"),
         Column("src_elongation_coherence", FLOAT, "", "direction coherence of their "
                "elongation", "median"),
+    ),
+    *grouped(
+        "sequence: the frame against the night's other frames of its field",
+        Column("field", STRING, "", "the field group: frames of one detector geometry and "
+               "filter pointed at the same sky (WCS, pointing keywords, OBJECT or matched "
+               "star patterns); '' when the frame's field has no other frame", "first"),
+        Column("field_reference", STRING, "", "the field's reference exposure (most "
+               "well-measured stars), against which stars are matched", "first"),
+        Column("n_matched_stars", INT32, "", "stars matched to the reference frame", "sum"),
+        Column("transparency_mag", FLOAT, "mag", "median magnitude offset of the matched "
+               "stars (flux per second) from the field's most transparent frames: ~0 clear, "
+               "positive dimmer (cloud, haze, airmass)", "median"),
+        Column("extinction_spread_mag", FLOAT, "mag", "k: P99 - P1 of the smooth map of "
+               "the per-star offsets over the detector, with the part photometric noise "
+               "explains removed (patchy cloud)", "median"),
+        Column("star_count_ratio", FLOAT, "", "well-measured stars over the reference "
+               "frame's", "median"),
+        Column("shift_x_px", FLOAT, "px", "where the reference frame's detector centre lies "
+               "in this frame, minus the centre: x (guiding drift, re-pointing)", "median"),
+        Column("shift_y_px", FLOAT, "px", "as shift_x_px, y", "median"),
+        Column("rotation_deg", FLOAT, "deg", "rotation of the sky on the detector against "
+               "the reference frame, from +x towards +y", "median"),
+        Column("fwhm_rel", FLOAT, "", "fwhm_px over the median fwhm_px of the field's "
+               "frames (the seeing and focus trend)", "median"),
     ),
     *grouped(
         "autoencoder",

@@ -18,7 +18,16 @@ Every row's class rests on what was measured, and says so:
    (:data:`DOUBT`); with no star at all the class is ``background_issues`` (a light frame
    without stars: cloud, a closed dome, a failed exposure) at low confidence, flag
    ``NO_STARS``.
-5. **Reason**: one line naming the quantities and limits behind the class.
+5. **Cloud from the field's other frames.** A frame whose stars are fainter than on its
+   field's clearest frames by ``transparency_loss_limit_mag`` or more (thin cloud), or
+   whose extinction spreads over the detector by ``extinction_spread_limit_mag`` or more
+   (``k``, patchy cloud), has a background defect (:func:`cloud_words`): ``flag_background``
+   and the qa flag ``CLOUD`` are set whatever decided the class, and the class becomes
+   ``background_issues`` where it was ``good`` or ``bad_seeing`` (the spec's priority puts
+   background issues after the tracking classes only). The night pass measures these
+   columns (:mod:`survey_qa.pipeline.sequence`); before it, and on frames without a field
+   of several frames, they are NaN and nothing changes.
+6. **Reason**: one line naming the quantities and limits behind the class.
 """
 from __future__ import annotations
 
@@ -96,6 +105,29 @@ def coherent_elongation(row: dict) -> bool:
     return _finite(coh) and _finite(ell) and coh >= COHERENT_MIN and ell >= ELONGATED_MIN
 
 
+def cloud_words(row: dict, cfg: ClassifyConfig) -> str:
+    """The cloud that the field's other frames show on this frame, in words ('' for none).
+
+    ``extinction_spread_mag >= extinction_spread_limit_mag`` (patchy cloud) or
+    ``transparency_mag >= transparency_loss_limit_mag`` (thin cloud); NaN raises nothing.
+    """
+    k, loss = row.get("extinction_spread_mag"), row.get("transparency_mag")
+    words = []
+    if _finite(k) and k >= cfg.extinction_spread_limit_mag:
+        words.append(f"patchy cloud: extinction spread k {k:.2f} mag >= "
+                     f"{cfg.extinction_spread_limit_mag:g} mag over the detector")
+    if _finite(loss) and loss >= cfg.transparency_loss_limit_mag:
+        words.append(f"{'cloud' if words else 'thin cloud'}: stars {loss:.2f} mag fainter "
+                     f"than on the field's clearest frames (limit "
+                     f"{cfg.transparency_loss_limit_mag:g} mag)")
+    return "; ".join(words)
+
+
+CLOUD_OVERRIDES = ("good", "bad_seeing")
+"""Classes that cloud evidence replaces by background_issues (those after it in the
+spec's priority)."""
+
+
 def decide(row: dict, cfg: ClassifyConfig, learned: np.ndarray | None = None,
            learned_name: str = "cnn", out_of_domain: str = "") -> tuple[ClassResult, str, int]:
     """Class, probabilities and flags of one detector row, with its reason.
@@ -149,15 +181,28 @@ def decide(row: dict, cfg: ClassifyConfig, learned: np.ndarray | None = None,
         probs = with_doubt(probs, DOUBT[ev])
         notes.append(f"from the moments of the bright detections (no PSF fit, "
                      f"{int(row.get('n_sources') or 0)} sources)")
-    result = _result(rules, cls, probs, name)
-    return result, "; ".join([measured_reason(measured, cls, cfg), *notes]), flags
+    cloud = cloud_words(row, cfg)
+    reason = measured_reason(measured, cls, cfg)
+    if cloud:
+        flags |= bits("CLOUD")
+        if cls in CLOUD_OVERRIDES:
+            reason = f"{cloud}; {measured_reason(measured, 'good', cfg)}"
+            cls = "background_issues"
+        elif cls == "background_issues":
+            reason = f"{reason}; {cloud}"
+        else:
+            notes.append(f"also {cloud}")
+    result = _result(rules, cls, probs, name, flag_background=bool(cloud) or None)
+    return result, "; ".join([reason, *notes]), flags
 
 
-def _result(rules: ClassResult, cls: str, probs: dict, name: str) -> ClassResult:
+def _result(rules: ClassResult, cls: str, probs: dict, name: str,
+            flag_background: bool | None = None) -> ClassResult:
     probs = make_primary_most_probable(probs, cls)
     return ClassResult(quality_class=cls, probabilities={c: float(probs[c]) for c in CLASSES},
                        flag_bad_seeing=rules.flag_bad_seeing, flag_tracking=rules.flag_tracking,
-                       flag_background=rules.flag_background, classifier=name)
+                       flag_background=flag_background or rules.flag_background,
+                       classifier=name)
 
 
 def _fmt(value, spec: str) -> str:

@@ -34,6 +34,7 @@ def update_meta(row: dict, meta: FrameMeta) -> dict:
     row.update(date_obs=meta.date_obs, mjd_obs=float(meta.mjd_obs),
                exptime_s=float(meta.exptime_s), filter=meta.filter,
                airmass=float(meta.airmass), object=meta.object, expnum=str(meta.expnum),
+               ra_deg=float(meta.ra_deg), dec_deg=float(meta.dec_deg),
                gain_e_per_adu=float(meta.gain_e_per_adu),
                read_noise_e=float(meta.read_noise_e), saturate_adu=float(meta.saturate_adu),
                pixscale_arcsec=float(meta.pixscale_arcsec),

@@ -77,6 +77,13 @@ EXPOSURE_FLAGS = flag_registry(
                                  "calibrate it: ae_score and mask_fraction are NaN"),
     Flag(24, "AE_NIGHT_THRESHOLD", "the autoencoder mask threshold was raised to the night's "
                                    "best frames (an instrument unlike the reference frames)"),
+    Flag(25, "FEW_FIELD_FRAMES", "the frame's field has fewer measured frames in the night "
+                                 "than sequence.min_frames: the cross-frame columns are NaN"),
+    Flag(26, "FIELD_UNMATCHED", "the frame's stars could not be matched to its field's "
+                                "reference frame: the cross-frame columns are NaN"),
+    Flag(27, "CLOUD", "transparency loss or extinction spread against the field's other "
+                      "frames at or past its limit (classify.transparency_loss_limit_mag, "
+                      "classify.extinction_spread_limit_mag)"),
 )
 """Bits of the exposure catalog's ``qa_flags``."""
 

@@ -780,6 +780,7 @@ def read_meta(header: fits.Header, cfg: IOConfig) -> FrameMeta:
         value = _first(header, KEYS[name])
         setattr(meta, name, "" if value is None else str(value).strip())
     meta.date_obs, meta.mjd_obs = parse_date(header)
+    meta.ra_deg, meta.dec_deg = pointing(header)
     if not meta.date_obs and math.isnan(meta.mjd_obs):
         fallbacks.append("DATE-OBS")
     meta.pixscale_arcsec, meta.pixscale_source, meta.pixscale_keyword = \
@@ -881,6 +882,70 @@ def _wcs_scale(header: fits.Header) -> float:
     except Exception:  # a broken WCS falls back to keywords
         pass
     return math.nan
+
+
+POINTING_KEYS = (("RA", "DEC"), ("OBJCTRA", "OBJCTDEC"), ("TELRA", "TELDEC"))
+"""Pointing keywords (right ascension, declination), tried in order when there is no
+celestial WCS."""
+
+
+def _wcs_centre(header: fits.Header) -> tuple[float, float]:
+    """(RA, Dec) in degrees of the image centre from a celestial WCS; NaN when unusable."""
+    from astropy.wcs import WCS
+
+    nx, ny = _as_float(header.get("NAXIS1")), _as_float(header.get("NAXIS2"))
+    if not (math.isfinite(nx) and math.isfinite(ny)):
+        return math.nan, math.nan
+    linear = header.copy(strip=True)
+    for key in [k for k in linear if re.match(r"(CD|PC)\d_\d$|(CDELT|CRPIX|CRVAL)\d$", k)]:
+        if isinstance(linear[key], str):
+            value = _as_float(linear[key].strip())
+            if math.isfinite(value):
+                linear[key] = value
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            wcs = WCS(linear, naxis=2).celestial
+            if wcs.naxis == 2:
+                ra, dec = wcs.all_pix2world([[(nx - 1) / 2, (ny - 1) / 2]], 0)[0]
+                return float(ra) % 360.0, float(dec)
+    except Exception:  # a broken WCS falls back to the pointing keywords
+        pass
+    return math.nan, math.nan
+
+
+def _angle_deg(value, hours: bool) -> float:
+    """Degrees of a header angle: a number is degrees; a sexagesimal text ('08:18:29.9',
+    '04 12 12.4', '12h30m') is hours for a right ascension, degrees for a declination."""
+    from astropy.coordinates import Angle
+
+    number = _as_float(value)
+    if math.isfinite(number):
+        return number
+    try:
+        return float(Angle(str(value).strip(), unit="hourangle" if hours else "deg").deg)
+    except (ValueError, TypeError):
+        return math.nan
+
+
+def pointing(header: fits.Header) -> tuple[float, float]:
+    """Right ascension and declination (degrees) of the frame's centre.
+
+    From a celestial WCS (``RA---``/``DEC--`` axes) at the image centre, else from the
+    pointing keywords (:data:`POINTING_KEYS`; a sexagesimal right ascension is in hours);
+    ``(NaN, NaN)`` when neither gives a position on the sky.
+    """
+    if str(header.get("CTYPE1", "")).strip().upper().startswith("RA"):
+        ra, dec = _wcs_centre(header)
+        if math.isfinite(ra) and math.isfinite(dec):
+            return ra, dec
+    for ra_key, dec_key in POINTING_KEYS:
+        if header.get(ra_key) in (None, "") or header.get(dec_key) in (None, ""):
+            continue
+        ra, dec = _angle_deg(header[ra_key], True), _angle_deg(header[dec_key], False)
+        if math.isfinite(ra) and math.isfinite(dec) and abs(dec) <= 90.0:
+            return ra % 360.0, dec
+    return math.nan, math.nan
 
 
 def _linear_scale(header: fits.Header) -> tuple[float, str]:

@@ -20,6 +20,8 @@ class FrameMeta:
     filter: str = ""
     airmass: float = math.nan
     object: str = ""
+    ra_deg: float = math.nan  # frame centre (WCS) or pointing keywords
+    dec_deg: float = math.nan
     expnum: str = ""
     gain_e_per_adu: float = math.nan
     read_noise_e: float = math.nan

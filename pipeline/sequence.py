@@ -13,9 +13,16 @@ transform by least squares on all those pairs.
 """
 from __future__ import annotations
 
+import math
+from dataclasses import dataclass
+
 import numpy as np
+import pandas as pd
 from scipy.spatial import cKDTree
 from skimage.transform import SimilarityTransform
+
+from survey_qa.config import SequenceConfig
+from survey_qa.pipeline.flags import SOURCE_FLAGS, bits
 
 CONTROL_STARS = 40
 """Brightest stars of each list that astroalign matches (a few dozen)."""
@@ -133,3 +140,397 @@ def match_stars(ref_xy: np.ndarray, xy: np.ndarray, *,
     if len(index) < max(min_matched, 2):
         raise MatchError(f"only {len(index)} stars pair up (at least {min_matched} needed)")
     return transform, ref_index, index
+
+
+# ---------------------------------------------------------------------------- stars
+
+
+SKIPPED_SOURCE_FLAGS = ("SATURATED", "TRUNCATED", "NEAR_EDGE", "BLENDED", "COMPACT")
+"""Source flags of detections that are not compared between frames."""
+
+
+def select_stars(sources: pd.DataFrame, min_snr: float) -> pd.DataFrame:
+    """A detector's well-measured point sources, brightest first.
+
+    Finite positive flux, ``snr >= min_snr``, none of :data:`SKIPPED_SOURCE_FLAGS`. Returns the rows of ``sources`` (columns ``x, y, flux,
+    flux_err``...) with a fresh index.
+    """
+    skipped = bits(*SKIPPED_SOURCE_FLAGS, registry=SOURCE_FLAGS)
+    flux = sources["flux"].to_numpy(float)
+    keep = (np.isfinite(flux) & (flux > 0) & np.isfinite(sources["x"].to_numpy(float))
+            & np.isfinite(sources["y"].to_numpy(float))
+            & (sources["snr"].to_numpy(float) >= min_snr)
+            & ((sources["flags"].to_numpy(np.int64) & skipped) == 0))
+    chosen = sources[keep].sort_values("flux", ascending=False, kind="stable")
+    return chosen.reset_index(drop=True)
+
+
+@dataclass(frozen=True)
+class FrameStars:
+    """One frame's well-measured stars (:func:`select_stars`), brightest first."""
+
+    xy: np.ndarray
+    """(N, 2) positions x, y (pixels)."""
+    mag: np.ndarray
+    """Instrumental magnitudes of the flux per second, ``-2.5 log10(flux / exptime)``."""
+    mag_err: np.ndarray
+    """Their errors, ``1.0857 flux_err / flux`` (mag)."""
+    n_stars: int
+    """Well-measured stars of the frame (before keeping the brightest)."""
+
+    @classmethod
+    def from_sources(cls, stars: pd.DataFrame, exptime_s: float, max_stars: int
+                     ) -> "FrameStars":
+        """From :func:`select_stars` (all of them): the brightest ``max_stars``, fluxes per
+        second when ``exptime_s`` is positive."""
+        scale = exptime_s if math.isfinite(exptime_s) and exptime_s > 0 else 1.0
+        n_stars = len(stars)
+        stars = stars.head(max_stars)
+        flux = stars["flux"].to_numpy(float)
+        err = stars["flux_err"].to_numpy(float)
+        return cls(n_stars=n_stars, xy=stars[["x", "y"]].to_numpy(float),
+                   mag=-2.5 * np.log10(flux / scale),
+                   mag_err=np.where(np.isfinite(err) & (err > 0), MAG_PER_LN * err / flux,
+                                    np.nan))
+
+
+MAG_PER_LN = 2.5 / math.log(10.0)
+"""Magnitudes per unit of relative flux (1.0857)."""
+
+
+# ---------------------------------------------------------------------------- fields
+
+
+def separation_deg(ra1: float, dec1: float, ra2: float, dec2: float) -> float:
+    """Angle between two positions on the sky (degrees; haversine)."""
+    p1, p2 = math.radians(dec1), math.radians(dec2)
+    dp, dl = p2 - p1, math.radians(ra2 - ra1)
+    h = math.sin(dp / 2) ** 2 + math.cos(p1) * math.cos(p2) * math.sin(dl / 2) ** 2
+    return math.degrees(2 * math.asin(min(1.0, math.sqrt(h))))
+
+
+def field_of_view_deg(row: dict) -> float:
+    """The detector's longer side on the sky (degrees); NaN without a pixel scale."""
+    scale = row.get("pixscale_arcsec")
+    if not isinstance(scale, (int, float)) or not math.isfinite(scale) or scale <= 0:
+        return math.nan
+    return max(int(row["nx"]), int(row["ny"])) * scale / 3600.0
+
+
+def _has_pointing(row: dict) -> bool:
+    return all(isinstance(row.get(k), (int, float)) and math.isfinite(row[k])
+               for k in ("ra_deg", "dec_deg")) and math.isfinite(field_of_view_deg(row))
+
+
+def group_by_pointing(rows: dict[int, dict], radius: float) -> list[list[int]]:
+    """Frames whose centres lie within ``radius`` fields of view of a field's first frame.
+
+    Parameters
+    ----------
+    rows
+        Position -> exposure row (with ``ra_deg``, ``dec_deg``, ``pixscale_arcsec``,
+        ``nx``, ``ny``) of frames of one detector geometry and filter, in time order.
+    radius
+        ``sequence.field_radius``: a fraction of the detector's longer side on the sky.
+
+    Returns
+    -------
+    list
+        Groups of positions (singletons included), in the order of their first frame.
+    """
+    groups: list[list[int]] = []
+    for i, r in rows.items():
+        for g in groups:
+            seed = rows[g[0]]
+            limit = radius * field_of_view_deg(seed)
+            if separation_deg(seed["ra_deg"], seed["dec_deg"], r["ra_deg"],
+                              r["dec_deg"]) <= limit:
+                g.append(i)
+                break
+        else:
+            groups.append([i])
+    return groups
+
+
+def group_by_pattern(stars: dict[int, FrameStars], tries: int, control_stars: int,
+                     tolerance_px: float, min_matched: int) -> list[list[int]]:
+    """Frames whose star patterns match a field's first frame (:func:`match_stars`).
+
+    Each frame (in the order given) is matched against the first frame of the fields
+    found so far, the most recent first, at most ``tries`` of them; without a match it
+    starts a field of its own. Returns groups of positions (singletons included).
+    """
+    groups: list[list[int]] = []
+    for i, s in stars.items():
+        for g in groups[::-1][:tries]:
+            try:
+                match_stars(stars[g[0]].xy, s.xy, control_stars=control_stars,
+                            tolerance_px=tolerance_px, min_matched=min_matched)
+            except MatchError:
+                continue
+            g.append(i)
+            break
+        else:
+            groups.append([i])
+    return groups
+
+
+def field_groups(rows: dict[int, dict], stars: dict[int, FrameStars], radius: float,
+                 tries: int, control_stars: int, tolerance_px: float,
+                 min_matched: int = MIN_MATCHED) -> list[list[int]]:
+    """The frames of each field, among frames of one detector geometry and filter.
+
+    Frames with a position on the sky and a pixel scale are grouped by their centres
+    (:func:`group_by_pointing`); the others by their ``OBJECT`` where they have one, else
+    by their star patterns (:func:`group_by_pattern`). Returns groups of at least two
+    positions, each in time order (the order of ``rows``).
+    """
+    pointed = {i: r for i, r in rows.items() if _has_pointing(r)}
+    groups = group_by_pointing(pointed, radius)
+    by_object: dict[str, list[int]] = {}
+    rest = {}
+    for i, r in rows.items():
+        if i in pointed:
+            continue
+        name = str(r.get("object") or "").strip()
+        if name:
+            by_object.setdefault(name, []).append(i)
+        elif i in stars:
+            rest[i] = stars[i]
+    groups += list(by_object.values())
+    groups += group_by_pattern(rest, tries, control_stars, tolerance_px, min_matched)
+    order = {i: n for n, i in enumerate(rows)}
+    return [sorted(g, key=order.get) for g in groups if len(g) >= 2]
+
+
+def reference_frame(stars: dict[int, FrameStars]) -> int:
+    """The field's reference: the frame with the most well-measured stars (the earliest
+    of equals)."""
+    return max(stars, key=lambda i: (len(stars[i].mag), -list(stars).index(i)))
+
+
+# ---------------------------------------------------------------------------- photometry
+
+
+def _median_rows(values: np.ndarray) -> np.ndarray:
+    """Per-row median over the finite values (NaN for a row without one)."""
+    out = np.full(values.shape[0], np.nan)
+    ok = np.isfinite(values).any(axis=1)
+    out[ok] = np.nanmedian(values[ok], axis=1)
+    return out
+
+
+def _median_columns(values: np.ndarray) -> np.ndarray:
+    return _median_rows(values.T)
+
+
+def magnitude_offsets(mags: np.ndarray, best_share: float, iterations: int = 3
+                      ) -> tuple[np.ndarray, np.ndarray]:
+    """Per-frame magnitude offsets from the most transparent frames, and per-star
+    reference magnitudes.
+
+    Parameters
+    ----------
+    mags
+        (frames, stars) instrumental magnitudes of the matched stars (NaN: not matched).
+    best_share
+        Share of the frames (the smallest offsets, at least one) whose stars define the
+        reference magnitudes and zero offset.
+
+    Returns
+    -------
+    offsets, reference
+        ``offsets[f]``: median over the stars of ``mags[f] - reference`` (0 on the most
+        transparent frames, positive on dimmer ones); ``reference[s]``: the median over
+        the most transparent frames of ``mags[:, s] - offsets``.
+    """
+    n_frames = mags.shape[0]
+    n_best = max(1, math.ceil(best_share * n_frames))
+    offsets = np.zeros(n_frames)
+    best = np.arange(n_frames)
+    for _ in range(iterations):
+        reference = _median_columns(mags[best] - offsets[best, None])
+        offsets = _median_rows(mags - reference[None, :])
+        finite = np.flatnonzero(np.isfinite(offsets))
+        if finite.size == 0:
+            break
+        best = finite[np.argsort(offsets[finite], kind="stable")[:n_best]]
+        offsets = offsets - np.median(offsets[best])
+    return offsets, reference
+
+
+def smooth_map(xy: np.ndarray, values: np.ndarray, weights: np.ndarray, shape: tuple[int, int],
+               sigma_px: float, grid: int = 16, min_support: float = 3.0) -> np.ndarray:
+    """A Gaussian-kernel weighted mean of per-star ``values`` on a ``grid`` x ``grid``
+    map of the detector.
+
+    Parameters
+    ----------
+    xy
+        (N, 2) star positions (pixels).
+    values, weights
+        Per-star values and weights (inverse variances).
+    shape
+        (ny, nx) of the detector.
+    sigma_px
+        Kernel sigma (pixels).
+    min_support
+        A cell needs this many stars' worth of kernel weight (the kernel-weighted count)
+        to get a value; NaN elsewhere.
+
+    Returns
+    -------
+    numpy.ndarray
+        (grid, grid) map, cell centres evenly spaced over the detector.
+    """
+    ny, nx = shape
+    gy = (np.arange(grid) + 0.5) * ny / grid
+    gx = (np.arange(grid) + 0.5) * nx / grid
+    cy, cx = np.meshgrid(gy, gx, indexing="ij")
+    d2 = ((cx.reshape(-1, 1) - xy[None, :, 0]) ** 2 + (cy.reshape(-1, 1) - xy[None, :, 1]) ** 2)
+    kernel = np.exp(-0.5 * d2 / sigma_px ** 2)
+    support = kernel.sum(axis=1)
+    total = kernel @ weights
+    with np.errstate(invalid="ignore", divide="ignore"):
+        out = (kernel @ (weights * values)) / total
+    out[~(support >= min_support) | ~(total > 0)] = np.nan
+    return out.reshape(grid, grid)
+
+
+def map_spread(smooth: np.ndarray) -> float:
+    """P99 - P1 of a map's finite cells (NaN with fewer than 4)."""
+    cells = smooth[np.isfinite(smooth)]
+    if cells.size < 4:
+        return math.nan
+    p1, p99 = np.percentile(cells, [1.0, 99.0])
+    return float(p99 - p1)
+
+
+def extinction_spread(xy: np.ndarray, offsets: np.ndarray, sigma: np.ndarray,
+                      shape: tuple[int, int], sigma_px: float, draws: int = 16,
+                      seed: int = 0) -> tuple[float, float]:
+    """The spread ``k`` of a frame's extinction over the detector, and its noise part.
+
+    The per-star offsets are smoothed (:func:`smooth_map`, weights ``1 / sigma^2``) and
+    ``k_raw`` is P99 - P1 of that map; ``draws`` maps of pure photometric noise (each star
+    drawn from ``N(0, sigma)``, same stars, same smoothing) give the spread noise alone
+    makes, ``k_noise`` (their median). ``k = sqrt(k_raw^2 - k_noise^2)`` (0 when noise
+    explains it all), spreads of independent parts adding roughly in quadrature.
+
+    Returns
+    -------
+    k, k_noise
+        Magnitudes; NaN when the map has too few cells.
+    """
+    ok = np.isfinite(offsets) & np.isfinite(sigma) & (sigma > 0)
+    xy, offsets, sigma = xy[ok], offsets[ok], sigma[ok]
+    weights = 1.0 / sigma ** 2
+    raw = map_spread(smooth_map(xy, offsets, weights, shape, sigma_px))
+    if not math.isfinite(raw):
+        return math.nan, math.nan
+    rng = np.random.default_rng(seed)
+    noise = float(np.median([map_spread(smooth_map(xy, rng.normal(0.0, sigma), weights,
+                                                   shape, sigma_px))
+                             for _ in range(draws)]))
+    return math.sqrt(max(raw ** 2 - noise ** 2, 0.0)), noise
+
+
+def noise_scale(residuals: np.ndarray, errors: np.ndarray) -> float:
+    """How much the scatter of residuals exceeds their quoted errors: the robust standard
+    deviation of ``residuals / errors`` (1.4826 MAD), never below 1."""
+    z = residuals / errors
+    z = z[np.isfinite(z)]
+    if z.size < 10:
+        return 1.0
+    return max(1.0, float(1.4826 * np.median(np.abs(z - np.median(z)))))
+
+
+def frame_motion(transform: SimilarityTransform, shape: tuple[int, int]
+                 ) -> tuple[float, float, float]:
+    """Shift (x, y pixels) and rotation (degrees) of a frame against its reference.
+
+    ``transform`` maps the frame onto the reference (:func:`match_stars`); the shift is
+    where the reference's detector centre lies in the frame, minus the centre, and the
+    rotation that of the sky on the detector from +x towards +y, in (-180, 180].
+    """
+    ny, nx = shape
+    centre = np.array([[(nx - 1) / 2, (ny - 1) / 2]])
+    there = transform.inverse(centre)[0] - centre[0]
+    rotation = -math.degrees(transform.rotation)
+    rotation = (rotation + 180.0) % 360.0 - 180.0
+    return float(there[0]), float(there[1]), (180.0 if rotation == -180.0 else rotation)
+
+
+def field_records(stars: dict[int, FrameStars], shape: tuple[int, int], cfg: SequenceConfig
+                  ) -> dict[int, dict]:
+    """The cross-frame columns of every frame of one field.
+
+    Parameters
+    ----------
+    stars
+        Position -> the frame's well-measured stars (:class:`FrameStars`), in time order.
+    shape
+        (ny, nx) of the detector.
+    cfg
+        The ``sequence`` block.
+
+    Returns
+    -------
+    dict
+        Position -> ``field_reference`` position (``"reference"``), ``n_matched_stars``,
+        ``transparency_mag``, ``extinction_spread_mag``, ``star_count_ratio``,
+        ``shift_x_px``, ``shift_y_px``, ``rotation_deg``, and ``matched`` (False: the frame
+        could not be matched, its values are NaN).
+    """
+    ref = reference_frame(stars)
+    ref_stars = stars[ref]
+    n_ref = len(ref_stars.mag)
+    positions = list(stars)
+    mags = np.full((len(positions), n_ref), np.nan)
+    errs = np.full((len(positions), n_ref), np.nan)
+    records = {}
+    for row, i in enumerate(positions):
+        s = stars[i]
+        record = {"reference": ref, "matched": False, "n_matched_stars": 0,
+                  "star_count_ratio": s.n_stars / ref_stars.n_stars,
+                  "shift_x_px": math.nan, "shift_y_px": math.nan, "rotation_deg": math.nan}
+        if i == ref:
+            ref_index = index = np.arange(n_ref)
+            record.update(shift_x_px=0.0, shift_y_px=0.0, rotation_deg=0.0)
+        else:
+            try:
+                transform, ref_index, index = match_stars(
+                    ref_stars.xy, s.xy, control_stars=cfg.control_stars,
+                    tolerance_px=cfg.match_tolerance_px)
+            except MatchError:
+                records[i] = record
+                continue
+            if abs(transform.scale - 1.0) > MAX_SCALE_CHANGE:
+                records[i] = record
+                continue
+            dx, dy, rot = frame_motion(transform, shape)
+            record.update(shift_x_px=dx, shift_y_px=dy, rotation_deg=rot)
+        mags[row, ref_index] = s.mag[index]
+        errs[row, ref_index] = s.mag_err[index]
+        record.update(matched=True, n_matched_stars=int(len(index)))
+        records[i] = record
+    offsets, reference = magnitude_offsets(mags, cfg.best_share)
+    residual = mags - offsets[:, None] - reference[None, :]
+    best = np.argsort(np.where(np.isfinite(offsets), offsets, np.inf))[
+        :max(1, math.ceil(cfg.best_share * len(positions)))]
+    scale = noise_scale(residual[best], errs[best])
+    sigma_px = cfg.map_scale * max(shape)
+    for row, i in enumerate(positions):
+        record = records[i]
+        if not record["matched"]:
+            record.update(transparency_mag=math.nan, extinction_spread_mag=math.nan)
+            continue
+        k, _ = extinction_spread(ref_stars.xy, residual[row], scale * errs[row], shape,
+                                 sigma_px, seed=row)
+        record.update(transparency_mag=float(offsets[row]), extinction_spread_mag=k)
+    return records
+
+
+MAX_SCALE_CHANGE = 0.02
+"""A match whose transform changes the scale by more than this (2%) is refused: frames of
+one detector geometry see the sky at one scale."""

@@ -198,12 +198,57 @@ class ClassifyConfig:
                                          "is flagged.", range=(0.0, None))
     softness: float = F(0.15, "Relative width of the soft threshold that turns margins into "
                               "probabilities.", range=(0.01, 1.0))
+    extinction_spread_limit_mag: float = F(
+        0.25, "Extinction spread k (mag, P99 - P1 over the detector, measured against the "
+        "field's other frames) from which a frame is background_issues (quality-classes.md).",
+        range=(0.0, None))
+    transparency_loss_limit_mag: float = F(
+        0.3, "Transparency loss (mag, stars fainter than on the field's clearest frames) from "
+        "which a frame is background_issues (thin, uniform cloud). 0.3 mag (a quarter of the "
+        "light) is where Gemini's cloud-cover bands end the thin-cirrus band CC70 (0.08-0.3 "
+        "mag); it is well above the measurement's noise (~0.01 mag) and above the change "
+        "of airmass over a field's usual night (0.1-0.2 mag), which it does not correct.",
+        range=(0.0, None))
 
     def check(self, prefix: str) -> None:
         """Very bad tracking starts above bad tracking."""
         if self.trail_ratio_very_bad <= self.trail_ratio_bad:
             raise ValueError(f"{prefix}trail_ratio_very_bad must exceed "
                              f"{prefix}trail_ratio_bad")
+
+
+@dataclass
+class SequenceConfig:
+    """The night as a sequence: frames of one field grouped, matched and compared."""
+
+    enabled: bool = F(True, "Group the night's frames by field and measure each against "
+                            "its field's other frames (transparency, k, shift, rotation).")
+    min_frames: int = F(
+        5, "Fewest measured frames of a field for the cross-frame columns; a smaller field "
+        "gets its field id and the qa flag FEW_FIELD_FRAMES.", range=(2, None))
+    field_radius: float = F(
+        0.5, "Frames are of one field when their centres lie within this fraction of the "
+        "detector's field of view of each other (WCS or pointing keywords).",
+        range=(0.01, 10.0))
+    min_snr: float = F(10.0, "Sources at this S/N or more (not saturated, truncated, "
+                             "blended or compact) are the stars matched and compared.",
+                       range=(1.0, None))
+    max_stars: int = F(1000, "At most this many of a frame's brightest such stars are "
+                             "compared.", range=(10, None))
+    control_stars: int = F(40, "The brightest stars whose patterns astroalign matches.",
+                           range=(5, 500))
+    match_tolerance_px: float = F(2.0, "Largest distance (pixels) between a reference star "
+                                       "and a matched star carried onto it.",
+                                  range=(0.1, 50.0))
+    pattern_tries: int = F(
+        8, "A frame without pointing or OBJECT is matched against the references of at "
+        "most this many fields before it starts a field of its own (bounds the time on a "
+        "night of unrelated frames).", range=(0, 1000))
+    best_share: float = F(0.25, "Share of a field's frames (the most transparent) that "
+                                "define zero transparency.", range=(0.01, 1.0))
+    map_scale: float = F(
+        0.12, "Smoothing of the extinction map behind k: Gaussian kernel sigma as a "
+        "fraction of the detector's longer side.", range=(0.01, 1.0))
 
 
 @dataclass
@@ -364,6 +409,7 @@ class Config:
     stamps: StampsConfig = field(default_factory=StampsConfig)
     som: SomConfig = field(default_factory=SomConfig)
     classify: ClassifyConfig = field(default_factory=ClassifyConfig)
+    sequence: SequenceConfig = field(default_factory=SequenceConfig)
     autoencoder: AutoencoderConfig = field(default_factory=AutoencoderConfig)
     train: TrainConfig = field(default_factory=TrainConfig)
     cluster: ClusterConfig = field(default_factory=ClusterConfig)
