@@ -13,7 +13,9 @@ The conditions of the night (:func:`draw_conditions`) follow the time of each fr
   thin-cloud passages of 0.2-1 mag; frames in a passage may also carry **patchy cloud**
   (the extinction map of :mod:`.sky`, spread ``k`` of 0.1-0.8 mag);
 - **sky brightness**: twilight at the start and the end of the night and the moon (its
-  phase fixed for the night, its light following its altitude);
+  phase fixed for the night, its light following its altitude); the sky level is the
+  dark sky times ``sky_factor``, limited smoothly below saturation. The grey extinction
+  dims the sources, not the sky (as in the other simulated frames);
 - **pointing**: a slow drift of a few px per frame and one re-pointing (a jump of tens to
   hundreds of px and a rotation of a fraction of a degree);
 - **tracking**: mostly good, one or two trailed frames on longer sequences.
@@ -32,6 +34,10 @@ how much fainter the stars are than in a clear frame), ``grey_extinction_mag``,
 reference), ``wcs_rotation_deg`` (the rotation of the frame's WCS), ``repointed`` (the
 frame comes after the re-pointing), ``seeing_atm_arcsec``, ``focus_factor``,
 ``sky_factor``, ``twilight_factor``, ``moon_factor``, ``moon_phase`` and ``scene_seed``.
+True stars of a frame (:func:`frame_stars`): the detector's columns (``x``, ``y``,
+``flux_adu``, ``extinction_mag``, ``saturated``, ``illumination``) and ``star_id``,
+``x_ref``, ``y_ref`` (reference pixels) and ``flux_clear_adu`` (the flux in a clear frame,
+``flux_adu = flux_clear_adu * 10**(-0.4 * extinction_mag)``).
 """
 from __future__ import annotations
 
@@ -224,11 +230,11 @@ def draw_conditions(rng: np.random.Generator, n_frames: int, size_px: int = 1024
     passages = []
     for _ in range(int(rng.integers(1, 3))):
         centre = u[int(rng.integers(0, n))]
-        width = float(rng.uniform(0.02, 0.06))
+        width = float(rng.uniform(0.015, 0.04))
         peak = float(rng.uniform(0.2, 1.0))
         grey += peak * _bump(u, centre, width)
         passages.append(centre)
-    grey = np.where(grey < 0.01, 0.0, grey)
+    grey = np.where(grey < 0.02, 0.0, grey)
     # patchy cloud on some frames of the passages (always on one of them)
     patchy = (grey >= 0.1) & (rng.random(n) < 0.6)
     patchy[int(np.argmin(np.abs(u - passages[0])))] = True
@@ -443,6 +449,13 @@ def _reference_wcs(base: ExposureSpec) -> WCS | None:
     return w
 
 
+def _soft_limit(value: float, limit: float) -> float:
+    """``value`` up to half of ``limit``, then approaching ``limit`` smoothly (a bright
+    twilight sky stays below saturation)."""
+    half = 0.5 * limit
+    return value if value <= half else half + half * math.tanh((value - half) / half)
+
+
 def frame_spec(seq: Sequence, index: int) -> ExposureSpec:
     """The spec of one frame: the base spec under the frame's conditions and pointing."""
     f, base = seq.frames[index], seq.base
@@ -456,7 +469,7 @@ def frame_spec(seq: Sequence, index: int) -> ExposureSpec:
     s = f.seeing_arcsec
     cloud = f.cloud_k_mag > 0
     sat_e = base.saturate_adu * base.gain_e_per_adu
-    sky_e = min(base.sky_e * f.sky_factor, 0.3 * sat_e)
+    sky_e = _soft_limit(base.sky_e * f.sky_factor, 0.35 * sat_e)
     confounders = tuple(sorted(set(base.confounders) | ({"satellite"} if f.satellite else set())))
     target = truth_class(s, f.trail_ratio, 0.0, f.cloud_k_mag, f.trail_kind)["quality_class"]
     t0 = Time(seq.times[index], format="isot", scale="utc")
