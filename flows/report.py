@@ -107,6 +107,11 @@ def timeline_html(level: pd.DataFrame, cfg: Config, *, include_js: bool) -> str:
         ("sky_noise", "sky noise (ADU)", rows["sky_noise"], []),
         ("sky_nonuniformity", "sky (P99-P1)/median", rows["sky_nonuniformity"],
          [(c.nonuniformity_limit, "background limit")]),
+        ("transparency_mag", "transparency: mag fainter than the field's clearest frames "
+         "(a line per field)", rows["transparency_mag"],
+         [(c.transparency_loss_limit_mag, "thin-cloud limit")]),
+        ("extinction_spread_mag", "extinction spread k over the detector (mag)",
+         rows["extinction_spread_mag"], [(c.extinction_spread_limit_mag, "patchy-cloud limit")]),
         ("transparency", "star flux per s, relative (same field: transparency)", rel_flux, []),
     ]
     n = len(panels) + 1
@@ -117,7 +122,7 @@ def timeline_html(level: pd.DataFrame, cfg: Config, *, include_js: bool) -> str:
              zip(rows["exposure"], classes, rows["reason"].where(rows["status"] == "ok",
                                                                   rows["error"]))]
     hover = np.array(hover, dtype=object)
-    for i, (_, _, y, limits) in enumerate(panels, start=1):
+    for i, (key, _, y, limits) in enumerate(panels, start=1):
         for k in [*PRIORITY[::-1], "failed"]:
             sel = classes == k
             if not sel.any():
@@ -127,6 +132,12 @@ def timeline_html(level: pd.DataFrame, cfg: Config, *, include_js: bool) -> str:
                 marker={"color": nightview.CLASS_COLOURS[k], "size": 7}, name=k,
                 legendgroup=k, showlegend=(i == 1), hovertext=hover[sel],
                 hoverinfo="text+y"), row=i, col=1)
+        if key == "transparency_mag":
+            for name, curve in nightview.field_curves(rows):
+                fig.add_trace(go.Scatter(
+                    x=curve["time"], y=curve["transparency_mag"], mode="lines",
+                    line={"color": "#999", "width": 1}, name=f"field {name}",
+                    showlegend=False, hoverinfo="name"), row=i, col=1)
         for value, label in limits:
             fig.add_hline(y=value, line_dash="dash", line_color="#444", row=i, col=1,
                           annotation_text=f"{label} {value:g}", annotation_position="top left")

@@ -88,8 +88,17 @@ def read_stars(work: tuple[Path, str], rows: dict[int, dict], cfg: Config
     return stars
 
 
+def _fwhm_px(row: dict) -> float:
+    """The PSF FWHM, else the bright detections' (no PSF fit), else NaN (pixels)."""
+    for key in ("fwhm_px", "src_fwhm_px"):
+        value = row.get(key)
+        if isinstance(value, float) and math.isfinite(value):
+            return value
+    return math.nan
+
+
 def _fwhm_rel(rows: list[dict], members: list[int]) -> dict[int, float]:
-    fwhm = np.array([rows[i].get("fwhm_px") for i in members], float)
+    fwhm = np.array([_fwhm_px(rows[i]) for i in members], float)
     median = np.nanmedian(fwhm) if np.isfinite(fwhm).any() else math.nan
     return {i: float(f / median) if math.isfinite(median) and median > 0 else math.nan
             for i, f in zip(members, fwhm)}

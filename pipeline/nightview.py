@@ -5,8 +5,8 @@
 - :func:`summary_lines` is the ten-second summary of a night;
 - :func:`class_runs` groups consecutive exposures of one class into time intervals;
 - :func:`table_rows`, :func:`failed_rows`, :func:`class_counts`, :func:`observation_times`,
-  :func:`relative_star_flux` and :func:`median_stamp` are the data of the page's table,
-  counts, timeline and detector panels.
+  :func:`relative_star_flux`, :func:`field_curves` and :func:`median_stamp` are the data of
+  the page's table, counts, timeline and detector panels.
 """
 from __future__ import annotations
 
@@ -197,7 +197,8 @@ TABLE_COLUMNS = [
     ("quality_class", "class", None),
     *[(f"p_{c}", f"p {c.replace('_', ' ')}", 2) for c in CLASSES],
     ("fwhm_arcsec", "FWHM \"", 2), ("fwhm_px", "FWHM px", 2), ("ellipticity", "e", 3),
-    ("trail_ratio", "trail T/s", 2), ("sky_level", "sky ADU", 1),
+    ("trail_ratio", "trail T/s", 2), ("sky_level", "sky ADU", 1), ("field", "field", None),
+    ("transparency_mag", "transp. mag", 3), ("extinction_spread_mag", "k mag", 3),
     ("sky_noise", "noise ADU", 2), ("sky_nonuniformity", "non-unif.", 3),
     ("n_stars_used", "stars", 0), ("ae_score", "AE score", 2), ("mask_fraction", "masked", 3),
     ("flags", "flags", None), ("reason", "reason", None), ("path", "file", None),
@@ -276,6 +277,21 @@ def relative_star_flux(rows: pd.DataFrame) -> pd.Series:
     flux = rows["star_flux_adu"] / rows["exptime_s"].where(rows["exptime_s"] > 0)
     best = flux.max()
     return flux / best if np.isfinite(best) and best > 0 else flux * np.nan
+
+
+def field_curves(rows: pd.DataFrame, column: str = "transparency_mag"
+                 ) -> list[tuple[str, pd.DataFrame]]:
+    """Each field's curve of ``column`` over the night: ``(field, frame)`` pairs, the frame
+    holding ``time`` and ``column`` of the field's rows with a time and a finite value, in
+    time order; fields in the order of their first frame."""
+    if "field" not in rows or rows.empty:
+        return []
+    values = pd.to_numeric(rows[column], errors="coerce")
+    keep = (rows["field"].fillna("") != "") & values.notna() & rows["time"].notna()
+    picked = rows.loc[keep, ["field", "time"]].assign(**{column: values[keep]})
+    picked = picked.sort_values("time", kind="stable")
+    return [(str(name), group[["time", column]].reset_index(drop=True))
+            for name, group in picked.groupby("field", sort=False)]
 
 
 def median_stamp(stamps: np.ndarray, n: int) -> np.ndarray:

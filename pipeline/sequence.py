@@ -146,7 +146,8 @@ def match_stars(ref_xy: np.ndarray, xy: np.ndarray, *,
 
 
 SKIPPED_SOURCE_FLAGS = ("SATURATED", "TRUNCATED", "NEAR_EDGE", "BLENDED", "COMPACT")
-"""Source flags of detections that are not compared between frames."""
+"""Source flags of detections that are not compared between frames (``COMPACT``: cosmic
+rays and hot pixels, often brighter than the stars)."""
 
 
 def select_stars(sources: pd.DataFrame, min_snr: float) -> pd.DataFrame:
@@ -360,7 +361,7 @@ def magnitude_offsets(mags: np.ndarray, best_share: float, iterations: int = 3
 
 
 def smooth_map(xy: np.ndarray, values: np.ndarray, weights: np.ndarray, shape: tuple[int, int],
-               sigma_px: float, grid: int = 16, min_support: float = 3.0) -> np.ndarray:
+               sigma_px: float, grid: int = 16, min_support: float = 1.0) -> np.ndarray:
     """A Gaussian-kernel weighted mean of per-star ``values`` on a ``grid`` x ``grid``
     map of the detector.
 
@@ -375,8 +376,8 @@ def smooth_map(xy: np.ndarray, values: np.ndarray, weights: np.ndarray, shape: t
     sigma_px
         Kernel sigma (pixels).
     min_support
-        A cell needs this many stars' worth of kernel weight (the kernel-weighted count)
-        to get a value; NaN elsewhere.
+        A cell needs this many stars' worth of kernel weight (the kernel-weighted count:
+        one star at its centre, or several around it) to get a value; NaN elsewhere.
 
     Returns
     -------
