@@ -43,8 +43,9 @@ from survey_qa.pipeline.outputs import fits_text
 WEIGHTINGS = ("quality", "equal")
 """``--weighting``: inverse variance for faint point sources, or every frame alike."""
 
-FIELD_COLUMNS = ("field", "object")
-"""Catalog columns that name a frame's field, the first one filled wins."""
+FIELD_COLUMNS = ("object", "field")
+"""Catalog columns that name a frame's field, the first one filled wins: ``OBJECT``, else
+the field group the nightly job found (named after its first exposure)."""
 
 UNNAMED_FIELD = "field"
 """The stack's file name when the frames have no field name."""
@@ -52,7 +53,10 @@ UNNAMED_FIELD = "field"
 SOURCE_COLUMNS = ["exposure", "detector", "x", "y", "flux", "flags"]
 
 NOT_STARS = bits(*CUT_SHORT, "EXTENDED", "COMPACT", registry=SOURCE_FLAGS)
-"""Source flags of detections that are not used to register or scale a frame."""
+"""Source flags of detections whose flux does not scale a frame."""
+
+NOT_ON_SKY = bits("COMPACT", registry=SOURCE_FLAGS)
+"""Source flags of detections that do not register a frame (cosmic rays, hot pixels)."""
 
 
 @dataclass
@@ -184,12 +188,19 @@ def frame_fwhm(rows: pd.DataFrame) -> np.ndarray:
 
 
 def frame_stars(sources: pd.DataFrame, exposure: str, detector: str
-                ) -> tuple[np.ndarray, np.ndarray]:
-    """Positions ``(n, 2)`` and fluxes of a frame's usable point sources, brightest first."""
+                ) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """A frame's sources for registration, brightest first.
+
+    Returns positions ``(n, 2)``, fluxes, and True for the sources whose flux may scale
+    the frame (not saturated, truncated, at the edge, extended). Compact detections
+    (cosmic rays, hot pixels) are left out: they are not on the sky.
+    """
     s = sources[(sources["exposure"] == exposure) & (sources["detector"] == detector)]
-    s = s[((s["flags"].astype(np.int64) & NOT_STARS) == 0) & np.isfinite(s["flux"])
-          & (s["flux"] > 0)].sort_values("flux", ascending=False)
-    return s[["x", "y"]].to_numpy(float), s["flux"].to_numpy(float)
+    flags = s["flags"].astype(np.int64)
+    s = s[((flags & NOT_ON_SKY) == 0) & np.isfinite(s["flux"]) & (s["flux"] > 0)]
+    s = s.sort_values("flux", ascending=False)
+    photometric = (s["flags"].astype(np.int64) & NOT_STARS) == 0
+    return s[["x", "y"]].to_numpy(float), s["flux"].to_numpy(float), photometric.to_numpy()
 
 
 # ---------------------------------------------------------------------------- the flow
@@ -205,7 +216,8 @@ def stack_field(cfg: Config, night: str, *, field_name: str | None = None,
     Parameters
     ----------
     field_name
-        The field (``field`` or ``OBJECT``); None: the chosen frames must hold one.
+        The field (``OBJECT`` or the catalog's ``field`` group); None: the chosen frames
+        must hold one.
     classes
         Quality classes to stack (default: ``good``); an empty list: every class.
     where
@@ -288,7 +300,8 @@ def _register_and_read(cfg: Config, rows: pd.DataFrame, sources: pd.DataFrame,
     """Register every frame to ``rows[ref]``, read it, subtract its sky and resample it."""
     n = len(rows)
     order = [ref, *[i for i in range(n) if i != ref]]
-    ref_xy, ref_flux = frame_stars(sources, rows.at[ref, "exposure"], rows.at[ref, "detector"])
+    ref_xy, ref_flux, ref_ok = frame_stars(sources, rows.at[ref, "exposure"],
+                                           rows.at[ref, "detector"])
     frames: _Frames | None = None
     for i in order:
         row = rows.iloc[i]
@@ -296,8 +309,8 @@ def _register_and_read(cfg: Config, rows: pd.DataFrame, sources: pd.DataFrame,
             if i == ref:
                 reg = stack.identity()
             else:
-                xy, flux = frame_stars(sources, row["exposure"], row["detector"])
-                reg = stack.register(ref_xy, ref_flux, xy, flux)
+                xy, flux, ok = frame_stars(sources, row["exposure"], row["detector"])
+                reg = stack.register(ref_xy, ref_flux, xy, flux, ref_ok, ok)
                 if not (math.isfinite(reg.throughput) and reg.throughput > 0):
                     raise ValueError("no flux ratio from the matched stars")
             image = _read_frame(cfg, row)
@@ -397,7 +410,7 @@ def write_stack(path: str | Path, result: stack.StackResult, provenance: pd.Data
         "QAVERS": (__version__, "survey-qa version"),
         "DATE": (datetime.now(timezone.utc).strftime("%Y-%m-%dT%H:%M:%S"), "written (UTC)"),
         "NIGHT": (settings["night"], "night of the frames"),
-        "FIELD": (fits_text(settings["field"]), "field (FIELD / OBJECT)"),
+        "FIELD": (fits_text(settings["field"]), "field (OBJECT, else field group)"),
         "REFEXP": (fits_text(ref.iloc[0] if len(ref) else ""), "reference exposure"),
         "NCOMBINE": (int(used.sum()), "frames combined"),
         "NCHOSEN": (len(provenance), "frames chosen"),
@@ -413,6 +426,8 @@ def write_stack(path: str | Path, result: stack.StackResult, provenance: pd.Data
         "WHERE": (fits_text(settings["where"]), "selection expression"),
     }
     for key, (value, comment) in cards.items():
+        if isinstance(value, float) and not math.isfinite(value):
+            value = "NaN"  # FITS headers hold no NaN
         h[key] = (value, comment)
     table = fits.BinTableHDU(Table.from_pandas(provenance), name="PROVENANCE")
     hdus = fits.HDUList([primary,

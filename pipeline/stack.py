@@ -150,19 +150,34 @@ def match_positions(ref_xy: np.ndarray, xy: np.ndarray
             np.asarray(index, int))
 
 
-def register(ref_xy: np.ndarray, ref_flux: np.ndarray, xy: np.ndarray,
-             flux: np.ndarray) -> Registration:
-    """A frame's registration to the reference from both frames' catalogued stars.
+def register(ref_xy: np.ndarray, ref_flux: np.ndarray, xy: np.ndarray, flux: np.ndarray,
+             ref_photometric: np.ndarray | None = None,
+             photometric: np.ndarray | None = None) -> Registration:
+    """A frame's registration to the reference from both frames' catalogued sources.
 
-    The brightest :data:`MATCH_STARS` of each list are matched (:func:`match_positions`);
-    the throughput is the median flux ratio of the matched pairs.
+    Parameters
+    ----------
+    ref_xy, ref_flux, xy, flux
+        Positions ``(n, 2)`` and fluxes of the reference's and the frame's sources; the
+        brightest :data:`MATCH_STARS` of each are matched (:func:`match_positions`).
+    ref_photometric, photometric
+        True for sources whose flux may enter the throughput (unsaturated point sources);
+        None: all. The throughput is the median flux ratio of the matched pairs of such
+        sources (of all matched pairs when no pair is photometric on both sides).
 
     Raises ``ValueError`` when the patterns do not match.
     """
     ref_pts, ref_order = brightest(ref_xy, ref_flux)
     pts, order = brightest(xy, flux)
     matrix, ref_i, i = match_positions(ref_pts, pts)
-    ratio = np.asarray(flux, float)[order[i]] / np.asarray(ref_flux, float)[ref_order[ref_i]]
+    ref_i, i = ref_order[ref_i], order[i]
+    ratio = np.asarray(flux, float)[i] / np.asarray(ref_flux, float)[ref_i]
+    both = np.ones(len(i), bool)
+    if ref_photometric is not None:
+        both &= np.asarray(ref_photometric, bool)[ref_i]
+    if photometric is not None:
+        both &= np.asarray(photometric, bool)[i]
+    ratio = ratio[both] if both.any() else ratio
     ratio = ratio[np.isfinite(ratio) & (ratio > 0)]
     throughput = float(np.median(ratio)) if ratio.size else math.nan
     return Registration(matrix=matrix, n_matched=int(len(i)), throughput=throughput)
@@ -356,7 +371,8 @@ def combine(frames: np.ndarray, masks: np.ndarray, weights: np.ndarray,
         weight[rows] = total
         count[rows] = keep.sum(axis=0)
     wv = np.asarray(weights, float)
-    sky = (math.sqrt(float(np.sum(wv ** 2 * np.asarray(noise_adu, float) ** 2))) / wv.sum()
-           if wv.sum() > 0 else math.nan)
+    use = wv > 0
+    sky = (math.sqrt(float(np.sum(wv[use] ** 2 * np.asarray(noise_adu, float)[use] ** 2)))
+           / wv[use].sum() if use.any() else math.nan)
     return StackResult(image=image, weight=weight, n_frames=count, rejected_px=rejected,
                        noise_adu=sky)
