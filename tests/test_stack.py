@@ -295,3 +295,25 @@ def test_frames_of_several_fields_need_a_field(night):
         stack_flow.one_field(table, None)
     assert stack_flow.file_name("NGC 224 / M31") == "NGC_224_M31"
     assert stack_flow.file_name("") == "field"
+
+
+def test_mosaics_need_a_detector_and_the_clearest_sharpest_frame_is_the_reference():
+    rows = pd.DataFrame({
+        "exposure": ["a", "a", "a", "b", "b", "b"],
+        "detector": ["ALL", "CCD1", "CCD2", "ALL", "CCD1", "CCD2"],
+        "status": "ok", "fwhm_px": [3.0, 3.0, 3.1, 2.5, 2.5, 2.6]})
+    chosen = pd.DataFrame({"exposure": ["a", "b"], "weight": [1.0, 0.5],
+                           "star_flux_adu": [1e5, 5e4]})
+    with pytest.raises(ValueError, match="mosaics: choose one --detector \\(CCD1, CCD2\\)"):
+        stack_flow.detector_rows(rows, chosen, None)
+    picked = stack_flow.detector_rows(rows, chosen, "CCD2")
+    assert picked["detector"].tolist() == ["CCD2", "CCD2"]
+    with pytest.raises(ValueError, match="no chosen frame has a detector 'CCD9'"):
+        stack_flow.detector_rows(rows, chosen, "CCD9")
+    # transparency_mag (0 clear, positive dimmer) wins over the star flux
+    picked["transparency_mag"] = [0.0, 0.5]
+    picked["exptime_s"] = 60.0
+    t = stack_flow.transparency(picked)
+    fwhm = stack_flow.frame_fwhm(picked.assign(src_fwhm_px=np.nan))
+    assert stack.choose_reference(t, fwhm) == 0
+    assert stack.choose_reference(t, [3.1, 2.6]) == 0  # b is sharper but half a magnitude dimmer
