@@ -47,6 +47,12 @@ FIELD_COLUMNS = ("object", "field")
 """Catalog columns that name a frame's field, the first one filled wins: ``OBJECT``, else
 the field group the nightly job found (named after its first exposure)."""
 
+STAR_BOX_FWHM = 2.0
+"""A frame's noise on the scale of a star is measured in boxes this many FWHM wide."""
+
+DEFAULT_FWHM_PX = 3.0
+"""The box scale of a frame without a measured FWHM (its quality weight is 0 anyway)."""
+
 UNNAMED_FIELD = "field"
 """The stack's file name when the frames have no field name."""
 
@@ -250,7 +256,7 @@ def stack_field(cfg: Config, night: str, *, field_name: str | None = None,
     rows, name, notes = one_field(detector_rows(exposures, chosen, detector), field_name)
     ref = stack.choose_reference(transparency(rows), frame_fwhm(rows))
     frames = _register_and_read(cfg, rows, sources, ref)
-    weights = (stack.quality_weights(frames.throughput, frames.noise_adu, frame_fwhm(rows))
+    weights = (stack.quality_weights(frames.throughput, frames.star_noise_adu, frame_fwhm(rows))
                if weighting == "quality" else np.where(frames.used, 1.0, 0.0))
     weights = np.where(frames.used, weights, 0.0)
     if not (weights > 0).any():
@@ -277,7 +283,8 @@ class _Frames:
     mask: np.ndarray  # (n, ny, nx) bool
     used: np.ndarray  # (n,) bool
     throughput: np.ndarray  # (n,) frame / reference star flux
-    noise_adu: np.ndarray  # (n,) sky noise of the frame itself
+    noise_adu: np.ndarray  # (n,) sky noise per pixel of the frame itself
+    star_noise_adu: np.ndarray  # (n,) its noise per pixel on the scale of a star
     sky_adu: np.ndarray  # (n,) median sky subtracted
     gain: np.ndarray  # (n,) e-/ADU (inf when unknown: no photon-noise term)
     registrations: list[stack.Registration | None]
@@ -300,6 +307,7 @@ def _register_and_read(cfg: Config, rows: pd.DataFrame, sources: pd.DataFrame,
     """Register every frame to ``rows[ref]``, read it, subtract its sky and resample it."""
     n = len(rows)
     order = [ref, *[i for i in range(n) if i != ref]]
+    fwhm = np.nan_to_num(frame_fwhm(rows), nan=DEFAULT_FWHM_PX)
     ref_xy, ref_flux, ref_ok = frame_stars(sources, rows.at[ref, "exposure"],
                                            rows.at[ref, "detector"])
     frames: _Frames | None = None
@@ -317,7 +325,10 @@ def _register_and_read(cfg: Config, rows: pd.DataFrame, sources: pd.DataFrame,
             if frames is None:
                 frames = _empty_frames(n, image.data.shape)
             sky = measure_background(image.data, image.mask, cfg.background)
-            data, mask = stack.resample(image.data - sky.back, image.mask, reg.matrix,
+            residual = image.data - sky.back
+            star_noise = stack.star_scale_noise(residual, image.mask,
+                                                round(STAR_BOX_FWHM * fwhm[i]))
+            data, mask = stack.resample(residual, image.mask, reg.matrix,
                                         frames.data.shape[1:])
         except (ValueError, QualityError, OSError) as e:
             if i == ref:
@@ -330,6 +341,7 @@ def _register_and_read(cfg: Config, rows: pd.DataFrame, sources: pd.DataFrame,
         frames.used[i] = True
         frames.throughput[i] = reg.throughput
         frames.noise_adu[i] = sky.noise
+        frames.star_noise_adu[i] = star_noise if math.isfinite(star_noise) else sky.noise
         frames.sky_adu[i] = sky.level
         gain = image.meta.gain_e_per_adu
         frames.gain[i] = gain if math.isfinite(gain) and gain > 0 else math.inf
@@ -340,7 +352,8 @@ def _register_and_read(cfg: Config, rows: pd.DataFrame, sources: pd.DataFrame,
 def _empty_frames(n: int, shape: tuple[int, int]) -> _Frames:
     return _Frames(data=np.zeros((n, *shape), np.float32), mask=np.ones((n, *shape), bool),
                    used=np.zeros(n, bool), throughput=np.full(n, math.nan),
-                   noise_adu=np.full(n, math.nan), sky_adu=np.full(n, math.nan),
+                   noise_adu=np.full(n, math.nan), star_noise_adu=np.full(n, math.nan),
+                   sky_adu=np.full(n, math.nan),
                    gain=np.full(n, math.inf), registrations=[None] * n, notes=[""] * n)
 
 
@@ -369,6 +382,7 @@ def _provenance(rows: pd.DataFrame, frames: _Frames, weights: np.ndarray,
         "fwhm_px": frame_fwhm(rows),
         "sky_adu": frames.sky_adu,
         "sky_noise_adu": frames.noise_adu,
+        "star_noise_adu": frames.star_noise_adu,
         "rejected_px": result.rejected_px,
         "note": frames.notes,
     })

@@ -25,7 +25,10 @@ frame; its sky noise becomes ``sigma_i / t_i``. For a faint point source measure
 
     w_i = t_i^2 / (sigma_i^2 * FWHM_i^2)          (normalised to 1 for the best frame)
 
-(:func:`quality_weights`); ``equal`` weighting gives every frame 1.
+(:func:`quality_weights`); ``equal`` weighting gives every frame 1. ``sigma_i`` is the
+noise per pixel that the frame shows on the scale of a star (:func:`star_scale_noise`:
+boxes of about two FWHM): the sky noise on a clean frame, more where cloud or glow left
+structure that the sky subtraction could not follow.
 
 Combination
 -----------
@@ -226,6 +229,42 @@ def resample(data: np.ndarray, mask: np.ndarray, matrix: np.ndarray,
 
 
 # ---------------------------------------------------------------------------- weights
+
+
+STAR_NOISE_SAMPLES = 4000
+"""Random boxes whose sums give a frame's noise on the scale of a star."""
+
+
+def star_scale_noise(residual: np.ndarray, mask: np.ndarray, box_px: int,
+                     seed: int = 0) -> float:
+    """The per-pixel noise that sums over ``box_px`` x ``box_px`` boxes of sky show.
+
+    ``std(box sum) / box_px`` over boxes at random unmasked places of the sky-subtracted
+    ``residual``, 3-sigma clipped (stars and galaxies in a box are outliers). For white
+    noise this is the pixel noise; sky structure smaller than the sky mesh (cloud, glow,
+    stray light left by the sky subtraction) raises it, and with it the noise a faint
+    star measured in that frame carries. NaN when fewer than 100 boxes are clean.
+    """
+    box_px = max(1, int(box_px))
+    clean = np.where(mask, 0.0, residual).astype(np.float32)
+    means = ndimage.uniform_filter(clean, box_px, mode="constant")
+    dirty = ndimage.uniform_filter(mask.astype(np.float32), box_px, mode="constant") > 0
+    rng = np.random.default_rng(seed)
+    half = box_px // 2 + 1
+    ny, nx = residual.shape
+    if ny <= 2 * half or nx <= 2 * half:
+        return math.nan
+    y = rng.integers(half, ny - half, STAR_NOISE_SAMPLES)
+    x = rng.integers(half, nx - half, STAR_NOISE_SAMPLES)
+    values = means[y, x][~dirty[y, x]].astype(np.float64)
+    if values.size < 100:
+        return math.nan
+    for _ in range(5):
+        med = np.median(values)
+        spread = MAD_TO_SIGMA * np.median(np.abs(values - med))
+        values = values[np.abs(values - med) <= 3 * spread]
+    return float(np.std(values) * box_px)
+
 
 
 def quality_weights(throughput: np.ndarray, noise_adu: np.ndarray,

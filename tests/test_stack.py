@@ -317,3 +317,16 @@ def test_mosaics_need_a_detector_and_the_clearest_sharpest_frame_is_the_referenc
     fwhm = stack_flow.frame_fwhm(picked.assign(src_fwhm_px=np.nan))
     assert stack.choose_reference(t, fwhm) == 0
     assert stack.choose_reference(t, [3.1, 2.6]) == 0  # b is sharper but half a magnitude dimmer
+
+
+def test_noise_on_the_scale_of_a_star_sees_sky_structure():
+    rng = np.random.default_rng(4)
+    white = rng.normal(0, 10.0, (256, 256)).astype(np.float32)
+    mask = np.zeros(white.shape, bool)
+    mask[:, :40] = True
+    white[:, :40] = np.nan
+    assert stack.star_scale_noise(white, mask, 6) == pytest.approx(10.0, rel=0.1)
+    yy, xx = np.mgrid[0:256, 0:256]
+    cloudy = white + 8.0 * np.sin(xx / 9.0) * np.cos(yy / 13.0)  # 4 ADU rms, coherent
+    assert stack.star_scale_noise(cloudy, mask, 6) > 2 * 10.0
+    assert math.isnan(stack.star_scale_noise(white, np.ones(white.shape, bool), 6))
