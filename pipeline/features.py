@@ -76,6 +76,8 @@ def update_sources(row: dict, sources: pd.DataFrame, det: DetectorImage) -> dict
     row["n_sources"] = int(len(sources))
     if len(sources) == 0:
         row["qa_flags"] |= bits("NO_SOURCES")
+    if sources.attrs.get("large_region_px", 0) > 0:
+        row["qa_flags"] |= bits("LARGE_REGIONS_MASKED")
     level = det.meta.saturate_adu
     if math.isfinite(level):
         row["saturated_fraction"] = float(saturated_pixels(det.data, level).mean())

@@ -84,6 +84,10 @@ EXPOSURE_FLAGS = flag_registry(
     Flag(27, "CLOUD", "transparency loss or extinction spread against the field's other "
                       "frames at or past its limit (classify.transparency_loss_limit_mag, "
                       "classify.extinction_spread_limit_mag)"),
+    Flag(28, "LARGE_REGIONS_MASKED", "regions of at least 50 000 pixels whose mean light "
+                                     "passes the detection threshold (sky structure, a "
+                                     "nebula, a very bright star's halo) were masked before "
+                                     "source detection"),
 )
 """Bits of the exposure catalog's ``qa_flags``."""
 

@@ -7,7 +7,8 @@ noise map, the half-light radius, the S/N, and a windowed centroid (``sep.winpos
 SExtractor's XWIN/YWIN; aperture boundaries sampled 3 x 3 per pixel, once per pixel for
 apertures of at least ``FINE_APERTURE_MAX_PX``). Saturated pixels
 are masked for sep (sep has no saturation flag of its own); a detection touching a
-saturated pixel gets the ``SATURATED`` source flag.
+saturated pixel gets the ``SATURATED`` source flag. Connected regions above the
+threshold of :data:`LARGE_REGION_PX` pixels or more are masked before detection.
 
 sep keeps its pixel stack and sub-object limit in process-global state:
 :func:`configure_sep` sets them once per process. sep allocates the whole pixel stack on
@@ -26,7 +27,9 @@ import pandas as pd
 import sep
 
 from survey_qa.config import SourcesConfig
-from survey_qa.pipeline.background import grow_mask
+from scipy import ndimage
+
+from survey_qa.pipeline.background import block_sum, grow_mask
 from survey_qa.pipeline.errors import QualityError
 from survey_qa.pipeline.flags import SOURCE_FLAGS, from_sep
 from survey_qa.pipeline.records import BackgroundResult
@@ -52,6 +55,15 @@ pixel instead of 3 x 3: the sub-pixel boundary is a negligible part of them."""
 FLUX_RADIUS_MAX_PX = 60.0
 """Largest aperture searched for the half-light radius: a detection whose half light lies
 farther out (a halo, a ghost, a big galaxy) is far off the stellar locus either way."""
+
+LARGE_REGION_PX = 50_000
+LARGE_REGION_BLOCK_PX = 4
+"""A connected region above the detection threshold of at least ``LARGE_REGION_PX``
+pixels (a disk of 126 px radius) is not a source but sky structure (glow, the Milky Way,
+a fisheye's horizon), a nebula, a large galaxy or the halo of a very bright star: no star
+in it is fit for the PSF, and sep's deblending of one such region costs seconds. Such
+regions are found on the frame averaged over ``LARGE_REGION_BLOCK_PX`` blocks and masked
+before detection (:func:`large_regions`)."""
 
 WINPOS_MAX_SIGMA_PX = 10.0
 """Widest window of the windowed centroid (sigma, pixels): stars up to ~25 px FWHM (donuts)
@@ -109,6 +121,34 @@ def _extract(sub: np.ndarray, noise: float, mask: np.ndarray, cfg: SourcesConfig
                                    thresh_sigma=thresh) from None
             attempt += 1
             thresh *= THRESH_FACTOR_PER_RETRY
+
+
+def large_regions(sub: np.ndarray, noise: float, mask: np.ndarray, thresh_sigma: float
+                  ) -> np.ndarray | None:
+    """Pixels of the connected regions above the detection threshold that cover at least
+    :data:`LARGE_REGION_PX` pixels, or None when there is none.
+
+    Found on block means (``LARGE_REGION_BLOCK_PX`` square, masked pixels counted as sky)
+    above ``thresh_sigma`` times the per-pixel noise: the mean light of the region, not
+    single pixels, must pass the detection threshold, so that the overlapping wings of a
+    crowded star field do not make one region. Grown by one block so that the region's
+    edge is covered at full resolution.
+    """
+    b = LARGE_REGION_BLOCK_PX
+    means = block_sum(np.where(mask, np.float32(0), sub), b) / np.float32(b * b)
+    labels, n = ndimage.label(means > thresh_sigma * noise)
+    if n == 0:
+        return None
+    area_px = np.bincount(labels.ravel(), minlength=n + 1) * b * b
+    area_px[0] = 0
+    large = area_px >= LARGE_REGION_PX
+    if not large.any():
+        return None
+    blocks = grow_mask(large[labels], 1)
+    out = np.zeros(sub.shape, bool)
+    ny, nx = blocks.shape[0] * b, blocks.shape[1] * b
+    out[:ny, :nx] = blocks.repeat(b, axis=0).repeat(b, axis=1)
+    return out
 
 
 def saturated_pixels(data: np.ndarray, saturate_adu: float) -> np.ndarray:
@@ -210,7 +250,9 @@ def extract_sources(data: np.ndarray, background: BackgroundResult, mask: np.nda
         are 0-based windowed centroids (pixel centres at integers); ``flux`` is the
         Kron aperture flux (ADU) and ``flux_err`` its error from the sky noise alone;
         ``snr = flux / flux_err``; ``fwhm_px`` and ``ellipticity`` are NaN (the PSF stage
-        measures them). ``df.attrs["thresh_sigma"]`` is the threshold finally used.
+        measures them). ``df.attrs["thresh_sigma"]`` is the threshold finally used,
+        ``df.attrs["large_region_px"]`` the pixels of large regions masked before
+        detection (:func:`large_regions`).
 
     Raises
     ------
@@ -225,10 +267,15 @@ def extract_sources(data: np.ndarray, background: BackgroundResult, mask: np.nda
     full_mask = mask | saturated
     sub = np.subtract(data, background.back, dtype=np.float32)
     rms = np.ascontiguousarray(background.rms, dtype=np.float32)
+    large = large_regions(sub, float(background.noise), full_mask, cfg.thresh_sigma)
+    large_px = 0
+    if large is not None:
+        large_px = int(np.count_nonzero(large & ~full_mask))
+        full_mask |= large
     objects, segmap, thresh = _extract(sub, float(background.noise), full_mask, cfg)
     if len(objects) == 0:
         out = empty_sources()
-        out.attrs["thresh_sigma"] = thresh
+        out.attrs.update(thresh_sigma=thresh, large_region_px=large_px)
         return out
 
     order = np.argsort(-objects["flux"], kind="stable")[:cfg.max_sources]
@@ -254,5 +301,6 @@ def extract_sources(data: np.ndarray, background: BackgroundResult, mask: np.nda
     out = out.sort_values("flux", ascending=False, kind="stable", ignore_index=True)
     out["id"] = np.arange(len(out), dtype=np.int32)
     out = out.astype({c: "float64" for c in COLUMNS if c not in ("id", "flags")})
-    out.attrs["thresh_sigma"] = thresh
-    return out[COLUMNS]
+    out = out[COLUMNS]
+    out.attrs.update(thresh_sigma=thresh, large_region_px=large_px)
+    return out

@@ -116,3 +116,24 @@ def test_configure_sep_sets_the_process_state_once():
     assert sep.get_extract_pixstack() == 100_000
     assert sep.get_sub_object_limit() >= sources_mod.SUB_OBJECT_LIMIT
     configure_sep(SourcesConfig())
+
+
+def test_a_large_bright_region_is_masked_and_the_stars_around_it_are_found(scene):
+    """A nebula-sized region above the threshold (here a disk of 160 px radius, smooth on
+    the mesh scale as a horizon glow or the Milky Way is not) is masked before detection
+    and flagged; the stars outside it are detected as before."""
+    s = scene(shape=(768, 768), n_stars=40, fwhm_px=3.0, seed=4)
+    yy, xx = np.mgrid[0:768, 0:768]
+    region = np.hypot(xx - 200.0, yy - 200.0) < 160
+    image = s.image + np.where(region, 200.0, 0.0).astype(np.float32)
+    src = measure(image)
+    assert src.attrs["large_region_px"] >= 0.95 * region.sum()
+    assert not region[src.y.round().astype(int), src.x.round().astype(int)].any()
+    outside = ~region[s.y.round().astype(int), s.x.round().astype(int)]
+    near_edge = np.hypot(s.x - 200.0, s.y - 200.0) < 160 + 12
+    j, dist = match(src, s)
+    found = set(j[dist < 1.0])
+    assert all(i in found for i in np.flatnonzero(outside & ~near_edge))
+
+    plain = measure(s.image)
+    assert plain.attrs["large_region_px"] == 0
