@@ -24,7 +24,7 @@ from skimage.transform import SimilarityTransform
 from survey_qa.config import SequenceConfig
 from survey_qa.pipeline.flags import SOURCE_FLAGS, bits
 
-CONTROL_STARS = 40
+CONTROL_STARS = 30
 """Brightest stars of each list that astroalign matches (a few dozen)."""
 
 MATCH_TOLERANCE_PX = 2.0
@@ -33,6 +33,10 @@ close (pixels)."""
 
 MIN_MATCHED = 5
 """Fewest matched stars for a transform to be accepted."""
+
+MAX_SCALE_CHANGE = 0.02
+"""A match whose transform changes the scale by more than this (2%) is refused: frames of
+one detector geometry see the sky at one scale."""
 
 
 class MatchError(ValueError):
@@ -129,7 +133,21 @@ def match_stars(ref_xy: np.ndarray, xy: np.ndarray, *,
                                              max_control_points=control_stars)
     except (astroalign.MaxIterError, ValueError, TypeError) as e:
         raise MatchError(f"no common star pattern ({e})") from None
-    transform = SimilarityTransform(matrix=np.asarray(first.params, float))
+    return refine_match(ref_xy, xy, SimilarityTransform(matrix=np.asarray(first.params, float)),
+                        tolerance_px, min_matched)
+
+
+def refine_match(ref_xy: np.ndarray, xy: np.ndarray, transform: SimilarityTransform,
+                 tolerance_px: float = MATCH_TOLERANCE_PX, min_matched: int = MIN_MATCHED
+                 ) -> tuple[SimilarityTransform, np.ndarray, np.ndarray]:
+    """Every star pair that an approximate ``transform`` (``xy`` -> ``ref_xy``) brings
+    within ``tolerance_px``, and the transform refitted on them (twice).
+
+    Returns ``(transform, ref_index, index)`` as :func:`match_stars`; raises
+    :class:`MatchError` with fewer than ``min_matched`` pairs.
+    """
+    ref_xy = np.asarray(ref_xy, float).reshape(-1, 2)
+    xy = np.asarray(xy, float).reshape(-1, 2)
     for _ in range(2):
         ref_index, index = pair_stars(ref_xy, xy, transform, tolerance_px)
         if len(index) < max(min_matched, 2):
@@ -140,6 +158,11 @@ def match_stars(ref_xy: np.ndarray, xy: np.ndarray, *,
     if len(index) < max(min_matched, 2):
         raise MatchError(f"only {len(index)} stars pair up (at least {min_matched} needed)")
     return transform, ref_index, index
+
+
+def chained(first: SimilarityTransform, then: SimilarityTransform) -> SimilarityTransform:
+    """The transform that applies ``first``, then ``then``."""
+    return SimilarityTransform(matrix=np.asarray(then.params) @ np.asarray(first.params))
 
 
 # ---------------------------------------------------------------------------- stars
@@ -462,6 +485,73 @@ def frame_motion(transform: SimilarityTransform, shape: tuple[int, int]
     return float(there[0]), float(there[1]), (180.0 if rotation == -180.0 else rotation)
 
 
+CHAIN_TRIES = 2
+"""A frame that does not match the reference directly is matched to at most this many
+frames already matched (the nearest in time) and carried onto the reference through
+them."""
+
+
+def _accept(match: tuple) -> tuple:
+    if abs(match[0].scale - 1.0) > MAX_SCALE_CHANGE:
+        raise MatchError(f"the scale changes by {abs(match[0].scale - 1.0):.1%}")
+    return match
+
+
+def match_field(stars: dict[int, FrameStars], ref: int, cfg: SequenceConfig
+                ) -> dict[int, tuple[SimilarityTransform, np.ndarray, np.ndarray]]:
+    """Every frame of a field that can be matched to the reference frame.
+
+    A frame is matched to the reference with :func:`match_stars`: first on the
+    ``control_stars`` brightest of both, then, when that fails, with the reference's
+    list cut to one and a half times the frame's (asterisms of a sparse frame look like
+    those of the reference's brightest stars only). A frame that still fails is matched to
+    the frames already matched, the nearest in time first (:data:`CHAIN_TRIES`), and the
+    transform carried through them is refined on the reference's stars
+    (:func:`refine_match`). A transform that changes the scale by more than
+    :data:`MAX_SCALE_CHANGE` is refused.
+
+    Returns
+    -------
+    dict
+        Position -> ``(transform, ref_index, index)`` as :func:`match_stars` (the
+        reference itself included, with the identity).
+    """
+    ref_stars = stars[ref]
+    n_ref = len(ref_stars.mag)
+    kw = {"control_stars": cfg.control_stars, "tolerance_px": cfg.match_tolerance_px}
+    matches = {ref: (SimilarityTransform(), np.arange(n_ref), np.arange(n_ref))}
+    failed = []
+    for i, s in stars.items():
+        if i == ref:
+            continue
+        cut = max(3, math.ceil(1.5 * len(s.mag)))
+        for ref_xy in (ref_stars.xy, *([ref_stars.xy[:cut]] if cut < cfg.control_stars
+                                       and cut < n_ref else [])):
+            try:
+                transform, _, _ = _accept(match_stars(ref_xy, s.xy, **kw))
+                matches[i] = _accept(refine_match(ref_stars.xy, s.xy, transform,
+                                                  cfg.match_tolerance_px))
+                break
+            except MatchError:
+                continue
+        else:
+            failed.append(i)
+    order = list(stars)
+    for i in failed:
+        near = sorted((j for j in matches if j != ref),
+                      key=lambda j: abs(order.index(j) - order.index(i)))[:CHAIN_TRIES]
+        for j in near:
+            try:
+                to_j, _, _ = _accept(match_stars(stars[j].xy, stars[i].xy, **kw))
+                matches[i] = _accept(refine_match(ref_stars.xy, stars[i].xy,
+                                                  chained(to_j, matches[j][0]),
+                                                  cfg.match_tolerance_px))
+                break
+            except MatchError:
+                continue
+    return matches
+
+
 def field_records(stars: dict[int, FrameStars], shape: tuple[int, int], cfg: SequenceConfig
                   ) -> dict[int, dict]:
     """The cross-frame columns of every frame of one field.
@@ -489,32 +579,22 @@ def field_records(stars: dict[int, FrameStars], shape: tuple[int, int], cfg: Seq
     positions = list(stars)
     mags = np.full((len(positions), n_ref), np.nan)
     errs = np.full((len(positions), n_ref), np.nan)
+    matches = match_field(stars, ref, cfg)
     records = {}
     for row, i in enumerate(positions):
         s = stars[i]
         record = {"reference": ref, "matched": False, "n_matched_stars": 0,
                   "star_count_ratio": s.n_stars / ref_stars.n_stars,
                   "shift_x_px": math.nan, "shift_y_px": math.nan, "rotation_deg": math.nan}
-        if i == ref:
-            ref_index = index = np.arange(n_ref)
-            record.update(shift_x_px=0.0, shift_y_px=0.0, rotation_deg=0.0)
-        else:
-            try:
-                transform, ref_index, index = match_stars(
-                    ref_stars.xy, s.xy, control_stars=cfg.control_stars,
-                    tolerance_px=cfg.match_tolerance_px)
-            except MatchError:
-                records[i] = record
-                continue
-            if abs(transform.scale - 1.0) > MAX_SCALE_CHANGE:
-                records[i] = record
-                continue
-            dx, dy, rot = frame_motion(transform, shape)
-            record.update(shift_x_px=dx, shift_y_px=dy, rotation_deg=rot)
+        records[i] = record
+        if i not in matches:
+            continue
+        transform, ref_index, index = matches[i]
+        dx, dy, rot = frame_motion(transform, shape)
+        record.update(shift_x_px=dx, shift_y_px=dy, rotation_deg=rot)
         mags[row, ref_index] = s.mag[index]
         errs[row, ref_index] = s.mag_err[index]
         record.update(matched=True, n_matched_stars=int(len(index)))
-        records[i] = record
     offsets, reference = magnitude_offsets(mags, cfg.best_share)
     residual = mags - offsets[:, None] - reference[None, :]
     best = np.argsort(np.where(np.isfinite(offsets), offsets, np.inf))[
@@ -532,6 +612,3 @@ def field_records(stars: dict[int, FrameStars], shape: tuple[int, int], cfg: Seq
     return records
 
 
-MAX_SCALE_CHANGE = 0.02
-"""A match whose transform changes the scale by more than this (2%) is refused: frames of
-one detector geometry see the sky at one scale."""

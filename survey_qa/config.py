@@ -235,13 +235,14 @@ class SequenceConfig:
                        range=(1.0, None))
     max_stars: int = F(1000, "At most this many of a frame's brightest such stars are "
                              "compared.", range=(10, None))
-    control_stars: int = F(40, "The brightest stars whose patterns astroalign matches.",
+    control_stars: int = F(30, "The brightest stars whose patterns astroalign matches (a "
+                                "failed match costs about its square in time).",
                            range=(5, 500))
     match_tolerance_px: float = F(2.0, "Largest distance (pixels) between a reference star "
                                        "and a matched star carried onto it.",
                                   range=(0.1, 50.0))
     pattern_tries: int = F(
-        8, "A frame without pointing or OBJECT is matched against the references of at "
+        4, "A frame without pointing or OBJECT is matched against the references of at "
         "most this many fields before it starts a field of its own (bounds the time on a "
         "night of unrelated frames).", range=(0, 1000))
     best_share: float = F(0.25, "Share of a field's frames (the most transparent) that "
