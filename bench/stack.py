@@ -8,6 +8,7 @@ On a simulated sequence night already processed by ``survey-qa --night N``, stac
 - ``good, quality``: the frames classed ``good``, quality weights, 3-sigma clipping;
 - ``all, equal``: every measured frame, equal weights, the same clipping;
 - ``good, equal`` and ``all, quality``: the two factors apart;
+- ``good, quality, cubic``: the first, resampled with a bicubic spline;
 - ``reference``: the reference frame alone (the ``good, quality`` stack's reference);
 
 and measures on each, at the true positions of the reference frame's stars (the truth's
@@ -47,11 +48,12 @@ from survey_qa import paths
 from survey_qa.config import load_config
 from survey_qa.flows.stack import stack_field
 
-RUNS = {  # name: (classes, weighting)
-    "good, quality": (["good"], "quality"),
-    "all, equal": ([], "equal"),
-    "good, equal": (["good"], "equal"),
-    "all, quality": ([], "quality"),
+RUNS = {  # name: (classes, weighting, interpolation)
+    "good, quality": (["good"], "quality", "bilinear"),
+    "all, equal": ([], "equal", "bilinear"),
+    "good, equal": (["good"], "equal", "bilinear"),
+    "all, quality": ([], "quality", "bilinear"),
+    "good, quality, cubic": (["good"], "quality", "cubic"),
 }
 MARGIN_PX = 40
 ISOLATION_FWHM = 4.0
@@ -156,9 +158,10 @@ def measure(image: np.ndarray, stars: pd.DataFrame, faint: set, bright: set,
 def run_stacks(cfg, night: str, folder: Path) -> dict[str, Path]:
     """Write every stack of :data:`RUNS` and the reference frame alone into ``folder``."""
     out = {}
-    for name, (classes, weighting) in RUNS.items():
+    for name, (classes, weighting, interpolation) in RUNS.items():
         path = folder / f"{name.replace(', ', '_')}.fits"
-        run = stack_field(cfg, night, classes=classes, weighting=weighting, output=path)
+        run = stack_field(cfg, night, classes=classes, weighting=weighting, output=path,
+                          interpolation=interpolation)
         print(run.report().splitlines()[0], f"[{name}]", flush=True)
         out[name] = path
     with fits.open(out["good, quality"]) as h:

@@ -40,6 +40,9 @@ from survey_qa.pipeline.flags import CUT_SHORT, SOURCE_FLAGS, bits
 from survey_qa.pipeline.io import read_detectors
 from survey_qa.pipeline.outputs import fits_text
 
+INTERPOLATIONS = {"bilinear": 1, "cubic": 3}
+"""``--interpolation``: the spline order that resamples a frame onto the reference grid."""
+
 WEIGHTINGS = ("quality", "equal")
 """``--weighting``: inverse variance for faint point sources, or every frame alike."""
 
@@ -215,8 +218,8 @@ def frame_stars(sources: pd.DataFrame, exposure: str, detector: str
 def stack_field(cfg: Config, night: str, *, field_name: str | None = None,
                 classes: list[str] | None = None, where: str | None = None,
                 weighting: str = "quality", sigma: float = 3.0, iterations: int = 3,
-                detector: str | None = None, output: str | Path | None = None
-                ) -> StackRun:
+                detector: str | None = None, output: str | Path | None = None,
+                interpolation: str = "bilinear") -> StackRun:
     """Choose, register, scale and combine one field's frames of a night; write the FITS.
 
     Parameters
@@ -236,11 +239,16 @@ def stack_field(cfg: Config, night: str, *, field_name: str | None = None,
         The detector of mosaic frames to stack.
     output
         The FITS file (default :func:`survey_qa.paths.stack_file`).
+    interpolation
+        ``bilinear`` or ``cubic`` (:data:`INTERPOLATIONS`).
 
     Raises ``ValueError`` on a wrong argument, a missing catalog or no usable frame.
     """
     from survey_qa.pipeline.schema import CLASSES
 
+    if interpolation not in INTERPOLATIONS:
+        raise ValueError(f"--interpolation: {interpolation!r} is not one of "
+                         f"{', '.join(INTERPOLATIONS)}")
     if weighting not in WEIGHTINGS:
         raise ValueError(f"--weighting: {weighting!r} is not one of {', '.join(WEIGHTINGS)}")
     classes = ["good"] if classes is None else list(classes)
@@ -255,7 +263,7 @@ def stack_field(cfg: Config, night: str, *, field_name: str | None = None,
                          f"(classes {', '.join(classes) or 'all'}{', ' + where if where else ''})")
     rows, name, notes = one_field(detector_rows(exposures, chosen, detector), field_name)
     ref = stack.choose_reference(transparency(rows), frame_fwhm(rows))
-    frames = _register_and_read(cfg, rows, sources, ref)
+    frames = _register_and_read(cfg, rows, sources, ref, INTERPOLATIONS[interpolation])
     weights = (stack.quality_weights(frames.throughput, frames.star_noise_adu, frame_fwhm(rows))
                if weighting == "quality" else np.where(frames.used, 1.0, 0.0))
     weights = np.where(frames.used, weights, 0.0)
@@ -266,7 +274,8 @@ def stack_field(cfg: Config, night: str, *, field_name: str | None = None,
                            scale / frames.gain, sigma=sigma, iterations=iterations)
     provenance = _provenance(rows, frames, weights, result, ref)
     settings = {"night": night, "field": name, "weighting": weighting, "sigma": sigma,
-                "iterations": iterations, "classes": classes, "where": where or ""}
+                "iterations": iterations, "classes": classes, "where": where or "",
+                "interpolation": interpolation}
     path = Path(output) if output else paths.stack_file(cfg.run.out_root, night,
                                                         file_name(name))
     write_stack(path, result, provenance, settings, _reference_wcs(rows.iloc[ref],
@@ -303,15 +312,15 @@ def _read_frame(cfg: Config, row: pd.Series):
 
 
 def _register_and_read(cfg: Config, rows: pd.DataFrame, sources: pd.DataFrame,
-                       ref: int) -> _Frames:
+                       ref: int, order: int = 1) -> _Frames:
     """Register every frame to ``rows[ref]``, read it, subtract its sky and resample it."""
     n = len(rows)
-    order = [ref, *[i for i in range(n) if i != ref]]
+    reference_first = [ref, *[i for i in range(n) if i != ref]]
     fwhm = np.nan_to_num(frame_fwhm(rows), nan=DEFAULT_FWHM_PX)
     ref_xy, ref_flux, ref_ok = frame_stars(sources, rows.at[ref, "exposure"],
                                            rows.at[ref, "detector"])
     frames: _Frames | None = None
-    for i in order:
+    for i in reference_first:
         row = rows.iloc[i]
         try:
             if i == ref:
@@ -329,7 +338,7 @@ def _register_and_read(cfg: Config, rows: pd.DataFrame, sources: pd.DataFrame,
             star_noise = stack.star_scale_noise(residual, image.mask,
                                                 round(STAR_BOX_FWHM * fwhm[i]))
             data, mask = stack.resample(residual, image.mask, reg.matrix,
-                                        frames.data.shape[1:])
+                                        frames.data.shape[1:], order=order)
         except (ValueError, QualityError, OSError) as e:
             if i == ref:
                 raise ValueError(f"the reference frame {row['exposure']} cannot be used: "
@@ -431,7 +440,8 @@ def write_stack(path: str | Path, result: stack.StackResult, provenance: pd.Data
         "WEIGHTNG": (settings["weighting"], "quality: t^2/(sigma^2 FWHM^2); equal"),
         "CLIPSIG": (float(settings["sigma"]), "clipping threshold (0: none)"),
         "CLIPITER": (int(settings["iterations"]), "clipping passes at most"),
-        "INTERP": ("bilinear", "resampling onto the reference grid"),
+        "INTERP": (settings.get("interpolation", "bilinear"), "resampling onto the "
+                   "reference grid"),
         "REGISTER": ("stars", "similarity transform from matched stars"),
         "SKYSUB": (True, "each frame's mesh sky subtracted"),
         "NREJECT": (int(provenance["rejected_px"].sum()), "pixels rejected by clipping"),

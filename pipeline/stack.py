@@ -212,7 +212,9 @@ def resample(data: np.ndarray, mask: np.ndarray, matrix: np.ndarray,
     shape
         The reference's shape ``(ny, nx)``.
     order
-        Spline order of the interpolation (1: bilinear).
+        Spline order of the interpolation (1: bilinear, 3: bicubic spline). Beyond 1,
+        the ringing that a masked pixel (set to 0) leaves in the spline is masked too:
+        the mask grows by ``order`` pixels.
 
     Returns
     -------
@@ -225,7 +227,10 @@ def resample(data: np.ndarray, mask: np.ndarray, matrix: np.ndarray,
                                    mode="constant", cval=0.0, prefilter=order > 1)
     bad = ndimage.affine_transform(mask.astype(np.float32), lin, offset, output_shape=shape,
                                    order=1, mode="constant", cval=1.0)
-    return out.astype(np.float32, copy=False), bad > MASK_TOLERANCE
+    bad = bad > MASK_TOLERANCE
+    if order > 1 and bad.any():
+        bad = ndimage.binary_dilation(bad, iterations=order)
+    return out.astype(np.float32, copy=False), bad
 
 
 # ---------------------------------------------------------------------------- weights

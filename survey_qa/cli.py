@@ -317,9 +317,12 @@ def stack_main(argv: list[str]) -> int:
     p.add_argument("--any-class", action="store_true", help="stack frames of every class")
     p.add_argument("--where", help="pandas expression over catalog columns, as in select")
     p.add_argument("--weighting", choices=("quality", "equal"), default="quality",
-                   help="quality: t^2 / (sky noise^2 FWHM^2) per frame; equal: all alike")
+                   help="quality: t^2 / (noise^2 FWHM^2) per frame (t: throughput, noise: "
+                        "on a star's scale); equal: all alike")
     p.add_argument("--sigma", type=float, default=3.0,
                    help="clipping threshold in expected scatters (0: no clipping)")
+    p.add_argument("--interpolation", choices=("bilinear", "cubic"), default="bilinear",
+                   help="resampling onto the reference grid")
     p.add_argument("--detector", help="the detector to stack when the frames are mosaics")
     p.add_argument("--output", help="the FITS file (default: "
                                     "<out-root>/stacks/<night>/<field>.fits)")
@@ -331,7 +334,7 @@ def stack_main(argv: list[str]) -> int:
     classes = [] if a.any_class else a.classes
     run = stack_field(cfg, a.night, field_name=a.field, classes=classes, where=a.where,
                       weighting=a.weighting, sigma=a.sigma, detector=a.detector,
-                      output=a.output)
+                      output=a.output, interpolation=a.interpolation)
     print(run.report())
     return 0
 

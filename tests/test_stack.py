@@ -77,6 +77,10 @@ def test_resampling_puts_a_frame_on_the_reference_grid():
             ratios.append(data[box].sum() / ref.image[box].sum())
     assert len(ratios) > 15 and np.median(ratios) == pytest.approx(1.0, abs=0.01)
     assert np.all(np.abs(np.array(ratios) - 1) < 0.06)  # photon noise of the neighbours
+    cubic, cubic_mask = stack.resample(frame.image, mask, reg.matrix, SHAPE, order=3)
+    assert (cubic_mask >= out_mask).all() and cubic_mask.sum() > out_mask.sum()
+    inside = ~cubic_mask
+    assert np.abs(cubic - ref.image)[inside].max() < np.abs(data - ref.image)[inside].max()
 
 
 def test_quality_weights_and_reference():
