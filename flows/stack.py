@@ -2,9 +2,10 @@
 
 Reads the night's catalogs, chooses the frames as ``survey-qa select`` does (classes,
 ``--where``), keeps one field, registers every frame to the field's reference frame from
-the catalogued stars, subtracts its sky, scales it to the reference photometry, combines
-the frames with quality weights and sigma clipping (:mod:`survey_qa.pipeline.stack`) and
-writes ``<out-root>/stacks/<night>/<field>.fits`` atomically:
+the catalogued stars, divides it by the master flat the nightly job uses (if any),
+subtracts its sky, scales it to the reference photometry, combines the frames with
+quality weights and sigma clipping (:mod:`survey_qa.pipeline.stack`) and writes
+``<out-root>/stacks/<night>/<field>.fits`` atomically:
 
 - primary HDU: the stack (float32, ADU of the reference frame, sky subtracted), with the
   reference frame's celestial WCS when it had one, and the combination settings as
@@ -33,6 +34,7 @@ from astropy.table import Table
 from survey_qa import __version__, paths
 from survey_qa.atomic import atomic_target
 from survey_qa.config import Config
+from survey_qa.flows import illumination
 from survey_qa.pipeline import selection, stack
 from survey_qa.pipeline.background import measure_background
 from survey_qa.pipeline.errors import QualityError, exception_text
@@ -331,6 +333,9 @@ def _register_and_read(cfg: Config, rows: pd.DataFrame, sources: pd.DataFrame,
                 if not (math.isfinite(reg.throughput) and reg.throughput > 0):
                     raise ValueError("no flux ratio from the matched stars")
             image = _read_frame(cfg, row)
+            flat = illumination.detector_flat(image, cfg)
+            if flat is not None:  # the master flat the nightly job divides by
+                image = illumination.flat_fielded(image, flat)
             if frames is None:
                 frames = _empty_frames(n, image.data.shape)
             sky = measure_background(image.data, image.mask, cfg.background)

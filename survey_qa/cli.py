@@ -324,6 +324,9 @@ def stack_main(argv: list[str]) -> int:
     p.add_argument("--interpolation", choices=("bilinear", "cubic"), default="bilinear",
                    help="resampling onto the reference grid")
     p.add_argument("--detector", help="the detector to stack when the frames are mosaics")
+    p.add_argument("--flat", metavar="FILE",
+                   help="master flat field (FITS) every frame is divided by, as in the "
+                        "nightly job")
     p.add_argument("--output", help="the FITS file (default: "
                                     "<out-root>/stacks/<night>/<field>.fits)")
     a, cfg = parse_command(p, argv)
