@@ -48,10 +48,6 @@ INTERPOLATIONS = {"bilinear": 1, "cubic": 3}
 WEIGHTINGS = ("quality", "equal")
 """``--weighting``: inverse variance for faint point sources, or every frame alike."""
 
-FIELD_COLUMNS = ("object", "field")
-"""Catalog columns that name a frame's field, the first one filled wins: ``OBJECT``, else
-the field group the nightly job found (named after its first exposure)."""
-
 STAR_BOX_FWHM = 2.0
 """A frame's noise on the scale of a star is measured in boxes this many FWHM wide."""
 
@@ -126,43 +122,59 @@ def detector_rows(exposures: pd.DataFrame, chosen: pd.DataFrame,
         raise ValueError(f"the frames are mosaics: choose one --detector ({names})")
     extra = chosen[["exposure", "weight", "star_flux_adu"]].rename(
         columns={"weight": "select_weight"})
-    return rows.merge(extra, on="exposure", how="left").reset_index(drop=True)
+    rows = rows.merge(extra, on="exposure", how="left").reset_index(drop=True)
+    every = exposures[exposures["detector"] != "ALL"].drop_duplicates("exposure")
+    named = pd.Series(field_names(every).to_numpy(), index=every["exposure"].to_numpy())
+    rows["field_name"] = rows["exposure"].map(named).fillna("")
+    return rows
+
+
+def _text(rows: pd.DataFrame, column: str) -> pd.Series:
+    if column not in rows:
+        return pd.Series("", index=rows.index)
+    return rows[column].fillna("").astype(str).str.strip()
 
 
 def field_names(rows: pd.DataFrame) -> pd.Series:
-    """Each row's field: the first of :data:`FIELD_COLUMNS` that is filled ('' if none)."""
-    names = pd.Series("", index=rows.index)
-    for col in FIELD_COLUMNS[::-1]:
-        if col in rows:
-            value = rows[col].fillna("").astype(str).str.strip()
-            names = value.where(value != "", names)
+    """Each row's field name, aligned with ``rows``.
+
+    Frames are grouped by the nightly job's field group (``field``) where they have one,
+    else by ``OBJECT``. A group is named by its ``OBJECT`` when its frames share one that
+    no other group uses, else by the group's own name (its first exposure); '' when
+    nothing names it.
+    """
+    obj, group = _text(rows, "object"), _text(rows, "field")
+    names = obj.copy()
+    grouped = group != ""
+    for g, index in group[grouped].groupby(group[grouped]).groups.items():
+        objects = set(obj[index]) - {""}
+        elsewhere = set(obj[grouped & (group != g)])
+        names[index] = objects.pop() if len(objects) == 1 and not objects & elsewhere else g
     return names
 
 
 def one_field(rows: pd.DataFrame, wanted: str | None) -> tuple[pd.DataFrame, str, list[str]]:
     """The rows of one field, its name, and notes on frames left out.
 
-    ``wanted`` picks the field (matched against every column of :data:`FIELD_COLUMNS`);
-    without it the chosen frames must hold one field. Of frames of several detector
-    shapes, those of the most common shape are kept.
+    ``wanted`` picks the field by its name (``field_name`` when the rows carry it, else
+    :func:`field_names`), its ``OBJECT`` or its field group; without it the rows must hold
+    one field. Of frames of several detector shapes, those of the most common shape are
+    kept.
     """
-    names = field_names(rows)
+    names = rows["field_name"] if "field_name" in rows else field_names(rows)
     if wanted is not None:
-        hit = np.zeros(len(rows), bool)
-        for col in FIELD_COLUMNS:
-            if col in rows:
-                hit |= (rows[col].fillna("").astype(str).str.strip() == wanted).to_numpy()
-        rows, name = rows[hit], wanted
-        if rows.empty:
+        hit = (names == wanted) | (_text(rows, "object") == wanted) | \
+            (_text(rows, "field") == wanted)
+        if not hit.any():
             known = ", ".join(sorted(set(names) - {""})) or "none named"
             raise ValueError(f"--field: no chosen frame of field {wanted!r} (fields: {known})")
-    else:
-        counts = names.value_counts()
-        if len(counts) > 1:
-            listed = ", ".join(f"{k or '(unnamed)'} ({v})" for k, v in counts.items())
-            raise ValueError(f"the chosen frames hold several fields: {listed}; "
-                             "choose one with --field")
-        name = counts.index[0] if len(counts) else ""
+        rows, names = rows[hit], names[hit]
+    counts = names.value_counts()
+    if len(counts) > 1:
+        listed = ", ".join(f"{k or '(unnamed)'} ({v})" for k, v in counts.items())
+        raise ValueError(f"the chosen frames hold several fields: {listed}; "
+                         "choose one with --field")
+    name = counts.index[0] if len(counts) else ""
     notes = []
     shapes = rows[["nx", "ny"]].astype(int).apply(tuple, axis=1)
     if shapes.nunique() > 1:
@@ -227,8 +239,8 @@ def stack_field(cfg: Config, night: str, *, field_name: str | None = None,
     Parameters
     ----------
     field_name
-        The field (``OBJECT`` or the catalog's ``field`` group); None: the chosen frames
-        must hold one.
+        The field (its name, ``OBJECT`` or the catalog's ``field`` group,
+        :func:`field_names`); None: the chosen frames must hold one.
     classes
         Quality classes to stack (default: ``good``); an empty list: every class.
     where
@@ -438,7 +450,7 @@ def write_stack(path: str | Path, result: stack.StackResult, provenance: pd.Data
         "QAVERS": (__version__, "survey-qa version"),
         "DATE": (datetime.now(timezone.utc).strftime("%Y-%m-%dT%H:%M:%S"), "written (UTC)"),
         "NIGHT": (settings["night"], "night of the frames"),
-        "FIELD": (fits_text(settings["field"]), "field (OBJECT, else field group)"),
+        "FIELD": (fits_text(settings["field"]), "field (OBJECT or field group)"),
         "REFEXP": (fits_text(ref.iloc[0] if len(ref) else ""), "reference exposure"),
         "NCOMBINE": (int(used.sum()), "frames combined"),
         "NCHOSEN": (len(provenance), "frames chosen"),

@@ -299,6 +299,15 @@ def test_frames_of_several_fields_need_a_field(night):
         stack_flow.one_field(table, None)
     assert stack_flow.file_name("NGC 224 / M31") == "NGC_224_M31"
     assert stack_flow.file_name("") == "field"
+    # the nightly job's field groups split one OBJECT pointed twice
+    table["object"] = "M42"
+    table["field"] = ["f0", "f0", "f0", "f3", "f3"]
+    assert stack_flow.field_names(table).tolist() == ["f0", "f0", "f0", "f3", "f3"]
+    with pytest.raises(ValueError, match="several fields: f0 \\(3\\), f3 \\(2\\)"):
+        stack_flow.one_field(table, "M42")
+    assert stack_flow.one_field(table, "f3")[0]["exposure"].tolist() == ["f3", "f4"]
+    table.loc[table["field"] == "f3", "object"] = "M43"
+    assert stack_flow.field_names(table).tolist() == ["M42"] * 3 + ["M43"] * 2
 
 
 def test_mosaics_need_a_detector_and_the_clearest_sharpest_frame_is_the_reference():
