@@ -360,3 +360,41 @@ def load_som(path: PathLike) -> SomModel:
     return SomModel(weights=weights, stamp_shape=tuple(meta["stamp_shape"]),
                     quantization_error=meta["quantization_error"],
                     topographic_error=meta["topographic_error"], info=meta["info"])
+
+
+# ---------------------------------------------------------------------------- restoration
+
+RESTORATION_FILE = "restoration.safetensors"
+RESTORATION_FORMAT = "survey-qa-restoration-1"
+
+
+def save_restoration(net, path: PathLike, info: dict | None = None) -> Path:
+    """Write a multi-frame restoration network
+    (:class:`~survey_qa.models.components.restoration.RestorationUNet`) and its metadata
+    (architecture, SHA-256, ``info``)."""
+    def sidecar(digest: str) -> dict[str, Any]:
+        return {"format": RESTORATION_FORMAT, "architecture": net.arch.to_dict(),
+                "weights_sha256": digest, **(info or {})}
+
+    return write_weights(path, net.state_dict(), {"format": RESTORATION_FORMAT}, sidecar)
+
+
+def load_restoration(path: PathLike | None = None) -> tuple[Any, dict[str, Any]]:
+    """The restoration network (eval mode, CPU) and its metadata; None: the packaged one.
+
+    Raises ``ValueError`` when the files are missing, of another format, or the tensors do
+    not match their checksum.
+    """
+    from survey_qa.models.components.restoration import RestorationArch, RestorationUNet
+
+    path = Path(path) if path is not None else packaged_weights(RESTORATION_FILE)
+    if not path.is_file() or not metadata_path(path).is_file():
+        raise ValueError(f"no restoration weights at {path} (with {metadata_path(path).name})")
+    meta = read_sidecar(path)
+    if meta.get("format") != RESTORATION_FORMAT:
+        raise ValueError(f"{path}: not survey-qa restoration weights")
+    tensors, _ = read_tensors(path, meta.get("weights_sha256"))
+    net = RestorationUNet(RestorationArch.from_dict(meta["architecture"]))
+    net.load_state_dict(tensors, strict=True)
+    net.eval()
+    return net, meta
