@@ -78,10 +78,12 @@ def read_stars(work: tuple[Path, str], rows: dict[int, dict], cfg: Config
             table = pq.read_table(path, columns=list(SOURCE_READ)).to_pandas()
         except (OSError, ValueError):  # absent or damaged: the frame has no stars here
             continue
+        by_detector = dict(tuple(table.groupby("detector", sort=False)))
         for i in positions:
             r = rows[i]
-            chosen = sequence.select_stars(table[table["detector"] == r["detector"]],
-                                           cfg.sequence.min_snr)
+            if r["detector"] not in by_detector:
+                continue
+            chosen = sequence.select_stars(by_detector[r["detector"]], cfg.sequence.min_snr)
             if len(chosen) >= 3:
                 stars[i] = sequence.FrameStars.from_sources(
                     chosen, float(r.get("exptime_s") or math.nan), cfg.sequence.max_stars)
@@ -170,13 +172,12 @@ def measure_night(rows: list[dict], cfg: Config, store) -> dict[int, dict]:
     if not cfg.sequence.enabled:
         return {}
     s = cfg.sequence
-    work = _work(store)
+    sets = candidate_sets(rows)
+    stars = read_stars(_work(store), {i: r for c in sets for i, r in c.items()}, cfg)
     changed = {}
-    for candidates in candidate_sets(rows):
-        stars = read_stars(work, candidates, cfg)
-        groups = sequence.field_groups({i: r for i, r in candidates.items()}, stars,
-                                       s.field_radius, s.pattern_tries, s.control_stars,
-                                       s.match_tolerance_px)
+    for candidates in sets:
+        groups = sequence.field_groups(candidates, stars, s.field_radius, s.pattern_tries,
+                                       s.control_stars, s.match_tolerance_px)
         for members in groups:
             changed.update(field_rows(rows, members, stars, cfg))
     changed.update(summary_rows(rows, changed))

@@ -10,6 +10,37 @@ reference star list with astroalign's asterism matching (triangle invariants and
 on the brightest stars of each, then pairs every star of the two lists that the transform
 brings within ``tolerance_px`` of each other (mutual nearest neighbours) and refits the
 transform by least squares on all those pairs.
+
+Fields
+------
+Frames of one detector geometry and filter are of one field when their centres on the sky
+(WCS or pointing keywords) lie within ``field_radius`` fields of view of the field's first
+frame; without a position, frames of one ``OBJECT`` are; without either, frames whose star
+patterns match (:func:`field_groups`). The field's reference frame is the one with the
+most well-measured stars; every other frame is matched to it (:func:`match_field`).
+
+Transparency and extinction spread
+----------------------------------
+With ``m[f, s]`` the magnitude of the flux per second of reference star ``s`` in frame
+``f`` (:func:`magnitude_offsets`):
+
+- each frame's offset is the median over its matched stars of ``m[f, s] - r[s]``, with
+  ``r[s]`` the star's median magnitude over the most transparent frames
+  (``sequence.best_share`` of them, offsets taken out); the offsets are shifted so that
+  those frames read 0. That is ``transparency_mag``: clear frames ~0, cloud positive.
+- the residuals ``m[f, s] - offset[f] - r[s]`` at the stars' reference positions are
+  smoothed with a Gaussian kernel (``sequence.map_scale`` of the detector's longer side,
+  weights from the photometric errors) and ``k_raw`` is P99 - P1 of that map
+  (:func:`extinction_spread`). Maps of pure noise (each star drawn from its error, the
+  errors scaled so that they explain the scatter on the most transparent frames,
+  :func:`noise_scale`) give the part of ``k_raw`` that noise makes, removed in quadrature.
+  That is ``extinction_spread_mag``, the spec's ``k``.
+
+What it does not see: stars that a thick patch removes from the frame carry no offset,
+so ``k`` and the transparency of a patchy frame are measured on the stars that survive
+(an underestimate where a patch is opaque); airmass is not corrected (it is part of
+the transparency); the Kron fluxes of a frame whose PSF changes a lot over the field
+(optics, a much larger seeing) add a spread of their own.
 """
 from __future__ import annotations
 
@@ -492,6 +523,8 @@ them."""
 
 
 def _accept(match: tuple) -> tuple:
+    """``match`` (:func:`match_stars`), or :class:`MatchError` when its transform changes
+    the scale by more than :data:`MAX_SCALE_CHANGE`."""
     if abs(match[0].scale - 1.0) > MAX_SCALE_CHANGE:
         raise MatchError(f"the scale changes by {abs(match[0].scale - 1.0):.1%}")
     return match
