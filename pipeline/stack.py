@@ -69,6 +69,9 @@ REFERENCE_TOLERANCE_MAG = 0.1
 """The reference is the sharpest frame among those within this many magnitudes of the
 most transparent frame."""
 
+REFERENCE_MAX_FWHM_RATIO = 1.5
+"""Frames with a FWHM above this many times the median of the field's are no reference."""
+
 MASK_TOLERANCE = 1e-3
 """An interpolated mask above this share of a masked input pixel masks the output pixel."""
 
@@ -290,6 +293,10 @@ def choose_reference(transparency: np.ndarray, fwhm_px: np.ndarray,
                      tolerance_mag: float = REFERENCE_TOLERANCE_MAG) -> int:
     """Index of the reference frame: the smallest FWHM among the most transparent.
 
+    Frames whose FWHM exceeds :data:`REFERENCE_MAX_FWHM_RATIO` times the median of the
+    frames' FWHM (out of focus, trailed) are no candidates while others are: their star
+    positions would blur every frame registered on them.
+
     Parameters
     ----------
     transparency
@@ -297,13 +304,22 @@ def choose_reference(transparency: np.ndarray, fwhm_px: np.ndarray,
     fwhm_px
         Each frame's FWHM; NaN unknown.
     tolerance_mag
-        Frames within this many magnitudes of the clearest count as the most transparent.
+        Frames within this many magnitudes of the clearest candidate count as the most
+        transparent.
     """
     t = np.asarray(transparency, float)
     f = np.where(np.isfinite(fwhm_px), np.asarray(fwhm_px, float), np.inf)
-    if not np.isfinite(t).any():
-        return int(np.argmin(f))
-    clear = np.isfinite(t) & (t >= np.nanmax(t) * 10 ** (-0.4 * tolerance_mag))
+    candidates = np.isfinite(f)
+    if candidates.any():
+        candidates &= f <= REFERENCE_MAX_FWHM_RATIO * np.median(f[candidates])
+    else:
+        candidates[:] = True
+    known = candidates & np.isfinite(t)
+    if not known.any():
+        return int(np.argmin(np.where(candidates, f, np.inf)))
+    clear = known & (t >= t[known].max() * 10 ** (-0.4 * tolerance_mag))
+    if not np.isfinite(f[clear]).any():  # no FWHM known: the clearest
+        return int(np.argmax(np.where(known, t, -np.inf)))
     return int(np.argmin(np.where(clear, f, np.inf)))
 
 

@@ -90,6 +90,9 @@ def test_quality_weights_and_reference():
     # the sharpest of the frames within 0.1 mag of the clearest
     assert stack.choose_reference([1.0, 0.95, 0.5, 0.99], [4.0, 3.0, 2.0, np.nan]) == 1
     assert stack.choose_reference([np.nan, np.nan], [4.0, 3.0]) == 1
+    # a clear frame out of focus is no reference
+    assert stack.choose_reference([1.0, 0.6, 0.62, 0.6], [15.0, 3.0, 2.5, 3.2]) == 2
+    assert stack.choose_reference([0.9, 1.0], [np.nan, np.nan]) == 1
 
 
 def flat_frames(n=6, noise=5.0, seed=0, fwhm=(3.0,)):
