@@ -12,7 +12,9 @@ read with ``allow_pickle=False``; Lightning checkpoints are read with
   :func:`load_scorer`; its ``version`` is ``ae<format>-<first 10 hex of the SHA-256>``;
 - the exposure classifier: :func:`save_classifier`, :func:`read_classifier`; its
   version is ``cnn-<first 12 hex of the SHA-256>``;
-- the SOM: :func:`save_som`, :func:`load_som`.
+- the SOM: :func:`save_som`, :func:`load_som`;
+- the multi-frame restoration network: :func:`save_restoration`,
+  :func:`load_restoration` (the sidecar holds the tensors' SHA-256).
 
 Packaged weights live in ``survey_qa/weights/`` (:func:`packaged_weights`).
 """
