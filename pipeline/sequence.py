@@ -35,6 +35,9 @@ With ``m[f, s]`` the magnitude of the flux per second of reference star ``s`` in
   errors scaled so that they explain the scatter on the most transparent frames,
   :func:`noise_scale`) give the part of ``k_raw`` that noise makes, removed in quadrature.
   That is ``extinction_spread_mag``, the spec's ``k``.
+- a star brighter than on the most transparent frames beyond its noise is left out of
+  both (:func:`brightened`): cloud only dims, so that is light added to it (a cosmic
+  ray, a satellite trail, a blend).
 
 What it does not see: stars that a thick patch removes from the frame carry no offset,
 so ``k`` and the transparency of a patchy frame are measured on the stars that survive
@@ -500,6 +503,22 @@ def noise_scale(residuals: np.ndarray, errors: np.ndarray) -> float:
     return max(1.0, float(1.4826 * np.median(np.abs(z - np.median(z)))))
 
 
+BRIGHTER_SIGMA = 5.0
+BRIGHTER_MAG = 0.1
+"""A star is contaminated (a cosmic ray or a satellite in its aperture, a blend) when it
+is brighter than on the most transparent frames by more than ``BRIGHTER_SIGMA`` of its
+error plus ``BRIGHTER_MAG``: extinction only dims."""
+
+
+def brightened(extinction: np.ndarray, sigma: np.ndarray) -> np.ndarray:
+    """Where a star's extinction against the most transparent frames (mag) is negative
+    beyond its noise (:data:`BRIGHTER_SIGMA`, :data:`BRIGHTER_MAG`): not extinction but
+    light added to it. False where either is NaN."""
+    with np.errstate(invalid="ignore"):
+        return extinction < -(BRIGHTER_SIGMA * np.where(np.isfinite(sigma), sigma, 0.0)
+                              + BRIGHTER_MAG)
+
+
 def frame_motion(transform: SimilarityTransform, shape: tuple[int, int]
                  ) -> tuple[float, float, float]:
     """Shift (x, y pixels) and rotation (degrees) of a frame against its reference.
@@ -633,6 +652,11 @@ def field_records(stars: dict[int, FrameStars], shape: tuple[int, int], cfg: Seq
     best = np.argsort(np.where(np.isfinite(offsets), offsets, np.inf))[
         :max(1, math.ceil(cfg.best_share * len(positions)))]
     scale = noise_scale(residual[best], errs[best])
+    brighter = brightened(mags - reference[None, :], scale * errs)
+    if brighter.any():
+        mags[brighter] = np.nan
+        offsets, reference = magnitude_offsets(mags, cfg.best_share)
+        residual = mags - offsets[:, None] - reference[None, :]
     sigma_px = cfg.map_scale * max(shape)
     for row, i in enumerate(positions):
         record = records[i]

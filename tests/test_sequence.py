@@ -100,7 +100,6 @@ def test_transparency_and_k_of_a_field_with_uniform_and_patchy_cloud():
     rec = records_of(frames)
     t = np.array([rec[f]["transparency_mag"] for f in range(10)])
     k = np.array([rec[f]["extinction_spread_mag"] for f in range(10)])
-    print(np.round(t, 3), np.round(k, 3))
     assert all(r["matched"] for r in rec.values())
     clear = [0, 1, 2, 4, 5, 8]
     # uniform cloud: the offsets, clear frames ~0 (the best frames are the zero)
