@@ -346,3 +346,22 @@ def test_noise_on_the_scale_of_a_star_sees_sky_structure():
     cloudy = white + 8.0 * np.sin(xx / 9.0) * np.cos(yy / 13.0)  # 4 ADU rms, coherent
     assert stack.star_scale_noise(cloudy, mask, 6) > 2 * 10.0
     assert math.isnan(stack.star_scale_noise(white, np.ones(white.shape, bool), 6))
+
+
+def test_a_frame_that_does_not_register_is_left_out_with_its_reason(night, capsys):
+    raw, out, _ = night
+    path = paths.catalog_file(out, "sources", NIGHT)
+    src = pd.read_parquet(path)
+    lost = src["exposure"] == "f3"
+    rng = np.random.default_rng(7)
+    src.loc[lost, "x"] = rng.uniform(0, 128, lost.sum())
+    src.loc[lost, "y"] = rng.uniform(0, 128, lost.sum())
+    outputs.consolidate(rows_to_table(src.to_dict("records"), SOURCE_SCHEMA), out, "sources",
+                        NIGHT)
+    assert main(["stack", "--night", NIGHT, "--out-root", str(out), "--any-class"]) == 0
+    assert "left out    f3: " in capsys.readouterr().out
+    with fits.open(paths.stack_file(out, NIGHT, "M42")) as hdul:
+        prov = hdul["PROVENANCE"].data
+        row = prov[prov["exposure"] == "f3"][0]
+        assert not row["used"] and row["weight"] == 0 and row["note"]
+        assert hdul[0].header["NCOMBINE"] == 4 and hdul[0].header["NCHOSEN"] == 5
