@@ -238,3 +238,14 @@ def test_night_pass_leaves_a_night_without_fields_unchanged(tmp_path):
     assert [r["field"] for r in out[4:]] == ["few-1", "few-1"]
     assert all("FEW_FIELD_FRAMES" in decode_flags(r["qa_flags"]) for r in out[4:])
     assert all(math.isnan(r["transparency_mag"]) for r in out[4:])
+
+
+def test_stars_brightened_by_contamination_do_not_make_k():
+    rng = np.random.default_rng(26)
+    frames = field_frames(rng, [0.0] * 6)
+    f = frames[2]
+    hit = f.index[(f["x"] > 600) & (f["y"] > 600)][:4]  # cosmic rays or a trail on 4 stars
+    frames[2] = f.assign(flux=f["flux"].where(~f.index.isin(hit), f["flux"] * 4))
+    rec = records_of(frames)
+    assert rec[2]["extinction_spread_mag"] < 0.06
+    assert abs(rec[2]["transparency_mag"]) < 0.02
