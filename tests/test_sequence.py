@@ -249,3 +249,21 @@ def test_stars_brightened_by_contamination_do_not_make_k():
     rec = records_of(frames)
     assert rec[2]["extinction_spread_mag"] < 0.06
     assert abs(rec[2]["transparency_mag"]) < 0.02
+
+
+def test_the_frame_centre_from_the_wcs_else_the_pointing_keywords():
+    from astropy.io import fits
+
+    from survey_qa.pipeline import io
+
+    h = fits.Header({"NAXIS": 2, "NAXIS1": 1001, "NAXIS2": 801, "CTYPE1": "RA---TAN",
+                     "CTYPE2": "DEC--TAN", "CRPIX1": 1.0, "CRPIX2": 1.0, "CRVAL1": 150.0,
+                     "CRVAL2": 2.0, "CD1_1": -1e-4, "CD1_2": 0.0, "CD2_1": 0.0,
+                     "CD2_2": 1e-4, "RA": "00:00:00", "DEC": "+00:00:00"})
+    ra, dec = io.pointing(h)  # the WCS at the image centre wins over the keywords
+    assert ra == pytest.approx(150.0 - 0.05 / math.cos(math.radians(2.0)), abs=1e-4)
+    assert dec == pytest.approx(2.04, abs=1e-4)
+    assert io.pointing(fits.Header({"OBJCTRA": "04 12 12.4", "OBJCTDEC": "+22 53 01"})) \
+        == pytest.approx((63.0517, 22.8836), abs=1e-3)
+    assert io.pointing(fits.Header({"RA": 180.5, "DEC": -30.0})) == (180.5, -30.0)
+    assert all(math.isnan(v) for v in io.pointing(fits.Header({"RA": "n/a", "DEC": 5})))
