@@ -27,6 +27,10 @@ and measures on each, at the true positions of the reference frame's stars (the 
   frame's true fluxes (bias: before the correction, i.e. the aperture loss plus any scale
   error).
 
+It also checks the registration of every frame of ``all, quality`` against the truth:
+the reference's true star positions carried into the frame by the recorded drift and
+rotation, against the frame's true positions of the same stars.
+
 Prints the table, writes ``stack_sequence.json`` and ``stack_sequence.png`` (the two main
 stacks side by side) under ``--results``.
 """
@@ -152,6 +156,30 @@ def measure(image: np.ndarray, stars: pd.DataFrame, faint: set, bright: set,
             "n_bright": int(is_bright.sum()), "n_faint": int(is_faint.sum())}
 
 
+def registration_errors(path: Path, truth: pd.DataFrame) -> pd.DataFrame:
+    """Per registered frame: the rms and largest distance (px) between the true positions
+    of its stars and the reference's true positions carried by its registration (the
+    provenance's drift at the centre and rotation; frames of one camera, scale 1)."""
+    with fits.open(path) as h:
+        ny, nx = h[0].data.shape
+        prov = pd.DataFrame(h["PROVENANCE"].data.tolist(), columns=h["PROVENANCE"].columns.names)
+    ref = prov.loc[prov["is_reference"], "exposure"].iloc[0]
+    r = truth[truth["exposure"] == ref].set_index("star_id")
+    cx, cy = (nx - 1) / 2, (ny - 1) / 2
+    rows = []
+    for p in prov[prov["used"] & ~prov["is_reference"]].itertuples():
+        f = truth[truth["exposure"] == p.exposure].set_index("star_id")
+        ids = r.index.intersection(f.index)
+        a = math.radians(p.rotation_deg)
+        u, v = r.loc[ids, "x"] - cx, r.loc[ids, "y"] - cy
+        x = cx + math.cos(a) * u - math.sin(a) * v + p.shift_x_px
+        y = cy + math.sin(a) * u + math.cos(a) * v + p.shift_y_px
+        d = np.hypot(x - f.loc[ids, "x"], y - f.loc[ids, "y"])
+        rows.append({"exposure": p.exposure, "stars": len(ids),
+                     "rms_px": float(np.sqrt(np.mean(d ** 2))), "max_px": float(d.max())})
+    return pd.DataFrame(rows)
+
+
 # ---------------------------------------------------------------------------- the runs
 
 
@@ -239,9 +267,15 @@ def main(argv=None) -> int:
     result = pd.DataFrame(table)
     pd.set_option("display.width", 200)
     print(result.to_string(index=False, float_format=lambda v: f"{v:.3f}"))
+    reg = registration_errors(files["all, quality"], truth)
+    print(f"registration of the {len(reg)} frames of 'all, quality' against the true star "
+          f"positions: rms per frame median {reg['rms_px'].median():.3f} px, largest "
+          f"{reg['rms_px'].max():.3f} px ({reg.loc[reg['rms_px'].idxmax(), 'exposure']}), "
+          f"largest single star {reg['max_px'].max():.3f} px")
     a.results.mkdir(parents=True, exist_ok=True)
     (a.results / "stack_sequence.json").write_text(json.dumps(
-        {"night": a.night, "raw_root": str(a.raw_root), "rows": table}, indent=1))
+        {"night": a.night, "raw_root": str(a.raw_root), "rows": table,
+         "registration": reg.to_dict("records")}, indent=1))
     png = picture(images, ["good, quality", "all, equal"], a.results / "stack_sequence.png")
     print(f"wrote {a.results / 'stack_sequence.json'} and {png}")
     return 0
