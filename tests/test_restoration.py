@@ -117,3 +117,26 @@ def test_network_beats_the_noisiest_frame_on_a_held_out_window():
     noisiest = int(np.argmax(w.noise_adu))
     assert rms(out) < rms(w.frames[noisiest])
     assert rms(out) < 1.05 * rms(w.stack)
+
+
+def test_restore_frames_keeps_the_reference_and_the_best_weights():
+    from survey_qa.flows.restore import choose_k, restore_frames
+
+    assert list(choose_k(np.array([0.2, 1.0, 0.0, 0.5, 0.7, 0.1, 0.3]), 1, 5)) == [1, 4, 3, 6, 0]
+    with pytest.raises(ValueError, match="combines 5 frames"):
+        choose_k(np.array([1.0, 0.5, 0.0, 0.0, 0.2]), 0, 5)
+    rng = np.random.default_rng(3)
+    frames = rng.normal(0.0, 5.0, (6, 32, 40)).astype(np.float32)
+    yy, xx = np.mgrid[:32, :40]
+    star = 5000.0 / (2 * np.pi * 1.5 ** 2) * np.exp(-((xx - 20) ** 2 + (yy - 16) ** 2)
+                                                    / (2 * 1.5 ** 2))
+    frames += star.astype(np.float32)
+    masks = np.zeros(frames.shape, bool)
+    out = restore_frames(frames, masks, np.array([1.0, 0.9, 0.1, 0.8, 0.7, 0.6]),
+                         np.full(6, 5.0), np.zeros(6), reference=0)
+    assert list(out.frames) == [0, 1, 3, 4, 5]
+    assert out.image.shape == (32, 40) and np.isfinite(out.image).all()
+    # the star stays, with the stack's flux within a fifth
+    assert out.image[16, 20] > 100.0
+    box = np.s_[10:23, 14:27]
+    assert np.sum(out.image[box]) == pytest.approx(np.sum(out.stack[box]), rel=0.2)
