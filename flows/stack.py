@@ -292,8 +292,7 @@ def stack_field(cfg: Config, night: str, *, field_name: str | None = None,
                 "interpolation": interpolation}
     path = Path(output) if output else paths.stack_file(cfg.run.out_root, night,
                                                         file_name(name))
-    write_stack(path, result, provenance, settings, _reference_wcs(rows.iloc[ref],
-                                                                    frames.data.shape[1:]))
+    write_stack(path, result, provenance, settings, _reference_wcs(rows.iloc[ref]))
     return StackRun(night=night, field=name or UNNAMED_FIELD, path=path,
                     provenance=provenance, noise_adu=result.noise_adu, notes=notes)
 
@@ -311,6 +310,8 @@ class _Frames:
     sky_adu: np.ndarray  # (n,) median sky subtracted
     gain: np.ndarray  # (n,) e-/ADU (inf when unknown: no photon-noise term)
     registrations: list[stack.Registration | None]
+    registered_by: list[str]  # reference | stars | wcs+stars | wcs | ''
+    scaled_by: list[str]  # reference | stars | transparency_mag | ''
     notes: list[str]
 
 
@@ -333,17 +334,16 @@ def _register_and_read(cfg: Config, rows: pd.DataFrame, sources: pd.DataFrame,
     fwhm = np.nan_to_num(frame_fwhm(rows), nan=DEFAULT_FWHM_PX)
     ref_xy, ref_flux, ref_ok = frame_stars(sources, rows.at[ref, "exposure"],
                                            rows.at[ref, "detector"])
+    ref_wcs = frame_wcs(rows.iloc[ref])
     frames: _Frames | None = None
     for i in reference_first:
         row = rows.iloc[i]
         try:
             if i == ref:
-                reg = stack.identity()
+                reg, how = stack.identity(), ("reference", "reference")
             else:
-                xy, flux, ok = frame_stars(sources, row["exposure"], row["detector"])
-                reg = stack.register(ref_xy, ref_flux, xy, flux, ref_ok, ok)
-                if not (math.isfinite(reg.throughput) and reg.throughput > 0):
-                    raise ValueError("no flux ratio from the matched stars")
+                stars = frame_stars(sources, row["exposure"], row["detector"])
+                reg, how = _register(rows, i, ref, (ref_xy, ref_flux, ref_ok), stars, ref_wcs)
             image = _read_frame(cfg, row)
             flat = illumination.detector_flat(image, cfg)
             if flat is not None:  # the master flat the nightly job divides by
@@ -372,7 +372,50 @@ def _register_and_read(cfg: Config, rows: pd.DataFrame, sources: pd.DataFrame,
         gain = image.meta.gain_e_per_adu
         frames.gain[i] = gain if math.isfinite(gain) and gain > 0 else math.inf
         frames.registrations[i] = reg
+        frames.registered_by[i], frames.scaled_by[i] = how
     return frames
+
+
+def _register(rows: pd.DataFrame, i: int, ref: int, ref_stars: tuple, stars: tuple,
+              ref_wcs) -> tuple[stack.Registration, tuple[str, str]]:
+    """Frame ``i``'s registration to ``ref`` and how it was made and scaled.
+
+    From the star patterns; where they do not match, from the two frames' WCS refined on
+    the sources it pairs. The throughput is the matched stars' flux ratio, else the
+    catalog's ``transparency_mag`` and exposure times. Raises ``ValueError`` when neither
+    way registers or scales the frame.
+    """
+    try:
+        reg, registered_by = stack.register(*ref_stars[:2], *stars[:2], ref_stars[2],
+                                            stars[2]), "stars"
+    except ValueError as e:
+        wcs = frame_wcs(rows.iloc[i]) if ref_wcs is not None else None
+        if wcs is None:
+            raise
+        matrix = stack.wcs_matrix(ref_wcs, wcs, (int(rows.at[i, "ny"]), int(rows.at[i, "nx"])))
+        reg = stack.register_by_wcs(matrix, *ref_stars[:2], *stars[:2], ref_stars[2],
+                                    stars[2])
+        registered_by = "wcs+stars" if reg.n_matched >= stack.MIN_WCS_PAIRS else "wcs"
+        if registered_by == "wcs":
+            reason = exception_text(e)
+    scaled_by = "stars"
+    if not (math.isfinite(reg.throughput) and reg.throughput > 0):
+        reg.throughput, scaled_by = _catalog_throughput(rows, i, ref), "transparency_mag"
+    if not (math.isfinite(reg.throughput) and reg.throughput > 0):
+        why = reason if registered_by == "wcs" else "no flux ratio from the matched stars"
+        raise ValueError(f"{why}; no transparency_mag to scale it")
+    return reg, (registered_by, scaled_by)
+
+
+def _catalog_throughput(rows: pd.DataFrame, i: int, ref: int) -> float:
+    """Frame ``i``'s throughput against ``ref`` from the catalog: ``transparency_mag``
+    (per second of exposure) and the exposure times; NaN when either is unknown."""
+    if "transparency_mag" not in rows:
+        return math.nan
+    dm = rows.at[i, "transparency_mag"] - rows.at[ref, "transparency_mag"]
+    ratio = rows.at[i, "exptime_s"] / rows.at[ref, "exptime_s"]
+    value = 10 ** (-0.4 * dm) * ratio
+    return float(value) if np.isfinite(value) and value > 0 else math.nan
 
 
 def _empty_frames(n: int, shape: tuple[int, int]) -> _Frames:
@@ -380,7 +423,8 @@ def _empty_frames(n: int, shape: tuple[int, int]) -> _Frames:
                    used=np.zeros(n, bool), throughput=np.full(n, math.nan),
                    noise_adu=np.full(n, math.nan), star_noise_adu=np.full(n, math.nan),
                    sky_adu=np.full(n, math.nan),
-                   gain=np.full(n, math.inf), registrations=[None] * n, notes=[""] * n)
+                   gain=np.full(n, math.inf), registrations=[None] * n,
+                   registered_by=[""] * n, scaled_by=[""] * n, notes=[""] * n)
 
 
 def _provenance(rows: pd.DataFrame, frames: _Frames, weights: np.ndarray,
@@ -405,6 +449,8 @@ def _provenance(rows: pd.DataFrame, frames: _Frames, weights: np.ndarray,
         "shift_y_px": [d[1] for d in drift],
         "rotation_deg": [r.rotation_deg if r is not None else math.nan for r in regs],
         "n_matched": [r.n_matched if r is not None else 0 for r in regs],
+        "registered_by": frames.registered_by,
+        "scaled_by": frames.scaled_by,
         "fwhm_px": frame_fwhm(rows),
         "sky_adu": frames.sky_adu,
         "sky_noise_adu": frames.noise_adu,
@@ -417,22 +463,29 @@ def _provenance(rows: pd.DataFrame, frames: _Frames, weights: np.ndarray,
 # ---------------------------------------------------------------------------- writing
 
 
-def _reference_wcs(row: pd.Series, shape: tuple[int, int]) -> fits.Header | None:
-    """The reference frame's celestial WCS as header cards, when it has one on the grid
-    that was stacked (an overscan-trimmed frame's WCS is not carried)."""
+def frame_wcs(row: pd.Series):
+    """A catalog row's celestial WCS (astropy), or None when its header has none or when
+    it does not describe the pixels measured (an overscan-trimmed or binned frame)."""
     from astropy.wcs import WCS
 
+    shape = (int(row["ny"]), int(row["nx"]))
     try:
         with warnings.catch_warnings():
             warnings.simplefilter("ignore")  # FITSFixedWarning on non-standard headers
             header = fits.getheader(row["path"], int(row["hdu"]))
-            if (header.get("NAXIS2"), header.get("NAXIS1")) != tuple(shape) and \
-                    (header.get("ZNAXIS2"), header.get("ZNAXIS1")) != tuple(shape):
+            if (header.get("NAXIS2"), header.get("NAXIS1")) != shape and \
+                    (header.get("ZNAXIS2"), header.get("ZNAXIS1")) != shape:
                 return None
             wcs = WCS(header).celestial
-            return wcs.to_header() if wcs.has_celestial else None
-    except Exception:  # an unreadable or odd header: the stack goes without WCS
+            return wcs if wcs.has_celestial else None
+    except Exception:  # an unreadable or odd header: no WCS
         return None
+
+
+def _reference_wcs(row: pd.Series) -> fits.Header | None:
+    """The reference frame's celestial WCS as header cards (None without one)."""
+    wcs = frame_wcs(row)
+    return wcs.to_header() if wcs is not None else None
 
 
 def write_stack(path: str | Path, result: stack.StackResult, provenance: pd.DataFrame,
@@ -459,7 +512,7 @@ def write_stack(path: str | Path, result: stack.StackResult, provenance: pd.Data
         "CLIPITER": (int(settings["iterations"]), "clipping passes at most"),
         "INTERP": (settings.get("interpolation", "bilinear"), "resampling onto the "
                    "reference grid"),
-        "REGISTER": ("stars", "similarity transform from matched stars"),
+        "REGISTER": ("stars", "matched stars, else the WCS: registered_by"),
         "SKYSUB": (True, "each frame's mesh sky subtracted"),
         "NREJECT": (int(provenance["rejected_px"].sum()), "pixels rejected by clipping"),
         "SKYNOISE": (float(result.noise_adu), "expected sky noise per pixel (ADU)"),

@@ -9,7 +9,10 @@ Registration
 A frame is registered to the reference frame of its field from its catalogued stars: the
 star patterns are matched (:func:`survey_qa.pipeline.sequence.match_stars`: astroalign's
 asterisms, then every star paired) and the similarity transform ``A`` that takes the frame's pixel
-coordinates ``(x, y)`` to the reference's is kept as a 3 x 3 matrix. The frame is then
+coordinates ``(x, y)`` to the reference's is kept as a 3 x 3 matrix. A frame whose star
+pattern does not match (too few stars: bad seeing, cloud) is registered through its
+celestial WCS and the reference's where both have one (:func:`wcs_matrix`), refined on the
+sources that this transform pairs (:func:`register_by_wcs`). The frame is then
 resampled onto the reference pixel grid (:func:`resample`, bilinear by default): every
 output pixel takes the frame's value at ``A^-1 (x, y)``. The frame's bad-pixel mask goes
 along; an output pixel is masked when any input pixel that enters its interpolation was
@@ -71,6 +74,9 @@ most transparent frame."""
 
 REFERENCE_MAX_FWHM_RATIO = 1.5
 """Frames with a FWHM above this many times the median of the field's are no reference."""
+
+MIN_WCS_PAIRS = 3
+"""Fewest sources paired through a WCS transform to refine it and scale the frame."""
 
 MASK_TOLERANCE = 1e-3
 """An interpolated mask above this share of a masked input pixel masks the output pixel."""
@@ -177,6 +183,13 @@ def register(ref_xy: np.ndarray, ref_flux: np.ndarray, xy: np.ndarray, flux: np.
     pts, order = brightest(xy, flux)
     matrix, ref_i, i = match_positions(ref_pts, pts)
     ref_i, i = ref_order[ref_i], order[i]
+    return Registration(matrix=matrix, n_matched=int(len(i)),
+                        throughput=_throughput(ref_flux, flux, ref_i, i, ref_photometric,
+                                               photometric))
+
+
+def _throughput(ref_flux, flux, ref_i, i, ref_photometric, photometric) -> float:
+    """Median flux ratio of the pairs ``(ref_i, i)``, of the photometric ones if any."""
     ratio = np.asarray(flux, float)[i] / np.asarray(ref_flux, float)[ref_i]
     both = np.ones(len(i), bool)
     if ref_photometric is not None:
@@ -185,8 +198,55 @@ def register(ref_xy: np.ndarray, ref_flux: np.ndarray, xy: np.ndarray, flux: np.
         both &= np.asarray(photometric, bool)[i]
     ratio = ratio[both] if both.any() else ratio
     ratio = ratio[np.isfinite(ratio) & (ratio > 0)]
-    throughput = float(np.median(ratio)) if ratio.size else math.nan
-    return Registration(matrix=matrix, n_matched=int(len(i)), throughput=throughput)
+    return float(np.median(ratio)) if ratio.size else math.nan
+
+
+def wcs_matrix(ref_wcs, wcs, shape: tuple[int, int], grid: int = 5) -> np.ndarray:
+    """The frame-to-reference affine matrix that two celestial WCS imply.
+
+    A ``grid`` x ``grid`` lattice of the frame's pixels (``shape``: the frame's
+    ``(ny, nx)``) is carried through the sky onto the reference (astropy's
+    ``pixel_to_world`` / ``world_to_pixel``) and the affine transform fitted by least
+    squares.
+    """
+    ny, nx = shape
+    gx, gy = (g.ravel() for g in np.meshgrid(np.linspace(0, nx - 1, grid),
+                                             np.linspace(0, ny - 1, grid)))
+    rx, ry = ref_wcs.world_to_pixel(wcs.pixel_to_world(gx, gy))
+    design = np.column_stack([gx, gy, np.ones(gx.size)])
+    coef, *_ = np.linalg.lstsq(design, np.column_stack([rx, ry]), rcond=None)
+    matrix = np.eye(3)
+    matrix[:2] = coef.T
+    return matrix
+
+
+def register_by_wcs(matrix: np.ndarray, ref_xy: np.ndarray, ref_flux: np.ndarray,
+                    xy: np.ndarray, flux: np.ndarray,
+                    ref_photometric: np.ndarray | None = None,
+                    photometric: np.ndarray | None = None) -> Registration:
+    """A registration from a WCS transform (:func:`wcs_matrix`), refined on the stars.
+
+    The sources that ``matrix`` brings within
+    :data:`survey_qa.pipeline.sequence.MATCH_TOLERANCE_PX` of a reference source are paired
+    (:func:`survey_qa.pipeline.sequence.pair_stars`); with at least
+    :data:`MIN_WCS_PAIRS` pairs the similarity transform is refitted on them and the
+    throughput is their median flux ratio (as :func:`register`). With fewer, the WCS
+    transform stands and the throughput is NaN.
+    """
+    from skimage.transform import AffineTransform
+
+    from survey_qa.pipeline.sequence import MATCH_TOLERANCE_PX, pair_stars, similarity_fit
+
+    ref_xy, xy = np.asarray(ref_xy, float).reshape(-1, 2), np.asarray(xy, float).reshape(-1, 2)
+    ref_i, i = pair_stars(ref_xy, xy, AffineTransform(matrix=np.asarray(matrix, float)),
+                          MATCH_TOLERANCE_PX)
+    if len(i) < MIN_WCS_PAIRS:
+        return Registration(matrix=np.asarray(matrix, float), n_matched=int(len(i)),
+                            throughput=math.nan)
+    fitted = np.asarray(similarity_fit(xy[i], ref_xy[ref_i]).params, float)
+    return Registration(matrix=fitted, n_matched=int(len(i)),
+                        throughput=_throughput(ref_flux, flux, ref_i, i, ref_photometric,
+                                               photometric))
 
 
 # ---------------------------------------------------------------------------- resampling

@@ -167,13 +167,21 @@ FRAMES = [  # exposure, class, dx, dy, rotation, transparency, FWHM, sky noise, 
 ]
 
 
-def reference_header():
+def frame_header(dx=0.0, dy=0.0, rot_deg=0.0):
+    """A TAN WCS of a frame whose stars sit at ``moved(reference positions)``, for a
+    reference frame with its reference pixel at the centre."""
+    a = math.radians(rot_deg)
+    rot = np.array([[math.cos(a), -math.sin(a)], [math.sin(a), math.cos(a)]])
     w = WCS(naxis=2)
     w.wcs.ctype = ["RA---TAN", "DEC--TAN"]
     w.wcs.crval = [83.82, -5.39]
-    w.wcs.crpix = [64.5, 64.5]
-    w.wcs.cdelt = [-0.3 / 3600, 0.3 / 3600]
+    w.wcs.crpix = np.array(moved(CENTRE[0], CENTRE[1], dx, dy, rot_deg)) + 1
+    w.wcs.cd = np.diag([-0.3 / 3600, 0.3 / 3600]) @ rot.T
     return w.to_header()
+
+
+def reference_header():
+    return frame_header()
 
 
 @pytest.fixture
@@ -365,3 +373,28 @@ def test_a_frame_that_does_not_register_is_left_out_with_its_reason(night, capsy
         row = prov[prov["exposure"] == "f3"][0]
         assert not row["used"] and row["weight"] == 0 and row["note"]
         assert hdul[0].header["NCOMBINE"] == 4 and hdul[0].header["NCHOSEN"] == 5
+
+
+def test_frames_whose_stars_do_not_match_are_registered_through_the_wcs(night, capsys):
+    raw, out, _ = night
+    for e, _, dx, dy, rot, *_ in FRAMES:  # every frame gets its WCS
+        path = raw / NIGHT / f"{e}.fits"
+        with fits.open(path, mode="update") as hdul:
+            hdul[0].header.update(frame_header(dx, dy, rot))
+    path = paths.catalog_file(out, "sources", NIGHT)
+    src = pd.read_parquet(path)
+    few = (src["exposure"] != "f1") | (src["id"] < 4)  # f1: 4 stars, no pattern to match
+    outputs.consolidate(rows_to_table(src[few].to_dict("records"), SOURCE_SCHEMA), out,
+                        "sources", NIGHT)
+    assert main(["stack", "--night", NIGHT, "--out-root", str(out)]) == 0
+    with fits.open(paths.stack_file(out, NIGHT, "M42")) as hdul:
+        prov = pd.DataFrame(hdul["PROVENANCE"].data.tolist(),
+                            columns=hdul["PROVENANCE"].columns.names).set_index("exposure")
+    f1, ref = FRAMES[1], FRAMES[2]
+    assert prov.loc["f1", "registered_by"] == "wcs+stars" and prov.loc["f1", "used"]
+    assert prov.loc["f1", "n_matched"] == 4 and prov.loc["f1", "scaled_by"] == "stars"
+    assert prov.loc["f1", "shift_x_px"] == pytest.approx(f1[2] - ref[2], abs=0.3)
+    assert prov.loc["f1", "rotation_deg"] == pytest.approx(f1[4] - ref[4], abs=0.05)
+    assert prov.loc["f1", "throughput"] == pytest.approx(f1[5], rel=1e-6)
+    assert prov.loc["f0", "registered_by"] == "stars"
+    assert prov.loc["f2", "registered_by"] == "reference"
