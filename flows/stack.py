@@ -402,7 +402,8 @@ def _register(rows: pd.DataFrame, i: int, ref: int, ref_stars: tuple, stars: tup
     if not (math.isfinite(reg.throughput) and reg.throughput > 0):
         reg.throughput, scaled_by = _catalog_throughput(rows, i, ref), "transparency_mag"
     if not (math.isfinite(reg.throughput) and reg.throughput > 0):
-        why = reason if registered_by == "wcs" else "no flux ratio from the matched stars"
+        why = (f"{reason}; through the WCS {reg.n_matched} sources pair up"
+               if registered_by == "wcs" else "no flux ratio from the matched stars")
         raise ValueError(f"{why}; no transparency_mag to scale it")
     return reg, (registered_by, scaled_by)
 
