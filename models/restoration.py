@@ -274,7 +274,12 @@ def make_window(seq, start: int, k: int = K_FRAMES, cfg: Config | None = None,
 
 
 def night_of(seed: int) -> str:
-    """The simulated night of a sequence seed (one night per seed)."""
+    """The simulated night of a sequence seed (the 2025 date of the seed modulo 1000).
+
+    The date only labels the sequence: its field and conditions come from the seed, so
+    the held-out seeds 7001-7006 share dates with the training seeds 6001-6006 but no
+    field and no conditions; the split is by seed.
+    """
     day = pd.Timestamp("2025-01-01") + pd.Timedelta(days=int(seed) % 1000)
     return day.strftime("%Y-%m-%d")
 
