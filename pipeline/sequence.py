@@ -68,6 +68,13 @@ close (pixels)."""
 MIN_MATCHED = 5
 """Fewest matched stars for a transform to be accepted."""
 
+MATCH_TRIES = 8
+WHOLE_MATCH = 0.8
+"""astroalign's RANSAC draws at random, and on a frame with doubled stars (a pointing
+jump) a pattern can match a star's other image: a match that pairs fewer than
+``WHOLE_MATCH`` of the shorter list is tried again, up to ``MATCH_TRIES`` times in all, and
+the transform that pairs the most stars is kept (a failed first try is not repeated)."""
+
 MAX_SCALE_CHANGE = 0.02
 """A match whose transform changes the scale by more than this (2%) is refused: frames of
 one detector geometry see the sky at one scale."""
@@ -162,13 +169,26 @@ def match_stars(ref_xy: np.ndarray, xy: np.ndarray, *,
     if min(len(ref_xy), len(xy)) < 3:
         raise MatchError(f"too few stars to match ({len(xy)} in the frame, {len(ref_xy)} in "
                          "the reference)")
-    try:
-        first, _ = astroalign.find_transform(xy[:control_stars], ref_xy[:control_stars],
-                                             max_control_points=control_stars)
-    except (astroalign.MaxIterError, ValueError, TypeError) as e:
-        raise MatchError(f"no common star pattern ({e})") from None
-    return refine_match(ref_xy, xy, SimilarityTransform(matrix=np.asarray(first.params, float)),
-                        tolerance_px, min_matched)
+    best, why = None, ""
+    for _ in range(MATCH_TRIES):
+        try:
+            first, _ = astroalign.find_transform(xy[:control_stars], ref_xy[:control_stars],
+                                                 max_control_points=control_stars)
+            found = refine_match(ref_xy, xy,
+                                 SimilarityTransform(matrix=np.asarray(first.params, float)),
+                                 tolerance_px, min_matched)
+        except (MatchError, astroalign.MaxIterError, ValueError, TypeError) as e:
+            why = str(e) if isinstance(e, MatchError) else f"no common star pattern ({e})"
+            if best is None:  # a failed first match costs seconds: not tried again
+                break
+            continue
+        if best is None or len(found[2]) > len(best[2]):
+            best = found
+        if len(best[2]) >= WHOLE_MATCH * min(len(xy), len(ref_xy)):
+            break
+    if best is None:
+        raise MatchError(why)
+    return best
 
 
 def refine_match(ref_xy: np.ndarray, xy: np.ndarray, transform: SimilarityTransform,
