@@ -32,7 +32,7 @@ from survey_qa.pipeline import io, nightview, outputs, selection
 from survey_qa.pipeline.schema import PRIORITY
 
 TEMPLATE = "night_report.html.j2"
-THUMB_SIDE_PX = 192
+
 
 def write_report(cfg: Config, night: str, out: str | Path | None = None) -> Path:
     """Build the night's HTML page from its catalogs, arrays and frames; returns its path.
@@ -199,7 +199,12 @@ def exposure_card(cfg: Config, rows: pd.DataFrame, arrays: ArrayStore, cache: Pa
     images = {}
     pending = [r for _, r in dets.iterrows()
                if r["status"] == "ok" and not (cache / f"{key}__{r['detector']}.png").is_file()]
-    previews = _previews(cfg, top["path"], pending) if pending else {}
+    previews = {r["detector"]: nightview.stored_preview(
+        arrays.get("preview", top["exposure"], r["detector"]),
+        arrays.get("preview_shape", top["exposure"], r["detector"])) for r in pending}
+    unstored = [r for r in pending if previews[r["detector"]] is None]
+    if unstored:  # a store written before previews were stored: read the frame
+        previews.update(_previews(cfg, top["path"], unstored))
     for _, r in dets.iterrows():
         if r["status"] != "ok":
             continue
@@ -229,7 +234,7 @@ def _previews(cfg: Config, path: str, wanted: list) -> dict[str, np.ndarray]:
         dets = io.read_detectors(path, cfg.io)
     except (QualityError, OSError):
         return {}
-    return {d.detector: nightview.preview(d.data, d.mask, THUMB_SIDE_PX)
+    return {d.detector: nightview.preview(d.data, d.mask, nightview.PREVIEW_SIDE_PX)
             for d in dets if not isinstance(d, QualityError) and d.detector in names}
 
 

@@ -20,7 +20,7 @@ import pandas as pd
 
 from survey_qa.config import Config
 from survey_qa.pipeline import (aescore, background, classify, decide, features, illumination,
-                                psf, sources, stamps)
+                                nightview, psf, sources, stamps)
 from survey_qa.pipeline.errors import QualityError
 from survey_qa.pipeline.flags import bits
 from survey_qa.pipeline.records import DetectorImage
@@ -81,7 +81,8 @@ def array_variables(cfg: Config, models: Models, max_shape: tuple[int, int]) -> 
     dict
         name -> (per-detector shape, dimension names, dtype, fill value).
     """
-    out = {**stamps.stamp_variables(cfg.stamps), **illumination.SKY_VARIABLES}
+    out = {**stamps.stamp_variables(cfg.stamps), **illumination.SKY_VARIABLES,
+           **nightview.PREVIEW_VARIABLES}
     if models.classifier is not None:
         som = models.classifier.som
         out["som_occupancy"] = (tuple(som.grid), ("som_x", "som_y"), "float32", np.nan)
@@ -149,7 +150,8 @@ def measure_detector(det: DetectorImage, cfg: Config, models: Models,
     timings["t_stamps_s"] = time.perf_counter() - t
     row = features.summarize(det, bkg, src, psf_result)
     row["qa_flags"] |= bkg.qa_flags
-    arrays = {**cut.arrays(), **illumination.sky_arrays(bkg, det.mask)}
+    arrays = {**cut.arrays(), **illumination.sky_arrays(bkg, det.mask),
+              **nightview.preview_arrays(det.data, det.mask)}
     t = time.perf_counter()
     full_mask = None
     if models.scorer is not None:

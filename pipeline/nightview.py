@@ -63,6 +63,35 @@ def preview(data: np.ndarray, mask: np.ndarray | None = None, max_side_px: int =
     return np.nan_to_num(out, nan=0.0).astype(np.float32)
 
 
+PREVIEW_SIDE_PX = 192
+"""Longest side of a detector's preview (pixels)."""
+
+PREVIEW_VARIABLES = {
+    "preview": ((PREVIEW_SIDE_PX, PREVIEW_SIDE_PX), ("preview_y", "preview_x"), "uint8", 0),
+    "preview_shape": ((2,), ("axis",), "int32", 0),
+}
+"""Array-store variables of :func:`preview_arrays` (shape, dimensions, dtype, fill)."""
+
+
+def preview_arrays(data: np.ndarray, mask: np.ndarray | None) -> dict[str, np.ndarray]:
+    """A detector's :func:`preview` for the array store, made where the frame is measured
+    so that the night report need not read the frame again: the [0, 1] stretch as
+    ``uint8`` (0-255) in the top-left corner of a ``PREVIEW_SIDE_PX`` square, and its
+    (ny, nx)."""
+    small = preview(data, mask, PREVIEW_SIDE_PX)
+    out = np.zeros((PREVIEW_SIDE_PX, PREVIEW_SIDE_PX), np.uint8)
+    out[:small.shape[0], :small.shape[1]] = np.round(small * 255).astype(np.uint8)
+    return {"preview": out, "preview_shape": np.array(small.shape, np.int32)}
+
+
+def stored_preview(square: np.ndarray | None, shape: np.ndarray | None) -> np.ndarray | None:
+    """The [0, 1] preview back from :func:`preview_arrays`' arrays; None when not stored."""
+    if square is None or shape is None or not np.all(np.asarray(shape) > 0):
+        return None
+    ny, nx = (int(v) for v in shape)
+    return square[:ny, :nx].astype(np.float32) / 255
+
+
 @dataclass(frozen=True)
 class Placement:
     """Where a detector lies in the focal plane (pixels, lower-left corner and size)."""

@@ -33,6 +33,21 @@ def test_preview_bins_and_stretches():
     assert np.all(out[:20] == 0)  # masked blocks are empty
 
 
+def test_stored_preview_is_the_preview_to_a_255th():
+    """The preview written to the array store where the frame is measured comes back as
+    the preview the report would make from the frame (to the uint8 step)."""
+    rng = np.random.default_rng(1)
+    img = rng.normal(100, 5, (1000, 600)).astype(np.float32)
+    img[500, 300] = 1e5
+    stored = nightview.preview_arrays(img, None)
+    assert stored["preview"].shape == (nightview.PREVIEW_SIDE_PX,) * 2
+    back = nightview.stored_preview(stored["preview"], stored["preview_shape"])
+    direct = nightview.preview(img, None, nightview.PREVIEW_SIDE_PX)
+    assert back.shape == direct.shape
+    assert np.abs(back - direct).max() <= 0.5 / 255 + 1e-6
+    assert nightview.stored_preview(stored["preview"], np.zeros(2, np.int32)) is None
+
+
 def test_focal_plane_from_detsec_crpix_or_grid():
     dets = [("A", {"DETSEC": "[1:100,1:200]", "NAXIS1": 100, "NAXIS2": 200}),
             ("B", {"DETSEC": "[101:200,1:200]", "NAXIS1": 100, "NAXIS2": 200})]
