@@ -15,7 +15,7 @@ import math
 import numpy as np
 
 from survey_qa.simulate.psf import psf_model
-from survey_qa.simulate.sequence import Sequence, _margin_px, frame_spec
+from survey_qa.simulate.sequence import Sequence, frame_spec, render_margin_px
 from survey_qa.simulate.sky import sky_nodes
 from survey_qa.simulate.sources import add_scene
 
@@ -49,7 +49,7 @@ def noiseless_frame(seq: Sequence, index: int, *, seeing_from: int | None = None
         background_kind="none", background_strength=0.0, cloud_extinction_mag=0.0,
         cloud_emission=0.0, transparency_mag=grey, n_satellites=0)
     view = seq.scene.view(seq.frames[index].pointing, clean.nx, clean.ny,
-                          _margin_px(clean.fwhm_px, 0.0))
+                          render_margin_px(clean.fwhm_px, 0.0))
     light = np.zeros((clean.ny, clean.nx), dtype=np.float32)
     noise_e = math.sqrt(clean.sky_e + clean.read_noise_e ** 2)
     add_scene(light, clean, psf_model(clean, 0), sky_nodes(clean, 0), noise_e, view)

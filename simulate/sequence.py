@@ -317,7 +317,7 @@ def _base_spec(rng: np.random.Generator, night: str, size_px: int, header_style:
         object_name=field or spec.object_name)
 
 
-def _margin_px(fwhm_px: float, trail_px: float) -> float:
+def render_margin_px(fwhm_px: float, trail_px: float) -> float:
     """Distance beyond the detector edge from which a star's light still reaches it."""
     return float(min(math.ceil(30.0 * fwhm_px + trail_px / 2 + 5), 400))
 
@@ -380,7 +380,8 @@ def draw_scene(scene_seed: int, base: ExposureSpec, frames: list[FrameConditions
     """
     nx, ny = base.nx, base.ny
     worst = max(frames, key=lambda f: f.seeing_arcsec * (1.0 + f.trail_ratio))
-    margin = _margin_px(worst.seeing_arcsec * (1 + worst.trail_ratio) / base.pixscale_arcsec, 0)
+    margin = render_margin_px(
+        worst.seeing_arcsec * (1 + worst.trail_ratio) / base.pixscale_arcsec, 0)
     corners_x = np.array([-margin, nx - 1 + margin, nx - 1 + margin, -margin])
     corners_y = np.array([-margin, -margin, ny - 1 + margin, ny - 1 + margin])
     xs, ys = zip(*(f.pointing.invert(corners_x, corners_y, nx, ny) for f in frames))
@@ -493,7 +494,7 @@ def render_frame(seq: Sequence, index: int) -> tuple[ExposureSpec, SimDetector]:
     """Render one frame of a sequence (deterministic for the sequence's seeds)."""
     spec = frame_spec(seq, index)
     f = seq.frames[index]
-    margin = _margin_px(spec.fwhm_px, spec.trail_arcsec / spec.pixscale_arcsec)
+    margin = render_margin_px(spec.fwhm_px, spec.trail_arcsec / spec.pixscale_arcsec)
     view = seq.scene.view(f.pointing, spec.nx, spec.ny, margin)
     rng = np.random.default_rng(np.random.SeedSequence([seq.seed, _night_number(seq.night), 7,
                                                         index]))
