@@ -230,8 +230,9 @@ rays and hot pixels, often brighter than the stars)."""
 def select_stars(sources: pd.DataFrame, min_snr: float) -> pd.DataFrame:
     """A detector's well-measured point sources, brightest first.
 
-    Finite positive flux, ``snr >= min_snr``, none of :data:`SKIPPED_SOURCE_FLAGS`. Returns the rows of ``sources`` (columns ``x, y, flux,
-    flux_err``...) with a fresh index.
+    Finite positive flux, ``snr >= min_snr``, none of :data:`SKIPPED_SOURCE_FLAGS`.
+    Returns the rows of ``sources`` (columns ``x, y, flux, flux_err``...) with a fresh
+    index.
     """
     skipped = bits(*SKIPPED_SOURCE_FLAGS, registry=SOURCE_FLAGS)
     flux = sources["flux"].to_numpy(float)
