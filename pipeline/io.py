@@ -865,18 +865,25 @@ def _plausible(scale_arcsec: float) -> bool:
     return math.isfinite(scale_arcsec) and 1e-3 < scale_arcsec < 3600
 
 
+def _numeric_wcs(header: fits.Header) -> fits.Header:
+    """A copy of the header (structural keywords stripped) whose WCS numbers are numbers:
+    some writers quote them ('-0.00030737')."""
+    linear = header.copy(strip=True)
+    for key in [k for k in linear if re.match(r"(CD|PC)\d_\d$|(CDELT|CRPIX|CRVAL)\d$", k)]:
+        if isinstance(linear[key], str):
+            value = _as_float(linear[key].strip())
+            if math.isfinite(value):
+                linear[key] = value
+    return linear
+
+
 def _wcs_scale(header: fits.Header) -> float:
     from astropy.wcs import WCS
     from astropy.wcs.utils import proj_plane_pixel_scales
 
-    linear = header.copy(strip=True)
+    linear = _numeric_wcs(header)
     for key in [k for k in linear if re.match(r"(A|B|AP|BP)_(\d+_\d+|ORDER|DMAX)$", k)]:
         del linear[key]  # SIP distortion does not change the scale at the reference pixel
-    for key in [k for k in linear if re.match(r"(CD|PC)\d_\d$|(CDELT|CRPIX|CRVAL)\d$", k)]:
-        if isinstance(linear[key], str):  # some writers quote numbers: '-0.00030737'
-            value = _as_float(linear[key].strip())
-            if math.isfinite(value):
-                linear[key] = value
     try:
         with warnings.catch_warnings():
             warnings.simplefilter("ignore")
@@ -901,12 +908,7 @@ def _wcs_centre(header: fits.Header) -> tuple[float, float]:
     nx, ny = _as_float(header.get("NAXIS1")), _as_float(header.get("NAXIS2"))
     if not (math.isfinite(nx) and math.isfinite(ny)):
         return math.nan, math.nan
-    linear = header.copy(strip=True)
-    for key in [k for k in linear if re.match(r"(CD|PC)\d_\d$|(CDELT|CRPIX|CRVAL)\d$", k)]:
-        if isinstance(linear[key], str):
-            value = _as_float(linear[key].strip())
-            if math.isfinite(value):
-                linear[key] = value
+    linear = _numeric_wcs(header)
     try:
         with warnings.catch_warnings():
             warnings.simplefilter("ignore")
