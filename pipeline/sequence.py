@@ -73,7 +73,9 @@ WHOLE_MATCH = 0.8
 """astroalign's RANSAC draws at random, and on a frame with doubled stars (a pointing
 jump) a pattern can match a star's other image: a match that pairs fewer than
 ``WHOLE_MATCH`` of the shorter list is tried again, up to ``MATCH_TRIES`` times in all, and
-the transform that pairs the most stars is kept (a failed first try is not repeated)."""
+the transform that pairs the most stars is kept (a failed first try is not repeated). A
+frame whose stars already lie on the reference's (within the pairing tolerance) pairs
+``WHOLE_MATCH`` of them without a pattern, and is matched so, without chance."""
 
 MAX_SCALE_CHANGE = 0.02
 """A match whose transform changes the scale by more than this (2%) is refused: frames of
@@ -141,6 +143,8 @@ def match_stars(ref_xy: np.ndarray, xy: np.ndarray, *,
     control_stars
         The first ``control_stars`` of each list are matched by their asterisms
         (``astroalign.find_transform``); all stars are then paired through the transform.
+        A frame whose stars already lie on the reference's is paired without it (see
+        :data:`WHOLE_MATCH`).
     tolerance_px
         Largest distance (pixels) between a reference star and a frame star carried onto
         the reference by the transform for the two to be paired.
@@ -169,6 +173,13 @@ def match_stars(ref_xy: np.ndarray, xy: np.ndarray, *,
     if min(len(ref_xy), len(xy)) < 3:
         raise MatchError(f"too few stars to match ({len(xy)} in the frame, {len(ref_xy)} in "
                          "the reference)")
+    whole = WHOLE_MATCH * min(len(xy), len(ref_xy))
+    try:  # a guided frame already lies on the reference: no pattern matching needed
+        aligned = refine_match(ref_xy, xy, SimilarityTransform(), tolerance_px, min_matched)
+        if len(aligned[2]) >= whole:
+            return aligned
+    except MatchError:
+        pass
     best, why = None, ""
     for _ in range(MATCH_TRIES):
         try:
@@ -184,7 +195,7 @@ def match_stars(ref_xy: np.ndarray, xy: np.ndarray, *,
             continue
         if best is None or len(found[2]) > len(best[2]):
             best = found
-        if len(best[2]) >= WHOLE_MATCH * min(len(xy), len(ref_xy)):
+        if len(best[2]) >= whole:
             break
     if best is None:
         raise MatchError(why)
