@@ -47,16 +47,19 @@ class Selection:
         return "\n".join(lines)
 
 
-def read_night(out_root: str | Path, night: str) -> tuple[pd.DataFrame, pd.DataFrame]:
-    """The night's exposure and source catalogs (raises ValueError when absent)."""
+def read_night(out_root: str | Path, night: str,
+               source_columns: tuple[str, ...] = ("exposure", "flux", "flags")
+               ) -> tuple[pd.DataFrame, pd.DataFrame]:
+    """The night's exposure catalog and these columns of its source catalog (empty when
+    there is none); raises ValueError when the exposure catalog is absent."""
     exp = paths.catalog_file(out_root, "exposures", night)
     if not exp.is_file():
         raise ValueError(f"no exposure catalog for night {night} under "
                          f"{paths.catalog_root(out_root, 'exposures').parent} "
                          f"(run: survey-qa --night {night})")
     src = paths.catalog_file(out_root, "sources", night)
-    sources = (pd.read_parquet(src, columns=["exposure", "flux", "flags"]) if src.is_file()
-               else pd.DataFrame({"exposure": [], "flux": [], "flags": []}))
+    sources = (pd.read_parquet(src, columns=list(source_columns)) if src.is_file()
+               else pd.DataFrame({c: [] for c in source_columns}))
     return pd.read_parquet(exp), sources
 
 

@@ -35,6 +35,7 @@ from survey_qa import __version__, paths
 from survey_qa.atomic import atomic_target
 from survey_qa.config import Config
 from survey_qa.flows import illumination
+from survey_qa.flows.select import read_night
 from survey_qa.pipeline import selection, stack
 from survey_qa.pipeline.background import measure_background
 from survey_qa.pipeline.errors import QualityError, exception_text
@@ -57,7 +58,7 @@ DEFAULT_FWHM_PX = 3.0
 UNNAMED_FIELD = "field"
 """The stack's file name when the frames have no field name."""
 
-SOURCE_COLUMNS = ["exposure", "detector", "x", "y", "flux", "flags"]
+SOURCE_COLUMNS = ("exposure", "detector", "x", "y", "flux", "flags")
 
 NOT_STARS = bits(*CUT_SHORT, "EXTENDED", "COMPACT", registry=SOURCE_FLAGS)
 """Source flags of detections whose flux does not scale a frame."""
@@ -95,13 +96,13 @@ class StackRun:
 
 
 def read_catalogs(out_root: str | Path, night: str) -> tuple[pd.DataFrame, pd.DataFrame]:
-    """The night's exposure catalog and the source columns registration needs."""
-    exp = paths.catalog_file(out_root, "exposures", night)
-    src = paths.catalog_file(out_root, "sources", night)
-    if not exp.is_file() or not src.is_file():
-        raise ValueError(f"no catalogs for night {night} under {Path(out_root)} "
+    """The night's exposure catalog and the source columns registration needs
+    (:func:`~survey_qa.flows.select.read_night`); a night without its source catalog
+    cannot be stacked."""
+    if not paths.catalog_file(out_root, "sources", night).is_file():
+        raise ValueError(f"no source catalog for night {night} under {Path(out_root)} "
                          f"(run: survey-qa --night {night})")
-    return pd.read_parquet(exp), pd.read_parquet(src, columns=SOURCE_COLUMNS)
+    return read_night(out_root, night, SOURCE_COLUMNS)
 
 
 def detector_rows(exposures: pd.DataFrame, chosen: pd.DataFrame,
