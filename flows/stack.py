@@ -15,12 +15,19 @@ quality weights and sigma clipping (:mod:`survey_qa.pipeline.stack`) and writes
 - ``PROVENANCE``: one row per chosen frame (exposure, path, weight, scale, drift, rotation,
   FWHM, rejected pixels; frames that could not be used have ``used = False`` and a note).
 
-The frames are held in memory on the reference grid (``frames x ny x nx`` float32).
+Frames whose stars match the reference's are resampled by that similarity transform; the
+others through the two frames' WCS with ``reproject`` (:mod:`survey_qa.pipeline.stack`).
+Each frame is resampled onto the reference grid in turn and written to disk
+(:class:`DiskFrames`: one ``numpy.memmap`` file per frame in a temporary folder next to
+the output, removed afterwards, also on error); the combination reads them back a block of
+rows at a time. The memory needed is that of a few frames and one block, whatever the
+number of frames; the disk needs 5 bytes per pixel and frame.
 """
 from __future__ import annotations
 
 import math
 import re
+import tempfile
 import warnings
 from dataclasses import dataclass, field
 from datetime import datetime, timezone
@@ -227,6 +234,60 @@ def frame_stars(sources: pd.DataFrame, exposure: str, detector: str
     return s[["x", "y"]].to_numpy(float), s["flux"].to_numpy(float), photometric.to_numpy()
 
 
+# ---------------------------------------------------------------------------- frames on disk
+
+
+class DiskFrames:
+    """Equal-shape 2-d arrays on disk, one ``numpy.memmap`` file per frame.
+
+    ``frames[i] = array`` writes frame ``i``; ``frames[:, rows]`` reads those rows of every
+    frame (a frame never written reads as ``fill``). Each access maps a file only while
+    it reads or writes it, so that what passed through does not stay in memory.
+
+    Parameters
+    ----------
+    folder
+        Where the files go (one per written frame).
+    name
+        Prefix of the file names.
+    n
+        Number of frames.
+    shape
+        ``(ny, nx)`` of every frame.
+    dtype, fill
+        Element type, and the value of frames never written.
+    """
+
+    def __init__(self, folder: str | Path, name: str, n: int, shape: tuple[int, int],
+                 dtype: np.dtype | type, fill: float | bool):
+        self.folder, self.name = Path(folder), name
+        self.shape = (int(n), int(shape[0]), int(shape[1]))
+        self.dtype, self.fill = np.dtype(dtype), fill
+
+    def _file(self, i: int) -> Path:
+        return self.folder / f"{self.name}-{i:05d}.dat"
+
+    def __setitem__(self, i: int, array: np.ndarray) -> None:
+        out = np.memmap(self._file(i), self.dtype, "w+", shape=self.shape[1:])
+        out[:] = array
+        out.flush()
+        del out
+
+    def __getitem__(self, key: tuple[slice, slice]) -> np.ndarray:
+        if not (isinstance(key, tuple) and len(key) == 2 and key[0] == slice(None)
+                and isinstance(key[1], slice)):
+            raise IndexError("DiskFrames reads [:, rows]")
+        r0, r1, step = key[1].indices(self.shape[1])
+        block = np.full((self.shape[0], len(range(r0, r1, step)), self.shape[2]), self.fill,
+                        self.dtype)
+        for i in range(self.shape[0]):
+            if self._file(i).is_file():
+                frame = np.memmap(self._file(i), self.dtype, "r", shape=self.shape[1:])
+                block[i] = frame[r0:r1:step]
+                del frame
+        return block
+
+
 # ---------------------------------------------------------------------------- the flow
 
 
@@ -278,32 +339,42 @@ def stack_field(cfg: Config, night: str, *, field_name: str | None = None,
                          f"(classes {', '.join(classes) or 'all'}{', ' + where if where else ''})")
     rows, name, notes = one_field(detector_rows(exposures, chosen, detector), field_name)
     ref = stack.choose_reference(transparency(rows), frame_fwhm(rows))
-    frames = _register_and_read(cfg, rows, sources, ref, INTERPOLATIONS[interpolation])
+    path = Path(output) if output else paths.stack_file(cfg.run.out_root, night,
+                                                        file_name(name))
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with tempfile.TemporaryDirectory(prefix=f".{path.stem}-frames-", dir=path.parent) as tmp:
+        frames = _register_and_read(cfg, rows, sources, ref, Path(tmp),
+                                    INTERPOLATIONS[interpolation])
+        weights = _weights(rows, frames, weighting)
+        scale = 1.0 / frames.throughput
+        result = stack.combine(frames.data, frames.mask, weights, frames.noise_adu * scale,
+                               scale / frames.gain, sigma=sigma, iterations=iterations)
+    provenance = _provenance(rows, frames, weights, result, ref)
+    settings = {"night": night, "field": name, "weighting": weighting, "sigma": sigma,
+                "iterations": iterations, "classes": classes, "where": where or "",
+                "interpolation": interpolation}
+    write_stack(path, result, provenance, settings, _reference_wcs(rows.iloc[ref]))
+    return StackRun(night=night, field=name or UNNAMED_FIELD, path=path,
+                    provenance=provenance, noise_adu=result.noise_adu, notes=notes)
+
+
+def _weights(rows: pd.DataFrame, frames: _Frames, weighting: str) -> np.ndarray:
+    """Each frame's weight in the stack (0 for frames not used); raises ``ValueError``
+    when no frame has a positive one."""
     weights = (stack.quality_weights(frames.throughput, frames.star_noise_adu, frame_fwhm(rows))
                if weighting == "quality" else np.where(frames.used, 1.0, 0.0))
     weights = np.where(frames.used, weights, 0.0)
     if not (weights > 0).any():
         raise ValueError("no chosen frame could be registered and weighted")
-    scale = 1.0 / frames.throughput
-    result = stack.combine(frames.data, frames.mask, weights, frames.noise_adu * scale,
-                           scale / frames.gain, sigma=sigma, iterations=iterations)
-    provenance = _provenance(rows, frames, weights, result, ref)
-    settings = {"night": night, "field": name, "weighting": weighting, "sigma": sigma,
-                "iterations": iterations, "classes": classes, "where": where or "",
-                "interpolation": interpolation}
-    path = Path(output) if output else paths.stack_file(cfg.run.out_root, night,
-                                                        file_name(name))
-    write_stack(path, result, provenance, settings, _reference_wcs(rows.iloc[ref]))
-    return StackRun(night=night, field=name or UNNAMED_FIELD, path=path,
-                    provenance=provenance, noise_adu=result.noise_adu, notes=notes)
+    return weights
 
 
 @dataclass
 class _Frames:
     """The chosen frames on the reference grid and what was measured on each."""
 
-    data: np.ndarray  # (n, ny, nx) float32, sky subtracted, scaled to the reference
-    mask: np.ndarray  # (n, ny, nx) bool
+    data: DiskFrames  # (n, ny, nx) float32, sky subtracted, scaled to the reference
+    mask: DiskFrames  # (n, ny, nx) bool
     used: np.ndarray  # (n,) bool
     throughput: np.ndarray  # (n,) frame / reference star flux
     noise_adu: np.ndarray  # (n,) sky noise per pixel of the frame itself
@@ -328,8 +399,9 @@ def _read_frame(cfg: Config, row: pd.Series):
 
 
 def _register_and_read(cfg: Config, rows: pd.DataFrame, sources: pd.DataFrame,
-                       ref: int, order: int = 1) -> _Frames:
-    """Register every frame to ``rows[ref]``, read it, subtract its sky and resample it."""
+                       ref: int, folder: Path, order: int = 1) -> _Frames:
+    """Register every frame to ``rows[ref]``, read it, subtract its sky, resample it and
+    write it to ``folder`` (:class:`DiskFrames`)."""
     n = len(rows)
     reference_first = [ref, *[i for i in range(n) if i != ref]]
     fwhm = np.nan_to_num(frame_fwhm(rows), nan=DEFAULT_FWHM_PX)
@@ -350,13 +422,13 @@ def _register_and_read(cfg: Config, rows: pd.DataFrame, sources: pd.DataFrame,
             if flat is not None:  # the master flat the nightly job divides by
                 image = illumination.flat_fielded(image, flat)
             if frames is None:
-                frames = _empty_frames(n, image.data.shape)
+                frames = _empty_frames(n, image.data.shape, folder)
             sky = measure_background(image.data, image.mask, cfg.background)
             residual = image.data - sky.back
             star_noise = stack.star_scale_noise(residual, image.mask,
                                                 round(STAR_BOX_FWHM * fwhm[i]))
-            data, mask = stack.resample(residual, image.mask, reg.matrix,
-                                        frames.data.shape[1:], order=order)
+            data, mask = stack.resample_registered(residual, image.mask, reg,
+                                                   frames.data.shape[1:], order=order)
         except (ValueError, QualityError, OSError) as e:
             if i == ref:
                 raise ValueError(f"the reference frame {row['exposure']} cannot be used: "
@@ -381,10 +453,11 @@ def _register(rows: pd.DataFrame, i: int, ref: int, ref_stars: tuple, stars: tup
               ref_wcs) -> tuple[stack.Registration, tuple[str, str]]:
     """Frame ``i``'s registration to ``ref`` and how it was made and scaled.
 
-    From the star patterns; where they do not match, from the two frames' WCS refined on
-    the sources it pairs. The throughput is the matched stars' flux ratio, else the
-    catalog's ``transparency_mag`` and exposure times. Raises ``ValueError`` when neither
-    way registers or scales the frame.
+    From the star patterns; where they do not match, through the two frames' WCS corrected
+    on the sources it pairs (:func:`survey_qa.pipeline.stack.register_by_wcs`). The
+    throughput is the matched stars' flux ratio, else the catalog's ``transparency_mag``
+    and exposure times. Raises ``ValueError`` when neither way registers or scales the
+    frame.
     """
     try:
         reg, registered_by = stack.register(*ref_stars[:2], *stars[:2], ref_stars[2],
@@ -393,9 +466,9 @@ def _register(rows: pd.DataFrame, i: int, ref: int, ref_stars: tuple, stars: tup
         wcs = frame_wcs(rows.iloc[i]) if ref_wcs is not None else None
         if wcs is None:
             raise
-        matrix = stack.wcs_matrix(ref_wcs, wcs, (int(rows.at[i, "ny"]), int(rows.at[i, "nx"])))
-        reg = stack.register_by_wcs(matrix, *ref_stars[:2], *stars[:2], ref_stars[2],
-                                    stars[2])
+        reg = stack.register_by_wcs(stack.WcsMapping(ref_wcs, wcs),
+                                    (int(rows.at[i, "ny"]), int(rows.at[i, "nx"])),
+                                    *ref_stars[:2], *stars[:2], ref_stars[2], stars[2])
         registered_by = "wcs+stars" if reg.n_matched >= stack.MIN_WCS_PAIRS else "wcs"
         if registered_by == "wcs":
             reason = exception_text(e)
@@ -420,8 +493,9 @@ def _catalog_throughput(rows: pd.DataFrame, i: int, ref: int) -> float:
     return float(value) if np.isfinite(value) and value > 0 else math.nan
 
 
-def _empty_frames(n: int, shape: tuple[int, int]) -> _Frames:
-    return _Frames(data=np.zeros((n, *shape), np.float32), mask=np.ones((n, *shape), bool),
+def _empty_frames(n: int, shape: tuple[int, int], folder: Path) -> _Frames:
+    return _Frames(data=DiskFrames(folder, "data", n, shape, np.float32, 0.0),
+                   mask=DiskFrames(folder, "mask", n, shape, bool, True),
                    used=np.zeros(n, bool), throughput=np.full(n, math.nan),
                    noise_adu=np.full(n, math.nan), star_noise_adu=np.full(n, math.nan),
                    sky_adu=np.full(n, math.nan),

@@ -9,14 +9,24 @@ Registration
 A frame is registered to the reference frame of its field from its catalogued stars: the
 star patterns are matched (:func:`survey_qa.pipeline.sequence.match_stars`: astroalign's
 asterisms, then every star paired) and the similarity transform ``A`` that takes the frame's pixel
-coordinates ``(x, y)`` to the reference's is kept as a 3 x 3 matrix. A frame whose star
-pattern does not match (too few stars: bad seeing, cloud) is registered through its
-celestial WCS and the reference's where both have one (:func:`wcs_matrix`), refined on the
-sources that this transform pairs (:func:`register_by_wcs`). The frame is then
+coordinates ``(x, y)`` to the reference's is kept as a 3 x 3 matrix. The frame is then
 resampled onto the reference pixel grid (:func:`resample`, bilinear by default): every
-output pixel takes the frame's value at ``A^-1 (x, y)``. The frame's bad-pixel mask goes
-along; an output pixel is masked when any input pixel that enters its interpolation was
-masked or lay outside the frame.
+output pixel takes the frame's value at ``A^-1 (x, y)``.
+
+A frame whose star pattern does not match (too few stars: bad seeing, cloud) is registered
+through its celestial WCS and the reference's where both have one (:class:`WcsMapping`,
+:func:`register_by_wcs`): a frame pixel goes to the sky through the frame's WCS and from
+the sky onto the reference grid through the reference's, with every distortion term the
+two carry (SIP, TPV). The sources that this mapping brings within
+:data:`survey_qa.pipeline.sequence.MATCH_TOLERANCE_PX` of a reference source are paired;
+with at least :data:`MIN_WCS_PAIRS` pairs the similarity transform from their
+WCS-predicted to their catalogued reference positions is fitted and applied after the WCS
+mapping (a WCS fitted on another night's stars, or with a pointing error, is off by a
+shift and a small rotation; the camera's distortion it describes stays right), and their
+flux ratio gives the throughput. The frame is resampled through that mapping with the
+``reproject`` package (:func:`reproject_frame`: ``reproject_interp``), in blocks of rows.
+Either way the frame's bad-pixel mask goes along; an output pixel is masked when any
+input pixel that enters its interpolation was masked or lay outside the frame.
 
 Photometric scale and weight
 ----------------------------
@@ -45,12 +55,16 @@ where the gain is known, and :data:`PROFILE_SCATTER` times the centre value: sta
 differ between frames of different seeing (and after interpolation) by far more than
 their noise, and neither they nor the scatter of a few frames may clip them away. Pixels
 with fewer than ``MIN_CLIP_FRAMES`` values are averaged without clipping.
+
+The pixels are combined in blocks of rows (about :data:`BLOCK_VALUES` values of all frames
+at once); the frames may live on disk (any array whose ``[:, rows]`` slice gives the rows
+of every frame), so that the memory needed does not grow with their number.
 """
 from __future__ import annotations
 
 import math
 import warnings
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import numpy as np
 from scipy import ndimage
@@ -81,6 +95,12 @@ MIN_WCS_PAIRS = 3
 MASK_TOLERANCE = 1e-3
 """An interpolated mask above this share of a masked input pixel masks the output pixel."""
 
+REPROJECT_BLOCK_PX = 2 ** 20
+"""Output pixels resampled through the WCS at once (bounds reproject's coordinate arrays)."""
+
+BLOCK_VALUES = 2 ** 22
+"""Values (frames x pixels) combined at once (bounds the temporary memory of combine)."""
+
 
 # ---------------------------------------------------------------------------- registration
 
@@ -98,11 +118,16 @@ class Registration:
         Stars matched between the frame and the reference.
     throughput
         Median flux ratio frame / reference of the matched stars (NaN when no flux).
+    wcs
+        For a frame registered through the celestial WCS: the mapping it is resampled
+        through (``matrix`` is then that mapping's affine approximation); None when the
+        matched stars register it.
     """
 
     matrix: np.ndarray
     n_matched: int
     throughput: float
+    wcs: WcsMapping | None = None
 
     def drift_px(self, x_px: float, y_px: float) -> tuple[float, float]:
         """How far the stars at reference pixel ``(x, y)`` lie from it in the frame:
@@ -201,52 +226,86 @@ def _throughput(ref_flux, flux, ref_i, i, ref_photometric, photometric) -> float
     return float(np.median(ratio)) if ratio.size else math.nan
 
 
-def wcs_matrix(ref_wcs, wcs, shape: tuple[int, int], grid: int = 5) -> np.ndarray:
-    """The frame-to-reference affine matrix that two celestial WCS imply.
+@dataclass
+class WcsMapping:
+    """Frame pixels onto the reference grid through two celestial WCS.
 
-    A ``grid`` x ``grid`` lattice of the frame's pixels (``shape``: the frame's
-    ``(ny, nx)``) is carried through the sky onto the reference (astropy's
-    ``pixel_to_world`` / ``world_to_pixel``) and the affine transform fitted by least
-    squares.
+    Attributes
+    ----------
+    ref_wcs, wcs
+        The reference's and the frame's celestial WCS (astropy, distortion included).
+    correction
+        3 x 3 affine matrix applied to the reference pixel coordinates that the WCS give
+        (the shift and rotation that paired stars show; the identity without them).
+    """
+
+    ref_wcs: object
+    wcs: object
+    correction: np.ndarray = field(default_factory=lambda: np.eye(3))
+
+    def to_reference(self, xy: np.ndarray) -> np.ndarray:
+        """Reference pixel coordinates ``(n, 2)`` of the frame's pixels ``xy`` ``(n, 2)``."""
+        xy = np.asarray(xy, float).reshape(-1, 2)
+        rx, ry = self.ref_wcs.world_to_pixel(self.wcs.pixel_to_world(xy[:, 0], xy[:, 1]))
+        return _apply(self.correction, np.column_stack([rx, ry]))
+
+
+def _apply(matrix: np.ndarray, xy: np.ndarray) -> np.ndarray:
+    """Positions ``(n, 2)`` carried by a 3 x 3 affine ``matrix``."""
+    return xy @ matrix[:2, :2].T + matrix[:2, 2]
+
+
+def affine_fit(mapping: WcsMapping, shape: tuple[int, int], grid: int = 5) -> np.ndarray:
+    """The 3 x 3 affine matrix closest to ``mapping`` over a frame of ``shape`` ``(ny, nx)``.
+
+    A ``grid`` x ``grid`` lattice of the frame's pixels is carried onto the reference and
+    the affine transform fitted by least squares.
     """
     ny, nx = shape
     gx, gy = (g.ravel() for g in np.meshgrid(np.linspace(0, nx - 1, grid),
                                              np.linspace(0, ny - 1, grid)))
-    rx, ry = ref_wcs.world_to_pixel(wcs.pixel_to_world(gx, gy))
+    ref = mapping.to_reference(np.column_stack([gx, gy]))
     design = np.column_stack([gx, gy, np.ones(gx.size)])
-    coef, *_ = np.linalg.lstsq(design, np.column_stack([rx, ry]), rcond=None)
+    coef, *_ = np.linalg.lstsq(design, ref, rcond=None)
     matrix = np.eye(3)
     matrix[:2] = coef.T
     return matrix
 
 
-def register_by_wcs(matrix: np.ndarray, ref_xy: np.ndarray, ref_flux: np.ndarray,
-                    xy: np.ndarray, flux: np.ndarray,
+def wcs_matrix(ref_wcs, wcs, shape: tuple[int, int], grid: int = 5) -> np.ndarray:
+    """The frame-to-reference affine matrix that two celestial WCS imply
+    (:func:`affine_fit` of their :class:`WcsMapping`; ``shape``: the frame's ``(ny, nx)``)."""
+    return affine_fit(WcsMapping(ref_wcs, wcs), shape, grid)
+
+
+def register_by_wcs(mapping: WcsMapping, shape: tuple[int, int], ref_xy: np.ndarray,
+                    ref_flux: np.ndarray, xy: np.ndarray, flux: np.ndarray,
                     ref_photometric: np.ndarray | None = None,
                     photometric: np.ndarray | None = None) -> Registration:
-    """A registration from a WCS transform (:func:`wcs_matrix`), refined on the stars.
+    """A registration through the celestial WCS, corrected on the stars it pairs.
 
-    The sources that ``matrix`` brings within
+    The sources that ``mapping`` brings within
     :data:`survey_qa.pipeline.sequence.MATCH_TOLERANCE_PX` of a reference source are paired
     (:func:`survey_qa.pipeline.sequence.pair_stars`); with at least
-    :data:`MIN_WCS_PAIRS` pairs the similarity transform is refitted on them and the
-    throughput is their median flux ratio (as :func:`register`). With fewer, the WCS
-    transform stands and the throughput is NaN.
+    :data:`MIN_WCS_PAIRS` pairs the similarity transform from their mapped to their
+    reference positions becomes the mapping's correction and the throughput is their
+    median flux ratio (as :func:`register`). With fewer, the WCS stand alone and the
+    throughput is NaN. ``shape`` is the frame's ``(ny, nx)``.
     """
     from skimage.transform import AffineTransform
 
     from survey_qa.pipeline.sequence import MATCH_TOLERANCE_PX, pair_stars, similarity_fit
 
     ref_xy, xy = np.asarray(ref_xy, float).reshape(-1, 2), np.asarray(xy, float).reshape(-1, 2)
-    ref_i, i = pair_stars(ref_xy, xy, AffineTransform(matrix=np.asarray(matrix, float)),
-                          MATCH_TOLERANCE_PX)
-    if len(i) < MIN_WCS_PAIRS:
-        return Registration(matrix=np.asarray(matrix, float), n_matched=int(len(i)),
-                            throughput=math.nan)
-    fitted = np.asarray(similarity_fit(xy[i], ref_xy[ref_i]).params, float)
-    return Registration(matrix=fitted, n_matched=int(len(i)),
-                        throughput=_throughput(ref_flux, flux, ref_i, i, ref_photometric,
-                                               photometric))
+    mapped = mapping.to_reference(xy)
+    ref_i, i = pair_stars(ref_xy, mapped, AffineTransform(), MATCH_TOLERANCE_PX)
+    throughput = math.nan
+    if len(i) >= MIN_WCS_PAIRS:
+        fit = np.asarray(similarity_fit(mapped[i], ref_xy[ref_i]).params, float)
+        mapping = WcsMapping(mapping.ref_wcs, mapping.wcs, fit @ mapping.correction)
+        throughput = _throughput(ref_flux, flux, ref_i, i, ref_photometric, photometric)
+    return Registration(matrix=affine_fit(mapping, shape), n_matched=int(len(i)),
+                        throughput=throughput, wcs=mapping)
 
 
 # ---------------------------------------------------------------------------- resampling
@@ -290,10 +349,114 @@ def resample(data: np.ndarray, mask: np.ndarray, matrix: np.ndarray,
                                    mode="constant", cval=0.0, prefilter=order > 1)
     bad = ndimage.affine_transform(mask.astype(np.float32), lin, offset, output_shape=shape,
                                    order=1, mode="constant", cval=1.0)
-    bad = bad > MASK_TOLERANCE
+    return out.astype(np.float32, copy=False), _grown(bad > MASK_TOLERANCE, order)
+
+
+def _grown(bad: np.ndarray, order: int) -> np.ndarray:
+    """A resampled mask grown by ``order`` pixels beyond bilinear (spline ringing)."""
     if order > 1 and bad.any():
-        bad = ndimage.binary_dilation(bad, iterations=order)
-    return out.astype(np.float32, copy=False), bad
+        return ndimage.binary_dilation(bad, iterations=order)
+    return bad
+
+
+def _translation(dx_px: float, dy_px: float) -> np.ndarray:
+    matrix = np.eye(3)
+    matrix[:2, 2] = dx_px, dy_px
+    return matrix
+
+
+def _pixel_affine_wcs(wcs, matrix: np.ndarray):
+    """A low-level WCS whose pixel ``p`` is ``wcs``'s pixel ``matrix @ p``."""
+    from astropy.wcs.wcsapi.wrappers.base import BaseWCSWrapper
+
+    class PixelAffineWCS(BaseWCSWrapper):
+        def pixel_to_world_values(self, x, y):
+            x, y = np.asarray(x, float), np.asarray(y, float)
+            return self._wcs.pixel_to_world_values(matrix[0, 0] * x + matrix[0, 1] * y
+                                                   + matrix[0, 2],
+                                                   matrix[1, 0] * x + matrix[1, 1] * y
+                                                   + matrix[1, 2])
+
+        def world_to_pixel_values(self, *world):
+            x, y = self._wcs.world_to_pixel_values(*world)
+            inv = np.linalg.inv(matrix)
+            return (inv[0, 0] * x + inv[0, 1] * y + inv[0, 2],
+                    inv[1, 0] * x + inv[1, 1] * y + inv[1, 2])
+
+    return PixelAffineWCS(wcs.low_level_wcs)
+
+
+def reproject_frame(data: np.ndarray, mask: np.ndarray, mapping: WcsMapping,
+                    shape: tuple[int, int], order: int = 1) -> tuple[np.ndarray, np.ndarray]:
+    """A frame on the reference pixel grid through the WCS, with its mask.
+
+    ``reproject.reproject_interp`` resamples the frame, with its masked pixels set to 0,
+    and its mask (1 masked, 0 good) from the frame's WCS onto the reference's followed by
+    ``mapping.correction``, :data:`REPROJECT_BLOCK_PX` output pixels at a time. Both are
+    padded by a pixel (data 0, mask 1) so that an output pixel whose interpolation
+    reaches beyond the frame is masked.
+
+    Parameters
+    ----------
+    data, mask
+        The frame and True where its pixels must not be used.
+    mapping
+        How the frame's pixels land on the reference grid (:class:`WcsMapping`).
+    shape
+        The reference's shape ``(ny, nx)``.
+    order
+        1: bilinear; 3: bicubic (the mask grows by ``order`` pixels, as :func:`resample`).
+
+    Returns
+    -------
+    data, mask
+        float32 ``shape`` arrays; masked where a masked or outside pixel entered.
+    """
+    clean = np.pad(np.where(mask, 0.0, data).astype(np.float32), 1)
+    bad = np.pad(mask.astype(np.float32), 1, constant_values=1.0)
+    frame_wcs = _pixel_affine_wcs(mapping.wcs, _translation(-1.0, -1.0))
+    ny, nx = shape
+    rows = max(1, REPROJECT_BLOCK_PX // nx)
+    out = np.zeros(shape, np.float32)
+    out_bad = np.ones(shape, bool)
+    to_reference = np.linalg.inv(mapping.correction)
+    for r0 in range(0, ny, rows):
+        block = slice(r0, min(ny, r0 + rows))
+        ref_wcs = _pixel_affine_wcs(mapping.ref_wcs, to_reference @ _translation(0.0, r0))
+        block_shape = (block.stop - block.start, nx)
+        if order == 1:
+            values, bad_share = _reproject(np.stack([clean, bad]), frame_wcs, ref_wcs,
+                                           block_shape, 1)
+        else:
+            values = _reproject(clean[None], frame_wcs, ref_wcs, block_shape, order)[0]
+            bad_share = _reproject(bad[None], frame_wcs, ref_wcs, block_shape, 1)[0]
+        out[block] = np.nan_to_num(values, nan=0.0)
+        out_bad[block] = ~(bad_share <= MASK_TOLERANCE)  # NaN: outside the frame
+    return out, _grown(out_bad, order)
+
+
+def _reproject(layers: np.ndarray, frame_wcs, ref_wcs, shape: tuple[int, int],
+               order: int) -> np.ndarray:
+    """``reproject_interp`` of the ``(k, ny, nx)`` layers of one frame onto ``shape``.
+
+    The coordinates are not checked by a round trip: frame and reference show one field,
+    far from where a projection folds over.
+    """
+    from reproject import reproject_interp
+
+    return reproject_interp((layers, frame_wcs), ref_wcs, shape_out=(len(layers), *shape),
+                            order=order, return_footprint=False, roundtrip_coords=False)
+
+
+def resample_registered(data: np.ndarray, mask: np.ndarray, registration: Registration,
+                        shape: tuple[int, int], order: int = 1
+                        ) -> tuple[np.ndarray, np.ndarray]:
+    """A frame on the reference grid as its registration says: through the WCS
+    (:func:`reproject_frame`) when it was registered so, else by its matrix
+    (:func:`resample`)."""
+    if registration.wcs is not None:
+        return reproject_frame(data, mask, registration.wcs, shape, order)
+    return resample(data, mask, registration.matrix, shape, order)
 
 
 # ---------------------------------------------------------------------------- weights
@@ -443,16 +606,19 @@ def _clip_block(x: np.ndarray, keep: np.ndarray, w: np.ndarray, noise2: np.ndarr
 
 def combine(frames: np.ndarray, masks: np.ndarray, weights: np.ndarray,
             noise_adu: np.ndarray, poisson_adu: np.ndarray | None = None, *,
-            sigma: float = 3.0, iterations: int = 3, rows_per_block: int = 128
+            sigma: float = 3.0, iterations: int = 3, rows_per_block: int | None = None
             ) -> StackResult:
     """Weighted mean of registered, scaled frames with iterative sigma clipping per pixel.
 
     Parameters
     ----------
     frames
-        ``(n, ny, nx)`` sky-subtracted frames on one grid, scaled to one photometry.
+        ``(n, ny, nx)`` sky-subtracted frames on one grid, scaled to one photometry: an
+        array, or any object with ``shape`` whose ``[:, rows]`` gives those rows of every
+        frame as an array (frames on disk).
     masks
-        ``(n, ny, nx)`` bool, True where a frame has no usable value.
+        ``(n, ny, nx)`` bool, True where a frame has no usable value (array or as
+        ``frames``).
     weights
         ``(n,)`` non-negative weights.
     noise_adu
@@ -465,9 +631,12 @@ def combine(frames: np.ndarray, masks: np.ndarray, weights: np.ndarray,
     iterations
         At most this many rejection passes.
     rows_per_block
-        Rows combined at once (bounds the temporary memory).
+        Rows combined at once (bounds the temporary memory); None: about
+        :data:`BLOCK_VALUES` values. The result does not depend on it.
     """
     n, ny, nx = frames.shape
+    if rows_per_block is None:
+        rows_per_block = max(1, BLOCK_VALUES // max(1, n * nx))
     w = np.asarray(weights, np.float64).reshape(n, 1, 1)
     noise2 = (np.asarray(noise_adu, np.float64) ** 2).reshape(n, 1, 1)
     poisson = (np.zeros(n) if poisson_adu is None else
@@ -478,8 +647,8 @@ def combine(frames: np.ndarray, masks: np.ndarray, weights: np.ndarray,
     rejected = np.zeros(n, np.int64)
     for r0 in range(0, ny, rows_per_block):
         rows = slice(r0, min(ny, r0 + rows_per_block))
-        x = frames[:, rows].astype(np.float64)
-        valid = ~masks[:, rows] & np.isfinite(x) & (w > 0)
+        x = np.asarray(frames[:, rows], np.float64)
+        valid = ~np.asarray(masks[:, rows], bool) & np.isfinite(x) & (w > 0)
         keep = (_clip_block(x, valid, w, noise2, poisson, sigma, iterations)
                 if sigma > 0 else valid)
         rejected += (valid & ~keep).reshape(n, -1).sum(axis=1)

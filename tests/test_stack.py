@@ -398,3 +398,182 @@ def test_frames_whose_stars_do_not_match_are_registered_through_the_wcs(night, c
     assert prov.loc["f1", "throughput"] == pytest.approx(f1[5], rel=1e-6)
     assert prov.loc["f0", "registered_by"] == "stars"
     assert prov.loc["f2", "registered_by"] == "reference"
+
+
+# ---------------------------------------------------------------- registration through the WCS
+
+
+def tan_sip_wcs(crpix, rot_deg=0.0, k=0.0, crval=(83.82, -5.39)):
+    """A TAN WCS of 0.3"/px rotated by ``rot_deg``, with a SIP distortion of ``k u^2``
+    along x and ``k v^2`` along y (``u, v``: pixels from ``crpix``) when ``k`` is not 0."""
+    from astropy.wcs import Sip
+
+    a = math.radians(rot_deg)
+    rot = np.array([[math.cos(a), -math.sin(a)], [math.sin(a), math.cos(a)]])
+    w = WCS(naxis=2)
+    w.wcs.ctype = ["RA---TAN-SIP", "DEC--TAN-SIP"] if k else ["RA---TAN", "DEC--TAN"]
+    w.wcs.crval = list(crval)
+    w.wcs.crpix = list(crpix)
+    w.wcs.cd = np.diag([-0.3 / 3600, 0.3 / 3600]) @ rot.T
+    if k:
+        coef_a, coef_b = np.zeros((3, 3)), np.zeros((3, 3))
+        coef_a[2, 0], coef_b[0, 2], coef_a[1, 1] = k, k, 0.5 * k
+        w.sip = Sip(coef_a, coef_b, None, None, w.wcs.crpix)
+    return w
+
+
+def centroid(image, x, y, r=4):
+    """First moments of the positive pixels within ``r`` of ``(x, y)``, re-centred twice."""
+    for _ in range(3):
+        ix, iy = int(round(x)), int(round(y))
+        yy, xx = np.mgrid[iy - r:iy + r + 1, ix - r:ix + r + 1]
+        w = np.clip(image[iy - r:iy + r + 1, ix - r:ix + r + 1], 0, None)
+        x, y = (w * xx).sum() / w.sum(), (w * yy).sum() / w.sum()
+    return x, y
+
+
+def wcs_scene(frame_wcs, ref_wcs, seed=5):
+    """Stars at known reference positions, drawn where ``frame_wcs`` puts them.
+
+    Returns the frame, the reference positions with their centroids in the reference
+    rendering and the fluxes, and the frame positions."""
+    x, y, f = star_list(25, seed=seed, min_sep=12)
+    fx, fy = frame_wcs.world_to_pixel(ref_wcs.pixel_to_world(x, y))
+    frame = render_scene(SHAPE, positions=(fx, fy), fluxes=f, fwhm_px=3.0, sky=0.0,
+                         read_noise=0.1, seed=seed)
+    ref = render_scene(SHAPE, positions=(x, y), fluxes=f, fwhm_px=3.0, sky=0.0,
+                       read_noise=0.1, seed=seed + 100)
+    cx, cy = np.array([centroid(ref.image, xi, yi) for xi, yi in zip(x, y)]).T
+    return frame.image, (x, y, cx, cy, f), (np.asarray(fx), np.asarray(fy))
+
+
+def position_errors(image, mask, x, y, cx, cy):
+    """Distances (px) of the centroids in ``image`` of the stars at ``(x, y)`` from their
+    centroids ``(cx, cy)`` in the reference, for the stars clear of the mask."""
+    d = []
+    for xi, yi, cxi, cyi in zip(x, y, cx, cy):
+        ix, iy = int(round(xi)), int(round(yi))
+        if not mask[iy - 5:iy + 6, ix - 5:ix + 6].any():
+            mx, my = centroid(image, xi, yi)
+            d.append(math.hypot(mx - cxi, my - cyi))
+    return np.array(d)
+
+
+def test_a_frame_registered_through_a_distorted_wcs_puts_stars_on_the_reference_s():
+    ref_wcs = tan_sip_wcs([64.5, 64.5])
+    frame_wcs = tan_sip_wcs([70.0, 60.5], rot_deg=2.0, k=6e-4)  # ~1 px of curvature
+    image, (x, y, cx, cy, _), _ = wcs_scene(frame_wcs, ref_wcs)
+    mask = np.zeros(SHAPE, bool)
+    mapping = stack.WcsMapping(ref_wcs, frame_wcs)
+    reg = stack.register_by_wcs(mapping, SHAPE, np.zeros((0, 2)), [], np.zeros((0, 2)), [])
+    assert reg.n_matched == 0 and math.isnan(reg.throughput) and reg.wcs is not None
+    data, out_mask = stack.resample_registered(image, mask, reg, SHAPE)
+    # masked where the frame does not reach, not where it covers a pixel's neighbours
+    yy, xx = np.mgrid[0:SHAPE[0], 0:SHAPE[1]]
+    fx, fy = frame_wcs.world_to_pixel(ref_wcs.pixel_to_world(xx, yy))
+    outside = (fx < -0.01) | (fx > SHAPE[1] - 0.99) | (fy < -0.01) | (fy > SHAPE[0] - 0.99)
+    inside = (fx > 1) & (fx < SHAPE[1] - 2) & (fy > 1) & (fy < SHAPE[0] - 2)
+    assert outside.sum() > 500 and out_mask[outside].all() and not out_mask[inside].any()
+    errors = position_errors(data, out_mask, x, y, cx, cy)
+    assert len(errors) >= 15 and np.median(errors) < 0.05 and errors.max() < 0.1
+    # the affine approximation of the same WCS misses the distortion
+    affine, affine_mask = stack.resample(image, mask, reg.matrix, SHAPE)
+    assert position_errors(affine, affine_mask, x, y, cx, cy).max() > 0.4
+
+
+def test_stars_paired_through_the_wcs_correct_its_pointing():
+    ref_wcs = tan_sip_wcs([64.5, 64.5])
+    true_wcs = tan_sip_wcs([66.0, 62.5], rot_deg=-1.0, k=6e-4)
+    image, (x, y, cx, cy, f), (fx, fy) = wcs_scene(true_wcs, ref_wcs, seed=6)
+    header_wcs = tan_sip_wcs([66.0, 62.5], rot_deg=-1.0, k=6e-4,  # 1.2 px off
+                             crval=(83.82 + 0.3 / 3600, -5.39 + 0.24 / 3600))
+    mask = np.zeros(SHAPE, bool)
+    mapping = stack.WcsMapping(ref_wcs, header_wcs)
+    alone = stack.resample_registered(image, mask, stack.register_by_wcs(
+        mapping, SHAPE, np.zeros((0, 2)), [], np.zeros((0, 2)), []), SHAPE)
+    assert np.median(position_errors(*alone, x, y, cx, cy)) > 0.8
+    few = slice(0, 4)  # too few stars for a pattern, enough to correct the WCS
+    reg = stack.register_by_wcs(mapping, SHAPE, np.c_[x, y][few], f[few],
+                                np.c_[fx, fy][few], 0.7 * f[few])
+    assert reg.n_matched == 4 and reg.throughput == pytest.approx(0.7)
+    data, out_mask = stack.resample_registered(image, mask, reg, SHAPE)
+    errors = position_errors(data, out_mask, x, y, cx, cy)
+    assert len(errors) >= 15 and np.median(errors) < 0.05 and errors.max() < 0.1
+
+
+def test_a_cubic_resampling_through_the_wcs_grows_the_mask():
+    ref_wcs = tan_sip_wcs([64.5, 64.5])
+    frame_wcs = tan_sip_wcs([68.0, 61.0], rot_deg=1.0, k=6e-4)
+    image, (x, y, cx, cy, _), _ = wcs_scene(frame_wcs, ref_wcs, seed=7)
+    mask = np.zeros(SHAPE, bool)
+    mask[60:63, 10:13] = True
+    mapping = stack.WcsMapping(ref_wcs, frame_wcs)
+    linear, linear_mask = stack.reproject_frame(image, mask, mapping, SHAPE)
+    cubic, cubic_mask = stack.reproject_frame(image, mask, mapping, SHAPE, order=3)
+    assert (cubic_mask >= linear_mask).all() and cubic_mask.sum() > linear_mask.sum()
+    assert linear_mask[55:70, 10:22].any() and not linear_mask[30:50, 30:50].any()
+    assert np.median(position_errors(cubic, cubic_mask, x, y, cx, cy)) < 0.05
+
+
+# ---------------------------------------------------------------- frames on disk
+
+
+def test_frames_on_disk_read_back_by_rows(tmp_path):
+    rng = np.random.default_rng(3)
+    frames = rng.normal(0, 1, (4, 30, 20)).astype(np.float32)
+    disk = stack_flow.DiskFrames(tmp_path, "data", 4, (30, 20), np.float32, 0.0)
+    masks = stack_flow.DiskFrames(tmp_path, "mask", 4, (30, 20), bool, True)
+    for i in (0, 1, 3):  # frame 2 is never written
+        disk[i] = frames[i]
+        masks[i] = frames[i] > 1
+    assert disk.shape == (4, 30, 20)
+    block = disk[:, 7:19]
+    assert block.dtype == np.float32 and block.shape == (4, 12, 20)
+    assert np.array_equal(block[[0, 1, 3]], frames[[0, 1, 3], 7:19])
+    assert (block[2] == 0).all() and masks[:, 25:40][2].all()
+    assert np.array_equal(masks[:, :][3], frames[3] > 1)
+    with pytest.raises(IndexError):
+        disk[1]
+
+
+def test_the_stack_from_disk_equals_the_stack_in_memory(night, monkeypatch):
+    raw, out, _ = night
+    combine, seen = stack.combine, []
+
+    def both(frames, masks, *args, **kwargs):
+        on_disk = combine(frames, masks, *args, **kwargs)  # blocks of a few rows
+        in_memory = combine(frames[:, :], masks[:, :], *args, rows_per_block=SHAPE[0],
+                            **kwargs)
+        seen.append((type(frames), sorted(p.name for p in frames.folder.iterdir()),
+                     frames.folder.parent, on_disk, in_memory))
+        return on_disk
+
+    monkeypatch.setattr(stack, "BLOCK_VALUES", 5 * 3 * SHAPE[1])  # 3 rows a block
+    monkeypatch.setattr(stack, "combine", both)
+    cfg = load_config(overrides={"run": {"raw_root": str(raw), "out_root": str(out)}})
+    run = stack_flow.stack_field(cfg, NIGHT, classes=[])
+    (kind, files, parent, on_disk, in_memory), = seen
+    assert kind is stack_flow.DiskFrames and parent == run.path.parent
+    assert files == [f"{a}-{i:05d}.dat" for a in ("data", "mask") for i in range(5)]
+    assert on_disk.rejected_px.sum() >= 1  # the cosmic ray: clipping took part
+    np.testing.assert_allclose(on_disk.image, in_memory.image, rtol=1e-6, atol=1e-4)
+    assert np.array_equal(np.isnan(on_disk.image), np.isnan(in_memory.image))
+    np.testing.assert_allclose(on_disk.weight, in_memory.weight, rtol=1e-6)
+    assert np.array_equal(on_disk.n_frames, in_memory.n_frames)
+    assert np.array_equal(on_disk.rejected_px, in_memory.rejected_px)
+    with fits.open(run.path) as hdul:
+        assert np.array_equal(hdul[0].data, on_disk.image, equal_nan=True)
+    assert sorted(p.name for p in run.path.parent.iterdir()) == ["M42.fits"]
+
+
+def test_the_frames_on_disk_are_removed_when_the_stack_fails(night, monkeypatch):
+    raw, out, _ = night
+
+    def broken(*args, **kwargs):
+        raise RuntimeError("out of disk")
+
+    monkeypatch.setattr(stack, "combine", broken)
+    cfg = load_config(overrides={"run": {"raw_root": str(raw), "out_root": str(out)}})
+    with pytest.raises(RuntimeError, match="out of disk"):
+        stack_flow.stack_field(cfg, NIGHT)
+    assert list(paths.stack_file(out, NIGHT, "M42").parent.iterdir()) == []
