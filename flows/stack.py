@@ -559,9 +559,10 @@ def frame_wcs(row: pd.Series):
 
 
 def _reference_wcs(row: pd.Series) -> fits.Header | None:
-    """The reference frame's celestial WCS as header cards (None without one)."""
+    """The reference frame's celestial WCS as header cards, its SIP distortion included
+    (None without one)."""
     wcs = frame_wcs(row)
-    return wcs.to_header() if wcs is not None else None
+    return wcs.to_header(relax=True) if wcs is not None else None
 
 
 def write_stack(path: str | Path, result: stack.StackResult, provenance: pd.DataFrame,

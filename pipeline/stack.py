@@ -67,6 +67,7 @@ import warnings
 from dataclasses import dataclass, field
 
 import numpy as np
+from astropy.wcs.wcsapi.wrappers.base import BaseWCSWrapper
 from scipy import ndimage
 
 MIN_CLIP_FRAMES = 3
@@ -95,10 +96,10 @@ MIN_WCS_PAIRS = 3
 MASK_TOLERANCE = 1e-3
 """An interpolated mask above this share of a masked input pixel masks the output pixel."""
 
-REPROJECT_BLOCK_PX = 2 ** 20
+REPROJECT_BLOCK_PX = 2 ** 18
 """Output pixels resampled through the WCS at once (bounds reproject's coordinate arrays)."""
 
-BLOCK_VALUES = 2 ** 22
+BLOCK_VALUES = 2 ** 20
 """Values (frames x pixels) combined at once (bounds the temporary memory of combine)."""
 
 
@@ -365,25 +366,35 @@ def _translation(dx_px: float, dy_px: float) -> np.ndarray:
     return matrix
 
 
-def _pixel_affine_wcs(wcs, matrix: np.ndarray):
-    """A low-level WCS whose pixel ``p`` is ``wcs``'s pixel ``matrix @ p``."""
-    from astropy.wcs.wcsapi.wrappers.base import BaseWCSWrapper
+class PixelAffineWCS(BaseWCSWrapper):
+    """A WCS on moved pixels: pixel ``(x, y)`` here is pixel ``matrix @ (x, y, 1)`` of the
+    wrapped WCS (a padded frame, a block of rows, a corrected reference grid).
 
-    class PixelAffineWCS(BaseWCSWrapper):
-        def pixel_to_world_values(self, x, y):
-            x, y = np.asarray(x, float), np.asarray(y, float)
-            return self._wcs.pixel_to_world_values(matrix[0, 0] * x + matrix[0, 1] * y
-                                                   + matrix[0, 2],
-                                                   matrix[1, 0] * x + matrix[1, 1] * y
-                                                   + matrix[1, 2])
+    Parameters
+    ----------
+    wcs
+        The celestial WCS wrapped (astropy, any APE 14 WCS).
+    matrix
+        3 x 3 affine matrix from these pixel coordinates to the wrapped WCS's.
+    """
 
-        def world_to_pixel_values(self, *world):
-            x, y = self._wcs.world_to_pixel_values(*world)
-            inv = np.linalg.inv(matrix)
-            return (inv[0, 0] * x + inv[0, 1] * y + inv[0, 2],
-                    inv[1, 0] * x + inv[1, 1] * y + inv[1, 2])
+    def __init__(self, wcs, matrix: np.ndarray):
+        super().__init__(wcs.low_level_wcs)
+        self._matrix = np.asarray(matrix, float)
+        self._inverse = np.linalg.inv(self._matrix)
 
-    return PixelAffineWCS(wcs.low_level_wcs)
+    def pixel_to_world_values(self, x, y):
+        return self._wcs.pixel_to_world_values(*_carry(self._matrix, x, y))
+
+    def world_to_pixel_values(self, *world):
+        return _carry(self._inverse, *self._wcs.world_to_pixel_values(*world))
+
+
+def _carry(matrix: np.ndarray, x, y) -> tuple[np.ndarray, np.ndarray]:
+    """Pixel coordinates ``x, y`` (arrays of any shape) carried by a 3 x 3 affine matrix."""
+    x, y = np.asarray(x, float), np.asarray(y, float)
+    return (matrix[0, 0] * x + matrix[0, 1] * y + matrix[0, 2],
+            matrix[1, 0] * x + matrix[1, 1] * y + matrix[1, 2])
 
 
 def reproject_frame(data: np.ndarray, mask: np.ndarray, mapping: WcsMapping,
@@ -412,9 +423,11 @@ def reproject_frame(data: np.ndarray, mask: np.ndarray, mapping: WcsMapping,
     data, mask
         float32 ``shape`` arrays; masked where a masked or outside pixel entered.
     """
-    clean = np.pad(np.where(mask, 0.0, data).astype(np.float32), 1)
-    bad = np.pad(mask.astype(np.float32), 1, constant_values=1.0)
-    frame_wcs = _pixel_affine_wcs(mapping.wcs, _translation(-1.0, -1.0))
+    layers = np.zeros((2, data.shape[0] + 2, data.shape[1] + 2), np.float32)
+    layers[0, 1:-1, 1:-1] = np.where(mask, 0.0, data)
+    layers[1] = 1.0
+    layers[1, 1:-1, 1:-1] = mask
+    frame_wcs = PixelAffineWCS(mapping.wcs, _translation(-1.0, -1.0))
     ny, nx = shape
     rows = max(1, REPROJECT_BLOCK_PX // nx)
     out = np.zeros(shape, np.float32)
@@ -422,14 +435,13 @@ def reproject_frame(data: np.ndarray, mask: np.ndarray, mapping: WcsMapping,
     to_reference = np.linalg.inv(mapping.correction)
     for r0 in range(0, ny, rows):
         block = slice(r0, min(ny, r0 + rows))
-        ref_wcs = _pixel_affine_wcs(mapping.ref_wcs, to_reference @ _translation(0.0, r0))
+        ref_wcs = PixelAffineWCS(mapping.ref_wcs, to_reference @ _translation(0.0, r0))
         block_shape = (block.stop - block.start, nx)
         if order == 1:
-            values, bad_share = _reproject(np.stack([clean, bad]), frame_wcs, ref_wcs,
-                                           block_shape, 1)
+            values, bad_share = _reproject(layers, frame_wcs, ref_wcs, block_shape, 1)
         else:
-            values = _reproject(clean[None], frame_wcs, ref_wcs, block_shape, order)[0]
-            bad_share = _reproject(bad[None], frame_wcs, ref_wcs, block_shape, 1)[0]
+            values = _reproject(layers[:1], frame_wcs, ref_wcs, block_shape, order)[0]
+            bad_share = _reproject(layers[1:], frame_wcs, ref_wcs, block_shape, 1)[0]
         out[block] = np.nan_to_num(values, nan=0.0)
         out_bad[block] = ~(bad_share <= MASK_TOLERANCE)  # NaN: outside the frame
     return out, _grown(out_bad, order)

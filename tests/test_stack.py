@@ -515,6 +515,19 @@ def test_a_cubic_resampling_through_the_wcs_grows_the_mask():
     assert np.median(position_errors(cubic, cubic_mask, x, y, cx, cy)) < 0.05
 
 
+def test_the_stack_keeps_the_reference_s_distortion(tmp_path):
+    path = tmp_path / "ref.fits"
+    header = tan_sip_wcs([64.5, 64.5], k=6e-4).to_header(relax=True)
+    fits.PrimaryHDU(np.zeros(SHAPE, np.float32), header).writeto(path)
+    row = pd.Series({"path": str(path), "hdu": 0, "ny": SHAPE[0], "nx": SHAPE[1]})
+    cards = stack_flow._reference_wcs(row)
+    assert cards["CTYPE1"] == "RA---TAN-SIP" and cards["A_2_0"] == pytest.approx(6e-4)
+    stacked = WCS(fits.Header(cards))
+    sky = np.array(stacked.pixel_to_world_values(3.0, 5.0))
+    true = np.array(tan_sip_wcs([64.5, 64.5], k=6e-4).pixel_to_world_values(3.0, 5.0))
+    assert np.abs(sky - true).max() < 1e-9
+
+
 # ---------------------------------------------------------------- frames on disk
 
 
