@@ -61,7 +61,8 @@ def finish_night(rows: list[dict], cfg: Config, models, store) -> list[dict]:
     for i, r in lit.items():
         rows[i] = r
     changed |= set(lit)
-    fields = sequence.measure_night(rows, cfg, store)
+    block_px = models.scorer.block_px if models.scorer is not None else None
+    fields = sequence.measure_night(rows, cfg, store, block_px)
     for i, r in fields.items():
         rows[i] = r
     changed |= {i for i, r in fields.items()

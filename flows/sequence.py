@@ -18,7 +18,7 @@ import pyarrow.parquet as pq
 
 from survey_qa import paths
 from survey_qa.config import Config
-from survey_qa.pipeline import sequence
+from survey_qa.pipeline import outputs, sequence, skymask
 from survey_qa.pipeline.classify import MOSAIC_COMBINE
 from survey_qa.pipeline.columns import EXPOSURE_COLUMNS
 from survey_qa.pipeline.flags import bits
@@ -83,10 +83,13 @@ def read_stars(work: tuple[Path, str], rows: dict[int, dict], cfg: Config
             r = rows[i]
             if r["detector"] not in by_detector:
                 continue
-            chosen = sequence.select_stars(by_detector[r["detector"]], cfg.sequence.min_snr)
+            found = by_detector[r["detector"]]
+            chosen = sequence.select_stars(found, cfg.sequence.min_snr)
             if len(chosen) >= 3:
                 stars[i] = sequence.FrameStars.from_sources(
-                    chosen, float(r.get("exptime_s") or math.nan), cfg.sequence.max_stars)
+                    chosen, float(r.get("exptime_s") or math.nan), cfg.sequence.max_stars,
+                    detected=found[found["snr"].to_numpy(float) >= cfg.sequence.min_snr],
+                    fwhm_px=_fwhm_px(r))
     return stars
 
 
@@ -107,8 +110,10 @@ def _fwhm_rel(rows: list[dict], members: list[int]) -> dict[int, float]:
 
 
 def field_rows(rows: list[dict], members: list[int], stars: dict[int, sequence.FrameStars],
-               cfg: Config) -> dict[int, dict]:
-    """The rows of one field with their cross-frame columns (new dicts).
+               cfg: Config) -> tuple[dict[int, dict], dict[int, dict]]:
+    """The rows of one field with their cross-frame columns (new dicts), and the
+    field's records (:func:`~survey_qa.pipeline.sequence.field_records`; empty for a field
+    too small to measure).
 
     A field of fewer than ``sequence.min_frames`` frames gets its name and the qa flag
     ``FEW_FIELD_FRAMES``; a frame that cannot be matched to the reference gets
@@ -120,7 +125,7 @@ def field_rows(rows: list[dict], members: list[int], stars: dict[int, sequence.F
     if len(measured) < cfg.sequence.min_frames:
         for r in out.values():
             r["qa_flags"] = int(r["qa_flags"]) | bits("FEW_FIELD_FRAMES")
-        return out
+        return out, {}
     first = rows[members[0]]
     records = sequence.field_records(measured, (int(first["ny"]), int(first["nx"])),
                                      cfg.sequence)
@@ -135,6 +140,38 @@ def field_rows(rows: list[dict], members: list[int], stars: dict[int, sequence.F
                                       "extinction_spread_mag", "star_count_ratio",
                                       "shift_x_px", "shift_y_px", "rotation_deg")},
                  fwhm_rel=fwhm_rel[i])
+    return out, records
+
+
+def defect_masks(rows: dict[int, dict], records: dict[int, dict], store, block_px: int | None,
+                 cfg: Config) -> dict[int, dict]:
+    """The masks of the damaged sky of one field's frames
+    (:func:`~survey_qa.pipeline.skymask.field_masks`), written into the array store, and
+    the rows with their ``defect_mask_fraction``.
+
+    ``rows`` are the field's rows by position (time order); ``block_px`` is the side of an
+    autoencoder mask cell (None: no autoencoder). A store without ``defect_mask`` (made
+    before it existed) gets no masks and the rows stay as they are.
+    """
+    frames = outputs.store_frames(store, "defect_mask") if Path(store).exists() else {}
+    members = [i for i, r in rows.items() if (r["exposure"], r["detector"]) in frames]
+    if not members:
+        return {}
+    index = {i: frames[(rows[i]["exposure"], rows[i]["detector"])] for i in members}
+    shape = (int(rows[members[0]]["ny"]), int(rows[members[0]]["nx"]))
+    sky = outputs.read_frames(store, "sky_map", index)
+    ae = outputs.read_frames(store, "ae_mask", index) if block_px else {}
+    masks = skymask.field_masks(
+        shape, [sky.get(i) for i in members], [rows[i].get("mjd_obs") or math.nan
+                                               for i in members],
+        [records.get(i, {}).get("extinction_stars") for i in members],
+        [records.get(i, {}).get("extinction_spread_mag", math.nan) for i in members],
+        [skymask.ae_cells(ae[i], block_px, shape) if i in ae else None for i in members],
+        cfg.sequence.map_scale * max(shape))
+    out = {}
+    for i, mask in zip(members, masks):
+        outputs.write_frame(store, index[i], {"defect_mask": mask.astype(np.uint8)})
+        out[i] = {**rows[i], "defect_mask_fraction": skymask.mask_fraction(mask)}
     return out
 
 
@@ -162,12 +199,15 @@ def summary_rows(rows: list[dict], changed: dict[int, dict]) -> dict[int, dict]:
     return out
 
 
-def measure_night(rows: list[dict], cfg: Config, store) -> dict[int, dict]:
-    """The night's rows with cross-frame columns, by position (only those that changed).
+def measure_night(rows: list[dict], cfg: Config, store, block_px: int | None = None
+                  ) -> dict[int, dict]:
+    """The night's rows with cross-frame columns and masks of the damaged sky, by position
+    (only those that changed).
 
     Rows are not changed. ``store`` is the night's array store, which names the work
-    folder holding the per-exposure source catalogs. Returns {} when
-    ``sequence.enabled`` is off or no field has two frames.
+    folder holding the per-exposure source catalogs and receives the masks;
+    ``block_px`` is the side of an autoencoder mask cell (None: no autoencoder). Returns {}
+    when ``sequence.enabled`` is off or no field has two frames.
     """
     if not cfg.sequence.enabled:
         return {}
@@ -179,6 +219,9 @@ def measure_night(rows: list[dict], cfg: Config, store) -> dict[int, dict]:
         groups = sequence.field_groups(candidates, stars, s.field_radius, s.pattern_tries,
                                        s.control_stars, s.match_tolerance_px)
         for members in groups:
-            changed.update(field_rows(rows, members, stars, cfg))
+            field, records = field_rows(rows, members, stars, cfg)
+            changed.update(field)
+            if records:
+                changed.update(defect_masks(field, records, store, block_px, cfg))
     changed.update(summary_rows(rows, changed))
     return changed

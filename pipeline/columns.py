@@ -197,6 +197,10 @@ EXPOSURE_COLUMNS: tuple[Column, ...] = (
                "the reference frame, from +x towards +y", "median"),
         Column("fwhm_rel", FLOAT, "", "fwhm_px over the median fwhm_px of the field's "
                "frames (the seeing and focus trend)", "median"),
+        Column("defect_mask_fraction", FLOAT, "", "share of the detector where the sky is "
+               "damaged: added light over 5% of its clean level or extinction 0.1 mag over "
+               "its clearest part, against the field's other frames, with the autoencoder's "
+               "mask (arrays: defect_mask)", "median"),
     ),
     *grouped(
         "autoencoder",

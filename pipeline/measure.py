@@ -20,7 +20,7 @@ import pandas as pd
 
 from survey_qa.config import Config
 from survey_qa.pipeline import (aescore, background, classify, decide, features, illumination,
-                                nightview, psf, sources, stamps)
+                                nightview, psf, skymask, sources, stamps)
 from survey_qa.pipeline.errors import QualityError
 from survey_qa.pipeline.flags import bits
 from survey_qa.pipeline.records import DetectorImage
@@ -82,7 +82,7 @@ def array_variables(cfg: Config, models: Models, max_shape: tuple[int, int]) -> 
         name -> (per-detector shape, dimension names, dtype, fill value).
     """
     out = {**stamps.stamp_variables(cfg.stamps), **illumination.SKY_VARIABLES,
-           **nightview.PREVIEW_VARIABLES}
+           **nightview.PREVIEW_VARIABLES, **skymask.MASK_VARIABLES}
     if models.classifier is not None:
         som = models.classifier.som
         out["som_occupancy"] = (tuple(som.grid), ("som_x", "som_y"), "float32", np.nan)

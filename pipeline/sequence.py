@@ -49,6 +49,7 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass
+from typing import NamedTuple
 
 import numpy as np
 import pandas as pd
@@ -267,12 +268,19 @@ class FrameStars:
     """Their errors, ``1.0857 flux_err / flux`` (mag)."""
     n_stars: int
     """Well-measured stars of the frame (before keeping the brightest)."""
+    detected_xy: np.ndarray | None = None
+    """(M, 2) positions of every detection of ``snr >= min_snr`` whatever its flags (a
+    star that is there but not well measured), or None when not known."""
+    fwhm_px: float = math.nan
+    """The frame's FWHM (pixels), NaN when not measured."""
 
     @classmethod
-    def from_sources(cls, stars: pd.DataFrame, exptime_s: float, max_stars: int
+    def from_sources(cls, stars: pd.DataFrame, exptime_s: float, max_stars: int,
+                     detected: pd.DataFrame | None = None, fwhm_px: float = math.nan
                      ) -> "FrameStars":
         """From :func:`select_stars` (all of them): the brightest ``max_stars``, fluxes per
-        second when ``exptime_s`` is positive."""
+        second when ``exptime_s`` is positive; ``detected``: the detections of
+        ``detected_xy`` (columns ``x``, ``y``)."""
         scale = exptime_s if math.isfinite(exptime_s) and exptime_s > 0 else 1.0
         n_stars = len(stars)
         stars = stars.head(max_stars)
@@ -281,7 +289,9 @@ class FrameStars:
         return cls(n_stars=n_stars, xy=stars[["x", "y"]].to_numpy(float),
                    mag=-2.5 * np.log10(flux / scale),
                    mag_err=np.where(np.isfinite(err) & (err > 0), MAG_PER_LN * err / flux,
-                                    np.nan))
+                                    np.nan),
+                   detected_xy=None if detected is None
+                   else detected[["x", "y"]].to_numpy(float), fwhm_px=fwhm_px)
 
 
 MAG_PER_LN = 2.5 / math.log(10.0)
@@ -449,8 +459,21 @@ def magnitude_offsets(mags: np.ndarray, best_share: float, iterations: int = 3
     return offsets, reference
 
 
+def _kernel(xy: np.ndarray, shape: tuple[int, int], sigma_px: float, grid: int
+            ) -> np.ndarray:
+    """Gaussian kernel weights (grid * grid cells, N stars) from the stars to the cell
+    centres of a ``grid`` x ``grid`` map of the detector."""
+    ny, nx = shape
+    gy = (np.arange(grid) + 0.5) * ny / grid
+    gx = (np.arange(grid) + 0.5) * nx / grid
+    cy, cx = np.meshgrid(gy, gx, indexing="ij")
+    d2 = ((cx.reshape(-1, 1) - xy[None, :, 0]) ** 2 + (cy.reshape(-1, 1) - xy[None, :, 1]) ** 2)
+    return np.exp(-0.5 * d2 / sigma_px ** 2)
+
+
 def smooth_map(xy: np.ndarray, values: np.ndarray, weights: np.ndarray, shape: tuple[int, int],
-               sigma_px: float, grid: int = 16, min_support: float = 1.0) -> np.ndarray:
+               sigma_px: float, grid: int = 16, min_support: float = 1.0,
+               with_error: bool = False) -> np.ndarray | tuple[np.ndarray, np.ndarray]:
     """A Gaussian-kernel weighted mean of per-star ``values`` on a ``grid`` x ``grid``
     map of the detector.
 
@@ -467,23 +490,24 @@ def smooth_map(xy: np.ndarray, values: np.ndarray, weights: np.ndarray, shape: t
     min_support
         A cell needs this many stars' worth of kernel weight (the kernel-weighted count:
         one star at its centre, or several around it) to get a value; NaN elsewhere.
+    with_error
+        Also return the map's standard error, ``sqrt(sum k^2 w) / sum k w`` for kernel
+        weights ``k`` and inverse variances ``w``.
 
     Returns
     -------
-    numpy.ndarray
+    numpy.ndarray, or (map, error)
         (grid, grid) map, cell centres evenly spaced over the detector.
     """
-    ny, nx = shape
-    gy = (np.arange(grid) + 0.5) * ny / grid
-    gx = (np.arange(grid) + 0.5) * nx / grid
-    cy, cx = np.meshgrid(gy, gx, indexing="ij")
-    d2 = ((cx.reshape(-1, 1) - xy[None, :, 0]) ** 2 + (cy.reshape(-1, 1) - xy[None, :, 1]) ** 2)
-    kernel = np.exp(-0.5 * d2 / sigma_px ** 2)
+    kernel = _kernel(xy, shape, sigma_px, grid)
     support = kernel.sum(axis=1)
     total = kernel @ weights
     with np.errstate(invalid="ignore", divide="ignore"):
         out = (kernel @ (weights * values)) / total
+        error = np.sqrt((kernel ** 2) @ weights) / total
     out[~(support >= min_support) | ~(total > 0)] = np.nan
+    if with_error:
+        return out.reshape(grid, grid), np.where(np.isfinite(out), error, np.nan).reshape(grid, grid)
     return out.reshape(grid, grid)
 
 
@@ -549,6 +573,87 @@ def brightened(extinction: np.ndarray, sigma: np.ndarray) -> np.ndarray:
     with np.errstate(invalid="ignore"):
         return extinction < -(BRIGHTER_SIGMA * np.where(np.isfinite(sigma), sigma, 0.0)
                               + BRIGHTER_MAG)
+
+
+class ExtinctionStars(NamedTuple):
+    """A matched frame's stars as :mod:`survey_qa.pipeline.skymask` maps them."""
+
+    xy: np.ndarray
+    """(N, 2) positions in the frame (pixels)."""
+    extinction_mag: np.ndarray
+    """Magnitude against the reference magnitudes (NaN where not measured); for a lost
+    star, the lower limit (:func:`lost_stars`) plus the frame's offset."""
+    sigma_mag: np.ndarray
+    """Their errors (mag)."""
+    lost: np.ndarray
+    """True for the lost stars."""
+
+
+LOST_MIN_MAG = 0.5
+"""A reference star that a frame lost counts when the frame should have measured it at
+least this far (mag) above the S/N limit: closer to it, noise alone can lose a star."""
+
+LOST_SIGMA_SHARE = 0.5
+"""A lost star's lower limit of extinction enters the maps with an error of this share of
+itself: one lost star alone is no evidence of cloud (2 sigma), three together are."""
+
+LIMIT_QUANTILE = 90.0
+"""Percentile of the matched stars' reference magnitudes that is a frame's limit: stars
+this faint were measured in the frame."""
+
+LOST_EDGE_PX = 10.0
+"""A reference star counts as lost only where it falls this far inside the frame."""
+
+
+def lost_stars(ref: FrameStars, frame: FrameStars, match: tuple, shape: tuple[int, int],
+               tolerance_px: float) -> tuple[np.ndarray, np.ndarray]:
+    """Reference stars that a matched frame lost, and the least extinction that explains
+    each.
+
+    A reference star is lost when the frame has no detection of ``snr >= min_snr`` (of any
+    flags: :attr:`FrameStars.detected_xy`) within ``tolerance_px``, or the frame's FWHM
+    where larger (blends of a bad-seeing frame move), of where the match puts it, at least
+    :data:`LOST_EDGE_PX` inside the detector. The frame measured stars down to its limit,
+    the reference magnitude of its faintest matched stars (:data:`LIMIT_QUANTILE`): a
+    star brighter than that by ``d`` mag that is missing was dimmed there by about ``d``
+    more than the frame's stars elsewhere; it counts when ``d`` is at least
+    :data:`LOST_MIN_MAG`. A frame that lost its faint stars everywhere (bad seeing, a
+    bright sky) has a brighter limit and so loses few. Cloud removes stars from a frame
+    before it dims the ones that remain measurable: without these, a thick patch carries
+    no offset.
+
+    Parameters
+    ----------
+    match
+        ``(transform, ref_index, index)`` of :func:`match_field`.
+
+    Returns
+    -------
+    ref_index, extinction_mag
+        Indices into ``ref`` of the lost stars and their lower limits ``d`` (mag).
+    """
+    transform, ref_index, index = match
+    none = np.zeros(0, int), np.zeros(0)
+    if frame.detected_xy is None or len(index) < MIN_MATCHED:
+        return none
+    measured = ref.mag[ref_index][np.isfinite(frame.mag[index])]
+    if not len(measured):
+        return none
+    bound = np.percentile(measured, LIMIT_QUANTILE) - ref.mag
+    xy = transform.inverse(ref.xy)
+    ny, nx = shape
+    inside = ((xy[:, 0] >= LOST_EDGE_PX) & (xy[:, 0] <= nx - 1 - LOST_EDGE_PX)
+              & (xy[:, 1] >= LOST_EDGE_PX) & (xy[:, 1] <= ny - 1 - LOST_EDGE_PX))
+    unmatched = np.ones(len(ref.xy), bool)
+    unmatched[ref_index] = False
+    found = np.zeros(len(ref.xy), bool)
+    if len(frame.detected_xy):
+        radius = max(tolerance_px, frame.fwhm_px) if math.isfinite(frame.fwhm_px) \
+            else tolerance_px
+        dist, _ = cKDTree(frame.detected_xy).query(xy, distance_upper_bound=radius)
+        found = np.isfinite(dist)
+    lost = np.flatnonzero(inside & unmatched & ~found & (bound >= LOST_MIN_MAG))
+    return lost, bound[lost]
 
 
 def frame_motion(transform: SimilarityTransform, shape: tuple[int, int]
@@ -655,7 +760,9 @@ def field_records(stars: dict[int, FrameStars], shape: tuple[int, int], cfg: Seq
         Position -> ``field_reference`` position (``"reference"``), ``n_matched_stars``,
         ``transparency_mag``, ``extinction_spread_mag``, ``star_count_ratio``,
         ``shift_x_px``, ``shift_y_px``, ``rotation_deg``, and ``matched`` (False: the frame
-        could not be matched, its values are NaN).
+        could not be matched, its values are NaN); a matched frame also has
+        ``extinction_stars`` (:class:`ExtinctionStars`), which
+        :mod:`survey_qa.pipeline.skymask` maps.
     """
     ref = reference_frame(stars)
     ref_stars = stars[ref]
@@ -695,9 +802,16 @@ def field_records(stars: dict[int, FrameStars], shape: tuple[int, int], cfg: Seq
         if not record["matched"]:
             record.update(transparency_mag=math.nan, extinction_spread_mag=math.nan)
             continue
-        k, _ = extinction_spread(ref_stars.xy, residual[row], scale * errs[row], shape,
+        lost, bound = lost_stars(ref_stars, stars[i], matches[i], shape,
+                                 cfg.match_tolerance_px)
+        sigma = np.concatenate([scale * errs[row], LOST_SIGMA_SHARE * bound])
+        k, _ = extinction_spread(np.concatenate([ref_stars.xy, ref_stars.xy[lost]]),
+                                 np.concatenate([residual[row], bound]), sigma, shape,
                                  sigma_px, seed=row)
-        record.update(transparency_mag=float(offsets[row]), extinction_spread_mag=k)
+        record.update(transparency_mag=float(offsets[row]), extinction_spread_mag=k,
+                      extinction_stars=ExtinctionStars(
+                          matches[i][0].inverse(np.concatenate([ref_stars.xy,
+                                                                ref_stars.xy[lost]])),
+                          np.concatenate([mags[row] - reference, offsets[row] + bound]),
+                          sigma, np.arange(len(sigma)) >= n_ref))
     return records
-
-

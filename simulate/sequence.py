@@ -18,7 +18,10 @@ The conditions of the night (:func:`draw_conditions`) follow the time of each fr
   dims the sources, not the sky (as in the other simulated frames);
 - **pointing**: a slow drift of a few px per frame and one re-pointing (a jump of tens to
   hundreds of px and a rotation of a fraction of a degree);
-- **tracking**: mostly good, one or two trailed frames on longer sequences.
+- **tracking**: mostly good, one or two trailed frames on longer sequences;
+- **added light** (:func:`draw_light`): one or two short spells (1-3 frames) of light that
+  the sky or the dome adds, a gradient, scattered light or a glow from an edge or corner,
+  of sky non-uniformity ``u`` 0.06-0.6 (a frame under patchy cloud keeps its cloud).
 
 Pointing convention: a star at reference pixel ``p_ref`` is at
 ``p = c + R(rotation_deg) (p_ref - c) + (shift_x_px, shift_y_px)`` in the frame, with
@@ -145,6 +148,8 @@ class FrameConditions:
     pointing: Pointing
     repointed: bool
     satellite: bool
+    light_kind: str = "none"    # light added to the sky: gradient, scattered or glow
+    light_u: float = 0.0        # its target sky non-uniformity u
 
     @property
     def seeing_arcsec(self) -> float:
@@ -286,6 +291,30 @@ def draw_conditions(rng: np.random.Generator, n_frames: int, size_px: int = 1024
         pointing=Pointing(float(sx[i]), float(sy[i]), float(rot[i])),
         repointed=bool(i >= jump_at), satellite=bool(satellite[i])) for i in idx]
     return frames, moon_phase
+
+
+LIGHT_KINDS = ("gradient", "scattered", "glow")
+"""Kinds of added light of :func:`draw_light` (the patterns of :mod:`.sky`)."""
+
+
+def draw_light(rng: np.random.Generator, frames: list[FrameConditions]
+               ) -> list[FrameConditions]:
+    """The frames with one or two spells of added light (module docstring).
+
+    Drawn from a generator of its own, so that the other conditions of a night do not
+    depend on it. A spell lasts 1-3 frames, one kind and strength; a frame under patchy
+    cloud keeps its cloud and gets no light.
+    """
+    n = len(frames)
+    out = list(frames)
+    for _ in range(int(rng.integers(1, 3)) if n >= 4 else 0):
+        start, length = int(rng.integers(0, n)), int(rng.integers(1, 4))
+        kind = str(rng.choice(LIGHT_KINDS))
+        u = loguniform(rng, 0.06, 0.6)
+        for i in range(start, min(start + length, n)):
+            if out[i].cloud_k_mag == 0:
+                out[i] = dataclasses.replace(out[i], light_kind=kind, light_u=u)
+    return out
 
 
 def _frame_times(night: str, n_frames: int) -> list[str]:
@@ -433,6 +462,8 @@ def plan_sequence(night: str, n_frames: int, *, seed: int = 0, size_px: int = 10
     night_rng = np.random.default_rng(np.random.SeedSequence([seed, _night_number(night), 3]))
     base = _base_spec(scene_rng, night, size_px, header_style, field)
     frames, moon_phase = draw_conditions(night_rng, n_frames, size_px)
+    light_rng = np.random.default_rng(np.random.SeedSequence([seed, _night_number(night), 8]))
+    frames = draw_light(light_rng, frames)
     scene = draw_scene(scene_seed, base, frames)
     return Sequence(night, int(seed), scene_seed, moon_phase, base, scene, frames,
                     _frame_times(night, n_frames))
@@ -469,10 +500,12 @@ def frame_spec(seq: Sequence, index: int) -> ExposureSpec:
         ra, dec = float(world[0]) % 360.0, float(world[1])
     s = f.seeing_arcsec
     cloud = f.cloud_k_mag > 0
+    kind, strength = (("cloud", f.cloud_k_mag) if cloud else (f.light_kind, f.light_u))
     sat_e = base.saturate_adu * base.gain_e_per_adu
     sky_e = _soft_limit(base.sky_e * f.sky_factor, 0.35 * sat_e)
     confounders = tuple(sorted(set(base.confounders) | ({"satellite"} if f.satellite else set())))
-    target = truth_class(s, f.trail_ratio, 0.0, f.cloud_k_mag, f.trail_kind)["quality_class"]
+    u = strength if kind in LIGHT_KINDS else 0.0
+    target = truth_class(s, f.trail_ratio, u, f.cloud_k_mag, f.trail_kind)["quality_class"]
     t0 = Time(seq.times[index], format="isot", scale="utc")
     field_rng = np.random.default_rng(
         np.random.SeedSequence([seq.seed, _night_number(seq.night), 6, index]))
@@ -481,8 +514,7 @@ def frame_spec(seq: Sequence, index: int) -> ExposureSpec:
         base, exposure=seq.exposure(index), target_class=target, ambiguous=False,
         seeing_arcsec=float(s), trail_arcsec=float(f.trail_ratio * s),
         trail_pa_deg=f.trail_pa_deg, trail_kind=f.trail_kind,
-        background_kind="cloud" if cloud else "none",
-        background_strength=f.cloud_k_mag, cloud_extinction_mag=f.cloud_k_mag,
+        background_kind=kind, background_strength=strength, cloud_extinction_mag=f.cloud_k_mag,
         cloud_emission=f.cloud_emission, transparency_mag=f.grey_extinction_mag,
         sky_level_adu=sky_e / base.gain_e_per_adu, airmass=f.airmass,
         date_obs=t0.isot, mjd_obs=float(t0.mjd), expnum=index + 1,
