@@ -1,10 +1,11 @@
 """Masks of the damaged sky against the simulator's truth masks, on simulated sequences.
 
     python bench/sequence_masks.py --raw-root R --out-root O [--nights N] [--seed S]
+                                   [--first-night YYYY-MM-DD]
                                    [--frames F] [--size PX] [--workers W] [--again]
 
 Simulates ``--nights`` sequences (one field each, ``survey-qa simulate --sequence``, seeds
-``--seed`` and up, nights 2025-03-01 and on) where they are not there yet, runs the nightly
+``--seed`` and up, nights ``--first-night`` and on) where they are not there yet, runs the nightly
 job on each where its catalog is not there yet (or again with ``--again``), then compares, frame by frame, at full
 resolution:
 
@@ -15,7 +16,11 @@ resolution:
 with the truth mask (added light over 5% of the sky, or patchy extinction over 0.1 mag).
 Printed: the mean IoU over the frames whose truth has damage (the frames whose true
 class is ``background_issues`` and all of them), by kind of damage, and on the frames
-without damage the masked share (what a mask costs a good frame).
+without damage the masked share (what a mask costs a good frame). Then, for the output
+folder and each ``--compare`` folder (the same nights measured by another version):
+transparency and ``k`` against the truth (median and 1.48 MAD), ``k`` on clear frames,
+how many cloud, clear and bad-seeing frames are called ``background_issues``, and the
+agreement with the truth class.
 """
 from __future__ import annotations
 
@@ -32,7 +37,6 @@ from astropy.io import fits
 from survey_qa import paths
 from survey_qa.pipeline import aescore, outputs
 
-FIRST_NIGHT = pd.Timestamp("2025-03-01")
 
 
 def run(*args: str) -> None:
@@ -94,6 +98,48 @@ def night_rows(night: str, a, block_px: int) -> list[dict]:
     return out
 
 
+def measured_rows(night: str, out_root: Path, raw_root: Path) -> pd.DataFrame:
+    """The catalog's cross-frame columns and class next to the truth, one row per frame."""
+    rows = pd.read_parquet(paths.catalog_partition(out_root, "exposures", night))
+    truth = pd.read_parquet(paths.truth_table(raw_root, night))
+    rows = rows[rows.detector.astype(str) != "ALL"]
+    return truth.merge(rows[["exposure", "quality_class", "transparency_mag",
+                             "extinction_spread_mag", "qa_flags"]],
+                       on="exposure", suffixes=("_true", ""))
+
+
+def robust(values: pd.Series) -> str:
+    v = values.dropna()
+    if v.empty:
+        return "n/a"
+    return f"{v.median():+.3f} / {1.4826 * (v - v.median()).abs().median():.3f} (n={len(v)})"
+
+
+def measurement_report(name: str, m: pd.DataFrame) -> None:
+    """Transparency and k against the truth, and the classes of cloud and clear frames."""
+    patchy = m.k_true > 0
+    cloud = m.k_true >= 0.25
+    thin = ~patchy & (m.grey_extinction_mag >= 0.3)
+    clear = ~patchy & (m.grey_extinction_mag < 0.05) & (m.background_kind == "none")
+    bg = m.quality_class == "background_issues"
+    print(f"\n{name}")
+    print(f"  transparency - truth, frames without patchy cloud: "
+          f"{robust(m.transparency_mag[~patchy] - m.transparency_mag_true[~patchy])}")
+    print(f"  transparency - truth, patchy frames: "
+          f"{robust(m.transparency_mag[patchy] - m.transparency_mag_true[patchy])}")
+    print(f"  k - truth, patchy frames: "
+          f"{robust(m.extinction_spread_mag[patchy] - m.k_true[patchy])}")
+    kc = m.extinction_spread_mag[clear].dropna()
+    print(f"  k on clear frames: median {kc.median():.3f}, max {kc.max():.3f}, "
+          f">= 0.25: {(kc >= 0.25).sum()} of {len(kc)}")
+    print(f"  background_issues: true k >= 0.25 {bg[cloud].sum()}/{cloud.sum()}, thin uniform "
+          f"cloud >= 0.3 mag {bg[thin].sum()}/{thin.sum()}, clear frames {bg[clear].sum()}/"
+          f"{clear.sum()}, true bad_seeing {bg[m.quality_class_true == 'bad_seeing'].sum()}/"
+          f"{(m.quality_class_true == 'bad_seeing').sum()}")
+    print(f"  agreement with the truth class: {(m.quality_class == m.quality_class_true).mean():.3f}"
+          f" of {len(m)}")
+
+
 def report(df: pd.DataFrame) -> None:
     damaged = df[df.kind != "none"]
     issues = damaged[damaged.true_class == "background_issues"]
@@ -118,10 +164,14 @@ def main(argv=None) -> int:
     p.add_argument("--out-root", type=Path, required=True)
     p.add_argument("--nights", type=int, default=4)
     p.add_argument("--seed", type=int, default=101)
+    p.add_argument("--first-night", default="2025-03-01")
     p.add_argument("--frames", type=int, default=30)
     p.add_argument("--size", type=int, default=1024)
     p.add_argument("--workers", type=int, default=2)
     p.add_argument("--csv", type=Path, help="write the per-frame table here")
+    p.add_argument("--compare", type=Path, nargs="*", default=[],
+                   help="other output folders of the same nights (another version of "
+                        "survey-qa): their transparency, k and classes are printed too")
     p.add_argument("--again", action="store_true",
                    help="run the nightly job on nights already measured (it redoes the "
                         "night pass, and so the masks, with the code as it is now)")
@@ -132,15 +182,19 @@ def main(argv=None) -> int:
 
     cfg = config_mod.load_config(None)
     scorer = nightly.load_models(cfg).scorer
-    rows = []
+    rows, nights = [], []
     for n in range(a.nights):
-        night = (FIRST_NIGHT + pd.Timedelta(days=n)).strftime("%Y-%m-%d")
+        night = (pd.Timestamp(a.first_night) + pd.Timedelta(days=n)).strftime("%Y-%m-%d")
         make_night(night, a.seed + n, a)
         rows += night_rows(night, a, scorer.block_px)
+        nights.append(night)
     df = pd.DataFrame(rows)
     if a.csv:
         df.to_csv(a.csv, index=False)
     report(df)
+    for out in (a.out_root, *a.compare):
+        measurement_report(str(out), pd.concat([measured_rows(n, out, a.raw_root)
+                                                for n in nights]))
     return 0
 
 

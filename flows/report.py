@@ -28,7 +28,7 @@ import pandas as pd
 import survey_qa
 from survey_qa import atomic, paths
 from survey_qa.config import Config
-from survey_qa.pipeline import io, nightview, outputs, selection
+from survey_qa.pipeline import io, nightview, outputs, selection, skymask
 from survey_qa.pipeline.schema import PRIORITY
 
 TEMPLATE = "night_report.html.j2"
@@ -249,9 +249,23 @@ def _block_px(cfg: Config) -> int | None:
         return None
 
 
+def _overlay(ax, cells: np.ndarray, size: tuple[float, float], shape: tuple[int, ...]):
+    """Masked cells in translucent red over a thumbnail of ``shape``; the cells span
+    ``size`` (width, height) thumbnail pixels from its origin."""
+    if not cells.any():
+        return
+    overlay = np.zeros((*cells.shape, 4), np.float32)
+    overlay[cells.astype(bool)] = (1.0, 0.1, 0.1, 0.45)
+    ax.imshow(overlay, origin="lower", extent=(-0.5, size[0] - 0.5, -0.5, size[1] - 0.5),
+              interpolation="nearest")
+    ax.set_xlim(-0.5, shape[1] - 0.5)
+    ax.set_ylim(-0.5, shape[0] - 0.5)
+
+
 def detector_panel(row: pd.Series, thumb: np.ndarray | None, arrays: ArrayStore,
                    block_px: int | None):
-    """A matplotlib figure: thumbnail with the AE mask, median star stamp, SOM map."""
+    """A matplotlib figure: thumbnail with the mask of its damaged sky (the autoencoder's
+    where the frame has none from its field), median star stamp, SOM map."""
     from matplotlib.figure import Figure
 
     fig = Figure(figsize=(6.0, 2.3), dpi=80)
@@ -262,18 +276,19 @@ def detector_panel(row: pd.Series, thumb: np.ndarray | None, arrays: ArrayStore,
     ax = axes[0]
     if thumb is not None:
         ax.imshow(thumb, cmap="gray", origin="lower", interpolation="nearest")
+        ny, nx = int(row["ny"]), int(row["nx"])
+        f = max(ny, nx) / max(thumb.shape)
+        damaged = arrays.get("defect_mask", row["exposure"], row["detector"])
         mask = arrays.get("ae_mask", row["exposure"], row["detector"])
-        if mask is not None and block_px and mask.any():
-            ny, nx = int(row["ny"]), int(row["nx"])
-            f = max(ny, nx) / max(thumb.shape)
-            gy, gx = mask.shape
-            ext = (-0.5, gx * block_px / f - 0.5, -0.5, gy * block_px / f - 0.5)
-            overlay = np.zeros((gy, gx, 4), np.float32)
-            overlay[mask.astype(bool)] = (1.0, 0.1, 0.1, 0.45)
-            ax.imshow(overlay, origin="lower", extent=ext, interpolation="nearest")
-            ax.set_xlim(-0.5, thumb.shape[1] - 0.5)
-            ax.set_ylim(-0.5, thumb.shape[0] - 0.5)
-        ax.set_title("frame + AE mask", fontsize=8)
+        if damaged is not None and np.isfinite(row.get("defect_mask_fraction", np.nan)):
+            gy, gx = skymask.mask_grid((ny, nx))
+            _overlay(ax, damaged[:gy, :gx], (nx / f, ny / f), thumb.shape)
+            ax.set_title("frame + damaged sky", fontsize=8)
+        else:
+            if mask is not None and block_px:
+                gy, gx = mask.shape
+                _overlay(ax, mask, (gx * block_px / f, gy * block_px / f), thumb.shape)
+            ax.set_title("frame + AE mask", fontsize=8)
     else:
         ax.text(0.5, 0.5, "frame not readable", ha="center", va="center", fontsize=8)
     stamps = arrays.get("stamps", row["exposure"], row["detector"])

@@ -5,7 +5,10 @@ grouped by field, the well-measured stars of each frame are read from its per-ex
 source catalog in the work folder, and every frame of a field of at least
 ``sequence.min_frames`` frames gets its cross-frame columns: the field, its reference
 exposure, transparency, extinction spread ``k``, star-count ratio, shift, rotation and
-relative FWHM. A frame alone in its field keeps its row exactly.
+relative FWHM. The field's frames then get masks of their damaged sky
+(:mod:`survey_qa.pipeline.skymask`), written into the array store (``defect_mask``) with
+their share in the catalog (``defect_mask_fraction``). A frame alone in its field keeps
+its row exactly.
 """
 from __future__ import annotations
 

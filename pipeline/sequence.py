@@ -38,12 +38,12 @@ With ``m[f, s]`` the magnitude of the flux per second of reference star ``s`` in
 - a star brighter than on the most transparent frames beyond its noise is left out of
   both (:func:`brightened`): cloud only dims, so that is light added to it (a cosmic
   ray, a satellite trail, a blend).
+- stars that a thick patch removes from the frame enter the map behind ``k`` as lower
+  limits (:func:`lost_stars`); the transparency is the median of the stars measured.
 
-What it does not see: stars that a thick patch removes from the frame carry no offset,
-so ``k`` and the transparency of a patchy frame are measured on the stars that survive
-(an underestimate where a patch is opaque); airmass is not corrected (it is part of
-the transparency); the Kron fluxes of a frame whose PSF changes a lot over the field
-(optics, a much larger seeing) add a spread of their own.
+What it does not see: airmass is not corrected (it is part of the transparency); the Kron
+fluxes of a frame whose PSF changes a lot over the field (optics, a much larger seeing)
+add a spread of their own.
 """
 from __future__ import annotations
 
