@@ -13,7 +13,18 @@ quality weights and sigma clipping (:mod:`survey_qa.pipeline.stack`) and writes
 - ``WEIGHT``: the sum of the weights kept at each pixel (float32);
 - ``NFRAMES``: the number of frames kept at each pixel (int16);
 - ``PROVENANCE``: one row per chosen frame (exposure, path, weight, scale, drift, rotation,
-  FWHM, rejected pixels; frames that could not be used have ``used = False`` and a note).
+  FWHM, rejected pixels, the share of its pixels left out as damaged sky; frames that could
+  not be used have ``used = False`` and a note).
+
+The damaged sky of a frame is left out: where the night's array store holds the frame's
+``defect_mask`` (cells of a grid over the detector where added light or cloud damage the
+sky, :mod:`survey_qa.pipeline.skymask`) and its catalog row a finite
+``defect_mask_fraction``, every pixel takes its nearest cell
+(:func:`survey_qa.pipeline.stack.cells_to_pixels`) and the damaged ones join the frame's
+bad-pixel mask before its sky is measured and it is resampled, so that the combination
+never uses them. The stars on damaged sky (the frame's and the reference's) do not scale
+the frame. A frame whose whole detector is damaged gives nothing and is no reference.
+``mask_damaged_sky=False`` (``--keep-damaged-sky``) keeps every pixel.
 
 Frames whose stars match the reference's are resampled by that similarity transform; the
 others through the two frames' WCS with ``reproject`` (:mod:`survey_qa.pipeline.stack`).
@@ -43,7 +54,7 @@ from survey_qa.atomic import atomic_target
 from survey_qa.config import Config
 from survey_qa.flows import illumination
 from survey_qa.flows.select import read_night
-from survey_qa.pipeline import selection, stack
+from survey_qa.pipeline import outputs, selection, skymask, stack
 from survey_qa.pipeline.background import measure_background
 from survey_qa.pipeline.errors import QualityError, exception_text
 from survey_qa.pipeline.flags import CUT_SHORT, SOURCE_FLAGS, bits
@@ -93,6 +104,11 @@ class StackRun:
                  f"{ref.iloc[0] if len(ref) else '-'}), "
                  f"{int(used['rejected_px'].sum())} pixels rejected",
                  f"  stack       {self.path}"]
+        damaged = self.provenance["damaged_sky_share"]
+        if (damaged > 0).any():
+            lines.append(f"  damaged sky left out of {int((damaged > 0).sum())} frames "
+                         f"({100 * damaged[damaged > 0].mean():.1f}% of their pixels "
+                         "on average)")
         for _, r in self.provenance[~self.provenance["used"]].iterrows():
             lines.append(f"  left out    {r['exposure']}: {r['note']}")
         lines.extend(f"  note        {n}" for n in self.notes)
@@ -234,6 +250,60 @@ def frame_stars(sources: pd.DataFrame, exposure: str, detector: str
     return s[["x", "y"]].to_numpy(float), s["flux"].to_numpy(float), photometric.to_numpy()
 
 
+# ---------------------------------------------------------------------------- damaged sky
+
+
+def damaged_cells(out_root: str | Path, night: str, rows: pd.DataFrame
+                  ) -> list[np.ndarray | None]:
+    """Each row's mask of damaged sky from the night's array store: a bool array of
+    :func:`survey_qa.pipeline.skymask.mask_grid` cells (True: damaged), or None where the
+    store holds none for the frame or its ``defect_mask_fraction`` is not finite."""
+    out: list[np.ndarray | None] = [None] * len(rows)
+    store = paths.zarr_store(out_root, night)
+    if not store.exists() or "defect_mask_fraction" not in rows:
+        return out
+    index = outputs.store_frames(store, "defect_mask")
+    made = np.isfinite(rows["defect_mask_fraction"].to_numpy(float))
+    keys = zip(rows["exposure"].astype(str), rows["detector"].astype(str))
+    wanted = {i: index[key] for i, key in enumerate(keys) if made[i] and key in index}
+    for i, cells in outputs.read_frames(store, "defect_mask", wanted).items():
+        gy, gx = skymask.mask_grid((int(rows.at[i, "ny"]), int(rows.at[i, "nx"])))
+        out[i] = np.asarray(cells)[:gy, :gx] > 0
+    return out
+
+
+def whole_detector_damaged(damaged: list[np.ndarray | None]) -> np.ndarray:
+    """True for the frames whose every cell is damaged sky."""
+    return np.array([c is not None and bool(c.all()) for c in damaged], bool)
+
+
+def reference_frame(rows: pd.DataFrame, damaged: list[np.ndarray | None]) -> int:
+    """The reference frame (:func:`survey_qa.pipeline.stack.choose_reference`) among the
+    frames with some undamaged sky; raises ``ValueError`` when every frame's whole
+    detector is damaged."""
+    candidates = np.flatnonzero(~whole_detector_damaged(damaged))
+    if candidates.size == 0:
+        raise ValueError("the whole detector of every chosen frame is damaged sky "
+                         "(--keep-damaged-sky stacks them anyway)")
+    choice = stack.choose_reference(transparency(rows)[candidates],
+                                    frame_fwhm(rows)[candidates])
+    return int(candidates[choice])
+
+
+def on_clean_sky(stars: tuple[np.ndarray, np.ndarray, np.ndarray],
+                 cells: np.ndarray | None, shape: tuple[int, int]
+                 ) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """A frame's sources (:func:`frame_stars`) with those on damaged sky no longer
+    photometric (nearest cell, as :func:`survey_qa.pipeline.stack.cells_to_pixels`)."""
+    xy, flux, photometric = stars
+    if cells is None or len(xy) == 0:
+        return stars
+    ny, nx = shape
+    row = np.clip(np.floor(xy[:, 1] + 0.5).astype(int), 0, ny - 1) * cells.shape[0] // ny
+    col = np.clip(np.floor(xy[:, 0] + 0.5).astype(int), 0, nx - 1) * cells.shape[1] // nx
+    return xy, flux, photometric & ~cells[row, col]
+
+
 # ---------------------------------------------------------------------------- frames on disk
 
 
@@ -295,7 +365,7 @@ def stack_field(cfg: Config, night: str, *, field_name: str | None = None,
                 classes: list[str] | None = None, where: str | None = None,
                 weighting: str = "quality", sigma: float = 3.0, iterations: int = 3,
                 detector: str | None = None, output: str | Path | None = None,
-                interpolation: str = "bilinear") -> StackRun:
+                interpolation: str = "bilinear", mask_damaged_sky: bool = True) -> StackRun:
     """Choose, register, scale and combine one field's frames of a night; write the FITS.
 
     Parameters
@@ -317,6 +387,9 @@ def stack_field(cfg: Config, night: str, *, field_name: str | None = None,
         The FITS file (default :func:`survey_qa.paths.stack_file`).
     interpolation
         ``bilinear`` or ``cubic`` (:data:`INTERPOLATIONS`).
+    mask_damaged_sky
+        Leave out each frame's damaged sky where the array store has its mask (module
+        notes); False: every pixel counts.
 
     Raises ``ValueError`` on a wrong argument, a missing catalog or no usable frame.
     """
@@ -338,13 +411,15 @@ def stack_field(cfg: Config, night: str, *, field_name: str | None = None,
         raise ValueError(f"no frame of night {night} passes the selection "
                          f"(classes {', '.join(classes) or 'all'}{', ' + where if where else ''})")
     rows, name, notes = one_field(detector_rows(exposures, chosen, detector), field_name)
-    ref = stack.choose_reference(transparency(rows), frame_fwhm(rows))
+    damaged = (damaged_cells(cfg.run.out_root, night, rows) if mask_damaged_sky
+               else [None] * len(rows))
+    ref = reference_frame(rows, damaged)
     path = Path(output) if output else paths.stack_file(cfg.run.out_root, night,
                                                         file_name(name))
     path.parent.mkdir(parents=True, exist_ok=True)
     with tempfile.TemporaryDirectory(prefix=f".{path.stem}-frames-", dir=path.parent) as tmp:
         frames = _register_and_read(cfg, rows, sources, ref, Path(tmp),
-                                    INTERPOLATIONS[interpolation])
+                                    INTERPOLATIONS[interpolation], damaged)
         weights = _weights(rows, frames, weighting)
         scale = 1.0 / frames.throughput
         result = stack.combine(frames.data, frames.mask, weights, frames.noise_adu * scale,
@@ -352,7 +427,8 @@ def stack_field(cfg: Config, night: str, *, field_name: str | None = None,
     provenance = _provenance(rows, frames, weights, result, ref)
     settings = {"night": night, "field": name, "weighting": weighting, "sigma": sigma,
                 "iterations": iterations, "classes": classes, "where": where or "",
-                "interpolation": interpolation}
+                "interpolation": interpolation, "mask_damaged_sky": mask_damaged_sky,
+                "n_sky_masks": sum(c is not None for c in damaged)}
     write_stack(path, result, provenance, settings, _reference_wcs(rows.iloc[ref]))
     return StackRun(night=night, field=name or UNNAMED_FIELD, path=path,
                     provenance=provenance, noise_adu=result.noise_adu, notes=notes)
@@ -385,6 +461,7 @@ class _Frames:
     registered_by: list[str]  # reference | stars | wcs+stars | wcs | ''
     scaled_by: list[str]  # reference | stars | transparency_mag | ''
     notes: list[str]
+    damaged_share: np.ndarray  # (n,) share of the frame's pixels left out as damaged sky
 
 
 def _read_frame(cfg: Config, row: pd.Series):
@@ -398,36 +475,51 @@ def _read_frame(cfg: Config, row: pd.Series):
     raise QualityError(f"no detector {row['detector']!r} in {row['path']}")
 
 
+def _shape(row: pd.Series) -> tuple[int, int]:
+    return int(row["ny"]), int(row["nx"])
+
+
 def _register_and_read(cfg: Config, rows: pd.DataFrame, sources: pd.DataFrame,
-                       ref: int, folder: Path, order: int = 1) -> _Frames:
-    """Register every frame to ``rows[ref]``, read it, subtract its sky, resample it and
-    write it to ``folder`` (:class:`DiskFrames`)."""
+                       ref: int, folder: Path, order: int = 1,
+                       damaged: list[np.ndarray | None] | None = None) -> _Frames:
+    """Register every frame to ``rows[ref]``, read it, leave out its damaged sky
+    (``damaged``: each frame's cells of :func:`damaged_cells`, None: none), subtract its
+    sky, resample it and write it to ``folder`` (:class:`DiskFrames`)."""
     n = len(rows)
+    damaged = [None] * n if damaged is None else damaged
+    whole = whole_detector_damaged(damaged)
     reference_first = [ref, *[i for i in range(n) if i != ref]]
     fwhm = np.nan_to_num(frame_fwhm(rows), nan=DEFAULT_FWHM_PX)
-    ref_xy, ref_flux, ref_ok = frame_stars(sources, rows.at[ref, "exposure"],
-                                           rows.at[ref, "detector"])
+    ref_stars = on_clean_sky(frame_stars(sources, rows.at[ref, "exposure"],
+                                         rows.at[ref, "detector"]),
+                             damaged[ref], _shape(rows.iloc[ref]))
     ref_wcs = frame_wcs(rows.iloc[ref])
     frames: _Frames | None = None
     for i in reference_first:
         row = rows.iloc[i]
+        if whole[i]:
+            frames.damaged_share[i] = 1.0
+            frames.notes[i] = "its whole detector is damaged sky"
+            continue
         try:
             if i == ref:
                 reg, how = stack.identity(), ("reference", "reference")
             else:
-                stars = frame_stars(sources, row["exposure"], row["detector"])
-                reg, how = _register(rows, i, ref, (ref_xy, ref_flux, ref_ok), stars, ref_wcs)
+                stars = on_clean_sky(frame_stars(sources, row["exposure"], row["detector"]),
+                                     damaged[i], _shape(row))
+                reg, how = _register(rows, i, ref, ref_stars, stars, ref_wcs)
             image = _read_frame(cfg, row)
             flat = illumination.detector_flat(image, cfg)
             if flat is not None:  # the master flat the nightly job divides by
                 image = illumination.flat_fielded(image, flat)
             if frames is None:
                 frames = _empty_frames(n, image.data.shape, folder)
-            sky = measure_background(image.data, image.mask, cfg.background)
+            bad, share = _with_damaged_sky(image.mask, damaged[i])
+            sky = measure_background(image.data, bad, cfg.background)
             residual = image.data - sky.back
-            star_noise = stack.star_scale_noise(residual, image.mask,
+            star_noise = stack.star_scale_noise(residual, bad,
                                                 round(STAR_BOX_FWHM * fwhm[i]))
-            data, mask = stack.resample_registered(residual, image.mask, reg,
+            data, mask = stack.resample_registered(residual, bad, reg,
                                                    frames.data.shape[1:], order=order)
         except (ValueError, QualityError, OSError) as e:
             if i == ref:
@@ -446,7 +538,18 @@ def _register_and_read(cfg: Config, rows: pd.DataFrame, sources: pd.DataFrame,
         frames.gain[i] = gain if math.isfinite(gain) and gain > 0 else math.inf
         frames.registrations[i] = reg
         frames.registered_by[i], frames.scaled_by[i] = how
+        frames.damaged_share[i] = share
     return frames
+
+
+def _with_damaged_sky(mask: np.ndarray, cells: np.ndarray | None
+                      ) -> tuple[np.ndarray, float]:
+    """A frame's bad-pixel mask with its damaged sky added, and the share of its pixels
+    that the damaged sky covers (0 without a mask of it)."""
+    if cells is None:
+        return mask, 0.0
+    damaged = stack.cells_to_pixels(cells, mask.shape)
+    return mask | damaged, float(np.count_nonzero(damaged) / damaged.size)
 
 
 def _register(rows: pd.DataFrame, i: int, ref: int, ref_stars: tuple, stars: tuple,
@@ -500,7 +603,8 @@ def _empty_frames(n: int, shape: tuple[int, int], folder: Path) -> _Frames:
                    noise_adu=np.full(n, math.nan), star_noise_adu=np.full(n, math.nan),
                    sky_adu=np.full(n, math.nan),
                    gain=np.full(n, math.inf), registrations=[None] * n,
-                   registered_by=[""] * n, scaled_by=[""] * n, notes=[""] * n)
+                   registered_by=[""] * n, scaled_by=[""] * n, notes=[""] * n,
+                   damaged_share=np.zeros(n))
 
 
 def _provenance(rows: pd.DataFrame, frames: _Frames, weights: np.ndarray,
@@ -532,6 +636,7 @@ def _provenance(rows: pd.DataFrame, frames: _Frames, weights: np.ndarray,
         "sky_noise_adu": frames.noise_adu,
         "star_noise_adu": frames.star_noise_adu,
         "rejected_px": result.rejected_px,
+        "damaged_sky_share": frames.damaged_share,
         "note": frames.notes,
     })
 
@@ -592,6 +697,10 @@ def write_stack(path: str | Path, result: stack.StackResult, provenance: pd.Data
         "REGISTER": ("stars", "matched stars, else the WCS: registered_by"),
         "SKYSUB": (True, "each frame's mesh sky subtracted"),
         "NREJECT": (int(provenance["rejected_px"].sum()), "pixels rejected by clipping"),
+        "SKYMASK": (bool(settings.get("mask_damaged_sky", False)), "damaged sky left out "
+                    "(defect_mask)"),
+        "NSKYMASK": (int(settings.get("n_sky_masks", 0)), "frames with a damaged-sky mask "
+                     "applied"),
         "SKYNOISE": (float(result.noise_adu), "expected sky noise per pixel (ADU)"),
         "CLASSES": (fits_text(",".join(settings["classes"]) or "all"), "classes stacked"),
         "WHERE": (fits_text(settings["where"]), "selection expression"),

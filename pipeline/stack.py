@@ -26,7 +26,10 @@ shift and a small rotation; the camera's distortion it describes stays right), a
 flux ratio gives the throughput. The frame is resampled through that mapping with the
 ``reproject`` package (:func:`reproject_frame`: ``reproject_interp``), in blocks of rows.
 Either way the frame's bad-pixel mask goes along; an output pixel is masked when any
-input pixel that enters its interpolation was masked or lay outside the frame.
+input pixel that enters its interpolation was masked or lay outside the frame. The mask
+of the frame's damaged sky (cells of a coarse grid over the detector,
+:mod:`survey_qa.pipeline.skymask`) joins the bad-pixel mask first, each pixel taking its
+nearest cell (:func:`cells_to_pixels`).
 
 Photometric scale and weight
 ----------------------------
@@ -351,6 +354,18 @@ def resample(data: np.ndarray, mask: np.ndarray, matrix: np.ndarray,
     bad = ndimage.affine_transform(mask.astype(np.float32), lin, offset, output_shape=shape,
                                    order=1, mode="constant", cval=1.0)
     return out.astype(np.float32, copy=False), _grown(bad > MASK_TOLERANCE, order)
+
+
+def cells_to_pixels(cells: np.ndarray, shape: tuple[int, int]) -> np.ndarray:
+    """A mask of ``cells`` ``(gy, gx)`` spread evenly over a detector of ``shape``
+    ``(ny, nx)``: pixel ``(y, x)`` takes cell ``(y gy // ny, x gx // nx)`` (nearest cell).
+
+    Returns a bool ``shape`` array, True under a cell that is set.
+    """
+    cells = np.asarray(cells)
+    rows = (np.arange(shape[0]) * cells.shape[0]) // shape[0]
+    cols = (np.arange(shape[1]) * cells.shape[1]) // shape[1]
+    return cells[np.ix_(rows, cols)].astype(bool)
 
 
 def _grown(bad: np.ndarray, order: int) -> np.ndarray:
