@@ -14,6 +14,7 @@
     survey-qa select --night N [--where EXPR | --class C] [--copy-to DIR | --link-to DIR]
     survey-qa stack --night N [--field F] [--class C | --any-class] [--where EXPR]
                     [--weighting quality|equal] [--sigma 3]   # a field's stack (FITS)
+                    [--keep-damaged-sky]
 
 Exit codes: 0 the night was processed (unreadable frames get failed rows); 2 a wrong
 argument or configuration (no night folder, broken YAML...); 3 the run cannot be done in
@@ -329,6 +330,9 @@ def stack_main(argv: list[str]) -> int:
                         "nightly job")
     p.add_argument("--output", help="the FITS file (default: "
                                     "<out-root>/stacks/<night>/<field>.fits)")
+    p.add_argument("--keep-damaged-sky", action="store_true",
+                   help="use every pixel, also the sky that added light or cloud damage "
+                        "(by default each frame's defect_mask is left out)")
     a, cfg = parse_command(p, argv)
     if a.any_class and a.classes:
         raise ValueError("--class and --any-class: choose one")
@@ -337,7 +341,8 @@ def stack_main(argv: list[str]) -> int:
     classes = [] if a.any_class else a.classes
     run = stack_field(cfg, a.night, field_name=a.field, classes=classes, where=a.where,
                       weighting=a.weighting, sigma=a.sigma, detector=a.detector,
-                      output=a.output, interpolation=a.interpolation)
+                      output=a.output, interpolation=a.interpolation,
+                      mask_damaged_sky=not a.keep_damaged_sky)
     print(run.report())
     return 0
 
