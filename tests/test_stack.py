@@ -590,3 +590,126 @@ def test_the_frames_on_disk_are_removed_when_the_stack_fails(night, monkeypatch)
     with pytest.raises(RuntimeError, match="out of disk"):
         stack_flow.stack_field(cfg, NIGHT)
     assert list(paths.stack_file(out, NIGHT, "M42").parent.iterdir()) == []
+
+
+# ---------------------------------------------------------------- damaged sky
+
+
+def test_cells_spread_onto_the_pixels_by_the_nearest_cell():
+    cells = np.zeros((4, 4), bool)
+    cells[0, 3] = True
+    pixels = stack.cells_to_pixels(cells, (8, 12))
+    assert pixels.shape == (8, 12) and pixels[:2, 9:].all() and pixels.sum() == 6
+    small = np.eye(3, dtype=np.uint8)  # a detector of fewer pixels than cells: one each
+    assert np.array_equal(stack.cells_to_pixels(small, (3, 3)), small.astype(bool))
+
+
+DAMAGED = "f1"
+"""The frame of :func:`damaged_night` with added light over its upper right quadrant."""
+
+
+def added_light(shape=SHAPE):
+    """Bright stripes (finer than the sky mesh) over the upper right quadrant."""
+    light = np.zeros(shape)
+    x = np.arange(shape[1] // 2, shape[1])
+    light[shape[0] // 2:, shape[1] // 2:] = 150.0 * (1 + np.sin(2 * np.pi * x / 6.0))
+    return light
+
+
+def set_masks(out, cells: dict, fractions: dict):
+    """Write ``defect_mask`` cells into the night's array store and the catalog's
+    ``defect_mask_fraction`` (frames not named: no mask, NaN)."""
+    from survey_qa.pipeline import skymask
+
+    store = paths.zarr_store(out, NIGHT)
+    index = outputs.setup_zarr(store, [(e, "0") for e, *_ in FRAMES],
+                               dict(skymask.MASK_VARIABLES))
+    for e, c in cells.items():
+        assert outputs.write_frame(store, index[(e, "0")], {"defect_mask": c})
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    path = paths.catalog_file(out, "exposures", NIGHT)
+    table = pq.read_table(path)
+    values = [fractions.get(e, math.nan) for e in table["exposure"].to_pylist()]
+    column = table.schema.get_field_index("defect_mask_fraction")
+    table = table.set_column(column, table.schema.field(column),
+                             pa.array(values, table.schema.field(column).type))
+    outputs.write_parquet_atomic(table, path)
+
+
+@pytest.fixture
+def damaged_night(night):
+    """The tiny night with added light over a quadrant of f1, its cells set there; f0 has
+    cells set everywhere but no ``defect_mask_fraction`` (its mask was not made)."""
+    raw, out, stars = night
+    path = raw / NIGHT / f"{DAMAGED}.fits"
+    with fits.open(path) as hdul:
+        image, header = hdul[0].data + added_light(), hdul[0].header
+    fits.PrimaryHDU(image, header).writeto(path, overwrite=True)
+    quadrant = np.zeros(SHAPE, np.uint8)
+    quadrant[SHAPE[0] // 2:, SHAPE[1] // 2:] = 1
+    clean = np.zeros(SHAPE, np.uint8)
+    set_masks(out, {DAMAGED: quadrant, "f0": np.ones(SHAPE, np.uint8), "f2": clean,
+                    "f4": clean}, {DAMAGED: 0.25, "f2": 0.0, "f4": 0.0})
+    return raw, out, stars
+
+
+def read_stack(path):
+    """The stack, its header, its provenance by exposure and its frame counts."""
+    with fits.open(path) as hdul:
+        prov = pd.DataFrame(hdul["PROVENANCE"].data.tolist(),
+                            columns=hdul["PROVENANCE"].columns.names).set_index("exposure")
+        return (hdul[0].data.astype(float), hdul[0].header, prov,
+                hdul["NFRAMES"].data.astype(int))
+
+
+QUADRANT_BOX = (slice(80, 115), slice(72, 115))
+"""On the reference grid (f2), well inside the damaged quadrant of f1 (drift 6.9, -5.0 px)."""
+
+
+def test_the_damaged_sky_of_a_frame_is_left_out(damaged_night, tmp_path):
+    raw, out, _ = damaged_night
+    base = ["stack", "--night", NIGHT, "--out-root", str(out), "--sigma", "0"]
+    files = {k: tmp_path / f"{k}.fits" for k in ("masked", "kept", "clean")}
+    assert main([*base, "--output", str(files["masked"])]) == 0
+    assert main([*base, "--keep-damaged-sky", "--output", str(files["kept"])]) == 0
+    assert main([*base, "--where", f"exposure != '{DAMAGED}'",
+                 "--output", str(files["clean"])]) == 0
+    masked, header, prov, n_masked = read_stack(files["masked"])
+    kept, kept_header, kept_prov, _ = read_stack(files["kept"])
+    clean, *_ = read_stack(files["clean"])
+    assert header["SKYMASK"] and header["NSKYMASK"] == 3 and header["NCOMBINE"] == 4
+    assert not kept_header["SKYMASK"] and kept_header["NSKYMASK"] == 0
+    assert prov.loc[DAMAGED, "damaged_sky_share"] == pytest.approx(0.25)
+    assert prov.loc[["f0", "f2", "f4"], "damaged_sky_share"].tolist() == [0.0, 0.0, 0.0]
+    assert (kept_prov["damaged_sky_share"] == 0).all()
+    box = QUADRANT_BOX
+    # the damaged quadrant: the clean frames alone; with the damage kept: the light shows
+    np.testing.assert_allclose(masked[box], clean[box], rtol=1e-5, atol=1e-3)
+    assert np.abs(kept[box] - clean[box]).max() > 30.0
+    assert (n_masked[box] == 3).all()
+    # elsewhere f1 counts
+    lower = (slice(15, 50), slice(15, 110))
+    assert (n_masked[lower] == 4).all()
+    assert np.abs(masked[lower] - clean[lower]).max() > 1.0
+
+
+def test_a_frame_whose_whole_sky_is_damaged_gives_nothing(night, tmp_path):
+    raw, out, _ = night
+    everywhere = np.ones(SHAPE, np.uint8)
+    set_masks(out, {"f4": everywhere, "f2": everywhere},
+              {"f4": 1.0, "f2": 1.0, "f0": 0.0, "f1": 0.0})
+    target = tmp_path / "stack.fits"
+    assert main(["stack", "--night", NIGHT, "--out-root", str(out),
+                 "--output", str(target)]) == 0
+    _, header, prov, _ = read_stack(target)
+    assert header["NCOMBINE"] == 2 and header["REFEXP"] != "f2"  # f2: no reference
+    for e in ("f2", "f4"):
+        assert not prov.loc[e, "used"] and prov.loc[e, "weight"] == 0
+        assert prov.loc[e, "damaged_sky_share"] == 1.0
+        assert prov.loc[e, "note"] == "its whole detector is damaged sky"
+    set_masks(out, {e: everywhere for e, *_ in FRAMES}, {e: 1.0 for e, *_ in FRAMES})
+    cfg = load_config(overrides={"run": {"raw_root": str(raw), "out_root": str(out)}})
+    with pytest.raises(ValueError, match="every chosen frame is damaged sky"):
+        stack_flow.stack_field(cfg, NIGHT, output=target)
