@@ -9,6 +9,10 @@ On a simulated sequence night already processed by ``survey-qa --night N``, stac
 - ``all, equal``: every measured frame, equal weights, the same clipping;
 - ``good, equal`` and ``all, quality``: the two factors apart;
 - ``good, quality, cubic``: the first, resampled with a bicubic spline;
+- ``all, quality, damaged sky left out`` and ``all, equal, damaged sky left out``: every
+  measured frame without the pixels of its ``defect_mask`` (the stack's default); the rows
+  above keep every pixel (``--keep-damaged-sky``), so that each of these differs from its
+  ``all`` row by the masks alone;
 - ``reference``: the reference frame alone (the ``good, quality`` stack's reference);
 
 and measures on each, at the true positions of the reference frame's stars (the truth's
@@ -52,12 +56,14 @@ from survey_qa import paths
 from survey_qa.config import load_config
 from survey_qa.flows.stack import stack_field
 
-RUNS = {  # name: (classes, weighting, interpolation)
-    "good, quality": (["good"], "quality", "bilinear"),
-    "all, equal": ([], "equal", "bilinear"),
-    "good, equal": (["good"], "equal", "bilinear"),
-    "all, quality": ([], "quality", "bilinear"),
-    "good, quality, cubic": (["good"], "quality", "cubic"),
+RUNS = {  # name: (classes, weighting, interpolation, damaged sky left out)
+    "good, quality": (["good"], "quality", "bilinear", False),
+    "all, equal": ([], "equal", "bilinear", False),
+    "good, equal": (["good"], "equal", "bilinear", False),
+    "all, quality": ([], "quality", "bilinear", False),
+    "good, quality, cubic": (["good"], "quality", "cubic", False),
+    "all, quality, damaged sky left out": ([], "quality", "bilinear", True),
+    "all, equal, damaged sky left out": ([], "equal", "bilinear", True),
 }
 MARGIN_PX = 40
 ISOLATION_FWHM = 4.0
@@ -186,16 +192,17 @@ def registration_errors(path: Path, truth: pd.DataFrame) -> pd.DataFrame:
 def run_stacks(cfg, night: str, folder: Path) -> dict[str, Path]:
     """Write every stack of :data:`RUNS` and the reference frame alone into ``folder``."""
     out = {}
-    for name, (classes, weighting, interpolation) in RUNS.items():
-        path = folder / f"{name.replace(', ', '_')}.fits"
+    for name, (classes, weighting, interpolation, masked) in RUNS.items():
+        path = folder / f"{name.replace(', ', '_').replace(' ', '-')}.fits"
         run = stack_field(cfg, night, classes=classes, weighting=weighting, output=path,
-                          interpolation=interpolation)
+                          interpolation=interpolation, mask_damaged_sky=masked)
         print(run.report().splitlines()[0], f"[{name}]", flush=True)
         out[name] = path
     with fits.open(out["good, quality"]) as h:
         ref = h[0].header["REFEXP"]
     path = folder / "reference.fits"
-    stack_field(cfg, night, classes=[], where=f"exposure == '{ref}'", output=path)
+    stack_field(cfg, night, classes=[], where=f"exposure == '{ref}'", output=path,
+                mask_damaged_sky=False)
     out["reference"] = path
     return out
 
