@@ -461,7 +461,7 @@ class _Frames:
     registered_by: list[str]  # reference | stars | wcs+stars | wcs | ''
     scaled_by: list[str]  # reference | stars | transparency_mag | ''
     notes: list[str]
-    damaged_share: np.ndarray  # (n,) share of the frame's pixels left out as damaged sky
+    damaged_share: np.ndarray  # (n,) share of the frame's pixels under its damaged sky
 
 
 def _read_frame(cfg: Config, row: pd.Series):
@@ -497,8 +497,9 @@ def _register_and_read(cfg: Config, rows: pd.DataFrame, sources: pd.DataFrame,
     frames: _Frames | None = None
     for i in reference_first:
         row = rows.iloc[i]
+        if frames is not None and damaged[i] is not None:
+            frames.damaged_share[i] = stack.cells_pixel_share(damaged[i], _shape(row))
         if whole[i]:
-            frames.damaged_share[i] = 1.0
             frames.notes[i] = "its whole detector is damaged sky"
             continue
         try:
@@ -514,7 +515,7 @@ def _register_and_read(cfg: Config, rows: pd.DataFrame, sources: pd.DataFrame,
                 image = illumination.flat_fielded(image, flat)
             if frames is None:
                 frames = _empty_frames(n, image.data.shape, folder)
-            bad, share = _with_damaged_sky(image.mask, damaged[i])
+            bad, frames.damaged_share[i] = _with_damaged_sky(image.mask, damaged[i])
             sky = measure_background(image.data, bad, cfg.background)
             residual = image.data - sky.back
             star_noise = stack.star_scale_noise(residual, bad,
@@ -538,7 +539,6 @@ def _register_and_read(cfg: Config, rows: pd.DataFrame, sources: pd.DataFrame,
         frames.gain[i] = gain if math.isfinite(gain) and gain > 0 else math.inf
         frames.registrations[i] = reg
         frames.registered_by[i], frames.scaled_by[i] = how
-        frames.damaged_share[i] = share
     return frames
 
 

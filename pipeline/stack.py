@@ -368,6 +368,17 @@ def cells_to_pixels(cells: np.ndarray, shape: tuple[int, int]) -> np.ndarray:
     return cells[np.ix_(rows, cols)].astype(bool)
 
 
+def cells_pixel_share(cells: np.ndarray, shape: tuple[int, int]) -> float:
+    """The share of a detector of ``shape`` that the set ``cells`` cover once spread onto
+    its pixels (:func:`cells_to_pixels`), without making the pixel mask."""
+    cells = np.asarray(cells, bool)
+    rows = np.bincount((np.arange(shape[0]) * cells.shape[0]) // shape[0],
+                       minlength=cells.shape[0])
+    cols = np.bincount((np.arange(shape[1]) * cells.shape[1]) // shape[1],
+                       minlength=cells.shape[1])
+    return float(rows @ cells @ cols / (shape[0] * shape[1]))
+
+
 def _grown(bad: np.ndarray, order: int) -> np.ndarray:
     """A resampled mask grown by ``order`` pixels beyond bilinear (spline ringing)."""
     if order > 1 and bad.any():

@@ -602,6 +602,10 @@ def test_cells_spread_onto_the_pixels_by_the_nearest_cell():
     assert pixels.shape == (8, 12) and pixels[:2, 9:].all() and pixels.sum() == 6
     small = np.eye(3, dtype=np.uint8)  # a detector of fewer pixels than cells: one each
     assert np.array_equal(stack.cells_to_pixels(small, (3, 3)), small.astype(bool))
+    uneven = np.random.default_rng(1).random((128, 128)) < 0.3  # cells of unequal size
+    for shape in [(130, 1000), (128, 128), (1000, 257)]:
+        assert stack.cells_pixel_share(uneven, shape) == pytest.approx(
+            stack.cells_to_pixels(uneven, shape).mean(), abs=1e-12)
 
 
 DAMAGED = "f1"
