@@ -13,7 +13,8 @@ quality weights and sigma clipping (:mod:`survey_qa.pipeline.stack`) and writes
 - ``WEIGHT``: the sum of the weights kept at each pixel (float32);
 - ``NFRAMES``: the number of frames kept at each pixel (int16);
 - ``PROVENANCE``: one row per chosen frame (exposure, path, weight, scale, drift, rotation,
-  FWHM, rejected pixels, the share of its pixels left out as damaged sky; frames that could
+  FWHM, rejected pixels, ``damaged_sky_share``: the share of its pixels under its mask of
+  damaged sky, left out; 0 without a mask or with ``--keep-damaged-sky``; frames that could
   not be used have ``used = False`` and a note).
 
 The damaged sky of a frame is left out: where the night's array store holds the frame's
@@ -106,9 +107,9 @@ class StackRun:
                  f"  stack       {self.path}"]
         damaged = self.provenance["damaged_sky_share"]
         if (damaged > 0).any():
-            lines.append(f"  damaged sky left out of {int((damaged > 0).sum())} frames "
-                         f"({100 * damaged[damaged > 0].mean():.1f}% of their pixels "
-                         "on average)")
+            lines.append(f"  damaged sky {int((damaged > 0).sum())} frames, "
+                         f"{100 * damaged[damaged > 0].mean():.1f}% of their pixels on "
+                         "average, left out")
         for _, r in self.provenance[~self.provenance["used"]].iterrows():
             lines.append(f"  left out    {r['exposure']}: {r['note']}")
         lines.extend(f"  note        {n}" for n in self.notes)
@@ -461,7 +462,7 @@ class _Frames:
     registered_by: list[str]  # reference | stars | wcs+stars | wcs | ''
     scaled_by: list[str]  # reference | stars | transparency_mag | ''
     notes: list[str]
-    damaged_share: np.ndarray  # (n,) share of the frame's pixels under its damaged sky
+    damaged_share: np.ndarray  # (n,) share of the frame's pixels under its damaged-sky mask
 
 
 def _read_frame(cfg: Config, row: pd.Series):
@@ -488,6 +489,8 @@ def _register_and_read(cfg: Config, rows: pd.DataFrame, sources: pd.DataFrame,
     n = len(rows)
     damaged = [None] * n if damaged is None else damaged
     whole = whole_detector_damaged(damaged)
+    shares = [stack.cells_pixel_share(c, _shape(rows.iloc[i])) if c is not None else 0.0
+              for i, c in enumerate(damaged)]
     reference_first = [ref, *[i for i in range(n) if i != ref]]
     fwhm = np.nan_to_num(frame_fwhm(rows), nan=DEFAULT_FWHM_PX)
     ref_stars = on_clean_sky(frame_stars(sources, rows.at[ref, "exposure"],
@@ -497,8 +500,6 @@ def _register_and_read(cfg: Config, rows: pd.DataFrame, sources: pd.DataFrame,
     frames: _Frames | None = None
     for i in reference_first:
         row = rows.iloc[i]
-        if frames is not None and damaged[i] is not None:
-            frames.damaged_share[i] = stack.cells_pixel_share(damaged[i], _shape(row))
         if whole[i]:
             frames.notes[i] = "its whole detector is damaged sky"
             continue
@@ -515,7 +516,8 @@ def _register_and_read(cfg: Config, rows: pd.DataFrame, sources: pd.DataFrame,
                 image = illumination.flat_fielded(image, flat)
             if frames is None:
                 frames = _empty_frames(n, image.data.shape, folder)
-            bad, frames.damaged_share[i] = _with_damaged_sky(image.mask, damaged[i])
+                frames.damaged_share[:] = shares
+            bad = _with_damaged_sky(image.mask, damaged[i])
             sky = measure_background(image.data, bad, cfg.background)
             residual = image.data - sky.back
             star_noise = stack.star_scale_noise(residual, bad,
@@ -542,14 +544,12 @@ def _register_and_read(cfg: Config, rows: pd.DataFrame, sources: pd.DataFrame,
     return frames
 
 
-def _with_damaged_sky(mask: np.ndarray, cells: np.ndarray | None
-                      ) -> tuple[np.ndarray, float]:
-    """A frame's bad-pixel mask with its damaged sky added, and the share of its pixels
-    that the damaged sky covers (0 without a mask of it)."""
+def _with_damaged_sky(mask: np.ndarray, cells: np.ndarray | None) -> np.ndarray:
+    """A frame's bad-pixel mask with the pixels of its damaged sky cells added
+    (:func:`survey_qa.pipeline.stack.cells_to_pixels`; None: no cells)."""
     if cells is None:
-        return mask, 0.0
-    damaged = stack.cells_to_pixels(cells, mask.shape)
-    return mask | damaged, float(np.count_nonzero(damaged) / damaged.size)
+        return mask
+    return mask | stack.cells_to_pixels(cells, mask.shape)
 
 
 def _register(rows: pd.DataFrame, i: int, ref: int, ref_stars: tuple, stars: tuple,
