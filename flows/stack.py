@@ -23,8 +23,8 @@ sky, :mod:`survey_qa.pipeline.skymask`) and its catalog row a finite
 ``defect_mask_fraction``, every pixel takes its nearest cell
 (:func:`survey_qa.pipeline.stack.cells_to_pixels`) and the damaged ones join the frame's
 bad-pixel mask before its sky is measured and it is resampled, so that the combination
-never uses them. The stars on damaged sky (the frame's and the reference's) do not scale
-the frame. A frame whose whole detector is damaged gives nothing and is no reference.
+never uses them. A frame whose whole detector is damaged gives nothing and is no
+reference. The frame's scale still comes from all its matched stars.
 ``mask_damaged_sky=False`` (``--keep-damaged-sky``) keeps every pixel.
 
 Frames whose stars match the reference's are resampled by that similarity transform; the
@@ -291,20 +291,6 @@ def reference_frame(rows: pd.DataFrame, damaged: list[np.ndarray | None]) -> int
     return int(candidates[choice])
 
 
-def on_clean_sky(stars: tuple[np.ndarray, np.ndarray, np.ndarray],
-                 cells: np.ndarray | None, shape: tuple[int, int]
-                 ) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-    """A frame's sources (:func:`frame_stars`) with those on damaged sky no longer
-    photometric (nearest cell, as :func:`survey_qa.pipeline.stack.cells_to_pixels`)."""
-    xy, flux, photometric = stars
-    if cells is None or len(xy) == 0:
-        return stars
-    ny, nx = shape
-    row = np.clip(np.floor(xy[:, 1] + 0.5).astype(int), 0, ny - 1) * cells.shape[0] // ny
-    col = np.clip(np.floor(xy[:, 0] + 0.5).astype(int), 0, nx - 1) * cells.shape[1] // nx
-    return xy, flux, photometric & ~cells[row, col]
-
-
 # ---------------------------------------------------------------------------- frames on disk
 
 
@@ -493,9 +479,7 @@ def _register_and_read(cfg: Config, rows: pd.DataFrame, sources: pd.DataFrame,
               for i, c in enumerate(damaged)]
     reference_first = [ref, *[i for i in range(n) if i != ref]]
     fwhm = np.nan_to_num(frame_fwhm(rows), nan=DEFAULT_FWHM_PX)
-    ref_stars = on_clean_sky(frame_stars(sources, rows.at[ref, "exposure"],
-                                         rows.at[ref, "detector"]),
-                             damaged[ref], _shape(rows.iloc[ref]))
+    ref_stars = frame_stars(sources, rows.at[ref, "exposure"], rows.at[ref, "detector"])
     ref_wcs = frame_wcs(rows.iloc[ref])
     frames: _Frames | None = None
     for i in reference_first:
@@ -507,8 +491,7 @@ def _register_and_read(cfg: Config, rows: pd.DataFrame, sources: pd.DataFrame,
             if i == ref:
                 reg, how = stack.identity(), ("reference", "reference")
             else:
-                stars = on_clean_sky(frame_stars(sources, row["exposure"], row["detector"]),
-                                     damaged[i], _shape(row))
+                stars = frame_stars(sources, row["exposure"], row["detector"])
                 reg, how = _register(rows, i, ref, ref_stars, stars, ref_wcs)
             image = _read_frame(cfg, row)
             flat = illumination.detector_flat(image, cfg)
