@@ -623,6 +623,9 @@ def added_light(shape=SHAPE):
 def set_masks(out, cells: dict, fractions: dict):
     """Write ``defect_mask`` cells into the night's array store and the catalog's
     ``defect_mask_fraction`` (frames not named: no mask, NaN)."""
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
     from survey_qa.pipeline import skymask
 
     store = paths.zarr_store(out, NIGHT)
@@ -630,9 +633,6 @@ def set_masks(out, cells: dict, fractions: dict):
                                dict(skymask.MASK_VARIABLES))
     for e, c in cells.items():
         assert outputs.write_frame(store, index[(e, "0")], {"defect_mask": c})
-    import pyarrow as pa
-    import pyarrow.parquet as pq
-
     path = paths.catalog_file(out, "exposures", NIGHT)
     table = pq.read_table(path)
     values = [fractions.get(e, math.nan) for e in table["exposure"].to_pylist()]
