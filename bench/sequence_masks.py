@@ -5,9 +5,9 @@
                                    [--frames F] [--size PX] [--workers W] [--again]
 
 Simulates ``--nights`` sequences (one field each, ``survey-qa simulate --sequence``, seeds
-``--seed`` and up, nights ``--first-night`` and on) where they are not there yet, runs the nightly
-job on each where its catalog is not there yet (or again with ``--again``), then compares, frame by frame, at full
-resolution:
+``--seed`` and up, nights ``--first-night`` and on) where they are not there yet, runs
+the nightly job on each where its catalog is not there yet (or again with ``--again``),
+then compares, frame by frame, at full resolution:
 
 - the autoencoder's mask (``ae_mask``, night-calibrated), and
 - the mask of the damaged sky (``defect_mask``: the field's other frames with the
@@ -136,8 +136,8 @@ def measurement_report(name: str, m: pd.DataFrame) -> None:
           f"cloud >= 0.3 mag {bg[thin].sum()}/{thin.sum()}, clear frames {bg[clear].sum()}/"
           f"{clear.sum()}, true bad_seeing {bg[m.quality_class_true == 'bad_seeing'].sum()}/"
           f"{(m.quality_class_true == 'bad_seeing').sum()}")
-    print(f"  agreement with the truth class: {(m.quality_class == m.quality_class_true).mean():.3f}"
-          f" of {len(m)}")
+    agree = (m.quality_class == m.quality_class_true).mean()
+    print(f"  agreement with the truth class: {agree:.3f} of {len(m)}")
 
 
 def report(df: pd.DataFrame) -> None:

@@ -86,13 +86,10 @@ def read_stars(work: tuple[Path, str], rows: dict[int, dict], cfg: Config
             r = rows[i]
             if r["detector"] not in by_detector:
                 continue
-            found = by_detector[r["detector"]]
-            chosen = sequence.select_stars(found, cfg.sequence.min_snr)
+            chosen = sequence.select_stars(by_detector[r["detector"]], cfg.sequence.min_snr)
             if len(chosen) >= 3:
                 stars[i] = sequence.FrameStars.from_sources(
-                    chosen, float(r.get("exptime_s") or math.nan), cfg.sequence.max_stars,
-                    detected=found[found["snr"].to_numpy(float) >= cfg.sequence.min_snr],
-                    fwhm_px=_fwhm_px(r))
+                    chosen, float(r.get("exptime_s") or math.nan), cfg.sequence.max_stars)
     return stars
 
 

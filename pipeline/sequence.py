@@ -38,12 +38,13 @@ With ``m[f, s]`` the magnitude of the flux per second of reference star ``s`` in
 - a star brighter than on the most transparent frames beyond its noise is left out of
   both (:func:`brightened`): cloud only dims, so that is light added to it (a cosmic
   ray, a satellite trail, a blend).
-- stars that a thick patch removes from the frame enter the map behind ``k`` as lower
-  limits (:func:`lost_stars`); the transparency is the median of the stars measured.
-
-What it does not see: airmass is not corrected (it is part of the transparency); the Kron
-fluxes of a frame whose PSF changes a lot over the field (optics, a much larger seeing)
-add a spread of their own.
+What it does not see: stars that a thick patch removes from the frame carry no offset,
+so ``k`` and the transparency of a patchy frame are measured on the stars that survive
+(an underestimate where a patch is opaque; counting the reference stars a frame lost as
+lower limits was tried on simulated sequences: it did not move ``k`` on patchy frames and
+raised it past the limit on clear ones, where stars are lost to blends and seeing); airmass
+is not corrected (it is part of the transparency); the Kron fluxes of a frame whose PSF
+changes a lot over the field (optics, a much larger seeing) add a spread of their own.
 """
 from __future__ import annotations
 
@@ -268,19 +269,12 @@ class FrameStars:
     """Their errors, ``1.0857 flux_err / flux`` (mag)."""
     n_stars: int
     """Well-measured stars of the frame (before keeping the brightest)."""
-    detected_xy: np.ndarray | None = None
-    """(M, 2) positions of every detection of ``snr >= min_snr`` whatever its flags (a
-    star that is there but not well measured), or None when not known."""
-    fwhm_px: float = math.nan
-    """The frame's FWHM (pixels), NaN when not measured."""
 
     @classmethod
-    def from_sources(cls, stars: pd.DataFrame, exptime_s: float, max_stars: int,
-                     detected: pd.DataFrame | None = None, fwhm_px: float = math.nan
+    def from_sources(cls, stars: pd.DataFrame, exptime_s: float, max_stars: int
                      ) -> "FrameStars":
         """From :func:`select_stars` (all of them): the brightest ``max_stars``, fluxes per
-        second when ``exptime_s`` is positive; ``detected``: the detections of
-        ``detected_xy`` (columns ``x``, ``y``)."""
+        second when ``exptime_s`` is positive."""
         scale = exptime_s if math.isfinite(exptime_s) and exptime_s > 0 else 1.0
         n_stars = len(stars)
         stars = stars.head(max_stars)
@@ -289,9 +283,7 @@ class FrameStars:
         return cls(n_stars=n_stars, xy=stars[["x", "y"]].to_numpy(float),
                    mag=-2.5 * np.log10(flux / scale),
                    mag_err=np.where(np.isfinite(err) & (err > 0), MAG_PER_LN * err / flux,
-                                    np.nan),
-                   detected_xy=None if detected is None
-                   else detected[["x", "y"]].to_numpy(float), fwhm_px=fwhm_px)
+                                    np.nan))
 
 
 MAG_PER_LN = 2.5 / math.log(10.0)
@@ -507,7 +499,8 @@ def smooth_map(xy: np.ndarray, values: np.ndarray, weights: np.ndarray, shape: t
         error = np.sqrt((kernel ** 2) @ weights) / total
     out[~(support >= min_support) | ~(total > 0)] = np.nan
     if with_error:
-        return out.reshape(grid, grid), np.where(np.isfinite(out), error, np.nan).reshape(grid, grid)
+        error = np.where(np.isfinite(out), error, np.nan)
+        return out.reshape(grid, grid), error.reshape(grid, grid)
     return out.reshape(grid, grid)
 
 
@@ -581,79 +574,9 @@ class ExtinctionStars(NamedTuple):
     xy: np.ndarray
     """(N, 2) positions in the frame (pixels)."""
     extinction_mag: np.ndarray
-    """Magnitude against the reference magnitudes (NaN where not measured); for a lost
-    star, the lower limit (:func:`lost_stars`) plus the frame's offset."""
+    """Magnitude against the reference magnitudes (NaN where not measured)."""
     sigma_mag: np.ndarray
     """Their errors (mag)."""
-    lost: np.ndarray
-    """True for the lost stars."""
-
-
-LOST_MIN_MAG = 0.5
-"""A reference star that a frame lost counts when the frame should have measured it at
-least this far (mag) above the S/N limit: closer to it, noise alone can lose a star."""
-
-LOST_SIGMA_SHARE = 0.5
-"""A lost star's lower limit of extinction enters the maps with an error of this share of
-itself: one lost star alone is no evidence of cloud (2 sigma), three together are."""
-
-LIMIT_QUANTILE = 90.0
-"""Percentile of the matched stars' reference magnitudes that is a frame's limit: stars
-this faint were measured in the frame."""
-
-LOST_EDGE_PX = 10.0
-"""A reference star counts as lost only where it falls this far inside the frame."""
-
-
-def lost_stars(ref: FrameStars, frame: FrameStars, match: tuple, shape: tuple[int, int],
-               tolerance_px: float) -> tuple[np.ndarray, np.ndarray]:
-    """Reference stars that a matched frame lost, and the least extinction that explains
-    each.
-
-    A reference star is lost when the frame has no detection of ``snr >= min_snr`` (of any
-    flags: :attr:`FrameStars.detected_xy`) within ``tolerance_px``, or the frame's FWHM
-    where larger (blends of a bad-seeing frame move), of where the match puts it, at least
-    :data:`LOST_EDGE_PX` inside the detector. The frame measured stars down to its limit,
-    the reference magnitude of its faintest matched stars (:data:`LIMIT_QUANTILE`): a
-    star brighter than that by ``d`` mag that is missing was dimmed there by about ``d``
-    more than the frame's stars elsewhere; it counts when ``d`` is at least
-    :data:`LOST_MIN_MAG`. A frame that lost its faint stars everywhere (bad seeing, a
-    bright sky) has a brighter limit and so loses few. Cloud removes stars from a frame
-    before it dims the ones that remain measurable: without these, a thick patch carries
-    no offset.
-
-    Parameters
-    ----------
-    match
-        ``(transform, ref_index, index)`` of :func:`match_field`.
-
-    Returns
-    -------
-    ref_index, extinction_mag
-        Indices into ``ref`` of the lost stars and their lower limits ``d`` (mag).
-    """
-    transform, ref_index, index = match
-    none = np.zeros(0, int), np.zeros(0)
-    if frame.detected_xy is None or len(index) < MIN_MATCHED:
-        return none
-    measured = ref.mag[ref_index][np.isfinite(frame.mag[index])]
-    if not len(measured):
-        return none
-    bound = np.percentile(measured, LIMIT_QUANTILE) - ref.mag
-    xy = transform.inverse(ref.xy)
-    ny, nx = shape
-    inside = ((xy[:, 0] >= LOST_EDGE_PX) & (xy[:, 0] <= nx - 1 - LOST_EDGE_PX)
-              & (xy[:, 1] >= LOST_EDGE_PX) & (xy[:, 1] <= ny - 1 - LOST_EDGE_PX))
-    unmatched = np.ones(len(ref.xy), bool)
-    unmatched[ref_index] = False
-    found = np.zeros(len(ref.xy), bool)
-    if len(frame.detected_xy):
-        radius = max(tolerance_px, frame.fwhm_px) if math.isfinite(frame.fwhm_px) \
-            else tolerance_px
-        dist, _ = cKDTree(frame.detected_xy).query(xy, distance_upper_bound=radius)
-        found = np.isfinite(dist)
-    lost = np.flatnonzero(inside & unmatched & ~found & (bound >= LOST_MIN_MAG))
-    return lost, bound[lost]
 
 
 def frame_motion(transform: SimilarityTransform, shape: tuple[int, int]
@@ -802,16 +725,9 @@ def field_records(stars: dict[int, FrameStars], shape: tuple[int, int], cfg: Seq
         if not record["matched"]:
             record.update(transparency_mag=math.nan, extinction_spread_mag=math.nan)
             continue
-        lost, bound = lost_stars(ref_stars, stars[i], matches[i], shape,
-                                 cfg.match_tolerance_px)
-        sigma = np.concatenate([scale * errs[row], LOST_SIGMA_SHARE * bound])
-        k, _ = extinction_spread(np.concatenate([ref_stars.xy, ref_stars.xy[lost]]),
-                                 np.concatenate([residual[row], bound]), sigma, shape,
-                                 sigma_px, seed=row)
+        sigma = scale * errs[row]
+        k, _ = extinction_spread(ref_stars.xy, residual[row], sigma, shape, sigma_px, seed=row)
         record.update(transparency_mag=float(offsets[row]), extinction_spread_mag=k,
-                      extinction_stars=ExtinctionStars(
-                          matches[i][0].inverse(np.concatenate([ref_stars.xy,
-                                                                ref_stars.xy[lost]])),
-                          np.concatenate([mags[row] - reference, offsets[row] + bound]),
-                          sigma, np.arange(len(sigma)) >= n_ref))
+                      extinction_stars=ExtinctionStars(matches[i][0].inverse(ref_stars.xy),
+                                                       mags[row] - reference, sigma))
     return records

@@ -14,9 +14,8 @@ both against the field's other frames:
   median; :func:`sky_slope`, significant on the frame itself or pooled over the field's
   cloudy frames: :func:`field_slopes`), the sky traces the extinction on the sky map's
   cells, far finer than the stars of a sparse field. Otherwise, with at least
-  :data:`MIN_MAP_STARS` stars, the stars' extinctions (and lower limits for the reference
-  stars the frame lost: :func:`survey_qa.pipeline.sequence.lost_stars`) are smoothed by a
-  Gaussian kernel. The frame's clear level is subtracted.
+  :data:`MIN_MAP_STARS` stars, the stars' extinctions are smoothed by a Gaussian kernel.
+  The frame's clear level is subtracted.
 - **Added light** (:func:`excess_map`), on frames without patchy cloud (extinction spread
   ``k`` under :data:`POOLED_SPREAD_MAG`: under cloud the sky changes for another reason).
   Each frame's coarse sky map (the background stage's) is divided by the field's *sky
@@ -54,7 +53,7 @@ MASK_GRID = 128
 """Cells along each side of a mask (fewer on a detector of fewer pixels)."""
 
 MIN_MAP_STARS = 100
-"""Fewest stars (matched and lost) that map a frame's extinction without its sky."""
+"""Fewest matched stars that map a frame's extinction without its sky."""
 
 MAP_GRID = 64
 """Cells along each side of the smoothed extinction map (then interpolated)."""
@@ -265,7 +264,7 @@ def sky_slope(contrasts: list[np.ndarray], stars: list[sequence.ExtinctionStars]
     """
     xs, ys, ws, groups = [], [], [], []
     for f, (contrast, st) in enumerate(zip(contrasts, stars)):
-        use = ~st.lost & np.isfinite(st.extinction_mag) & np.isfinite(st.sigma_mag)
+        use = np.isfinite(st.extinction_mag) & np.isfinite(st.sigma_mag)
         xs.append(at_stars(contrast, st.xy[use], shape))
         ys.append(st.extinction_mag[use])
         ws.append(1.0 / (st.sigma_mag[use] ** 2 + EXTINCTION_FLOOR_MAG ** 2))
@@ -298,7 +297,7 @@ def sky_traced_extinction(contrast: np.ndarray, stars: sequence.ExtinctionStars,
     """The extinction over a frame traced by its sky: ``a + slope x`` on the sky map's
     cells, ``x`` the frame's :func:`sky_contrast` and ``a`` the weighted median of its
     matched stars' ``extinction - slope x``."""
-    use = ~stars.lost & np.isfinite(stars.extinction_mag) & np.isfinite(stars.sigma_mag)
+    use = np.isfinite(stars.extinction_mag) & np.isfinite(stars.sigma_mag)
     offset = stars.extinction_mag[use] - slope * at_stars(contrast, stars.xy[use], shape)
     return float(np.median(offset)) + slope * contrast
 
@@ -309,13 +308,13 @@ def extinction_map(stars: sequence.ExtinctionStars, shape: tuple[int, int], sigm
     """A frame's extinction beyond its clearest part (mag).
 
     Traced by the sky (:func:`sky_traced_extinction`, on the sky map's cells) when a
-    ``slope`` and the frame's ``contrast`` are given; else the per-star extinctions
-    (matched stars and lower limits for lost ones) smoothed with weights
+    ``slope`` and the frame's ``contrast`` are given; else the matched stars' extinctions
+    smoothed with weights
     ``1 / (sigma^2 + floor^2)`` (:func:`survey_qa.pipeline.sequence.smooth_map`,
     :data:`MAP_GRID` cells), a cell whose value is less than :data:`SIGNIFICANCE` times its
     error reading 0 (no evidence of extinction: a sparse field's map is noisy). The clear
-    level, the :data:`CLEAR_QUANTILE`-th percentile of the map (traced) or of the matched
-    stars' extinctions (smoothed), is subtracted. None without a star.
+    level, the map's :data:`CLEAR_QUANTILE`-th percentile, is subtracted. None without a
+    star, or with fewer than :data:`MIN_MAP_STARS` and no slope.
     """
     ok = np.isfinite(stars.extinction_mag) & np.isfinite(stars.sigma_mag) & (stars.sigma_mag > 0)
     if not ok.any():
@@ -418,7 +417,7 @@ def field_masks(shape: tuple[int, int], sky_maps: list[np.ndarray | None], times
     times
         Their times (:func:`sky_levels`).
     stars
-        Each frame's matched and lost stars (``extinction_stars`` of
+        Each frame's matched stars (``extinction_stars`` of
         :func:`survey_qa.pipeline.sequence.field_records`), or None where it was not
         matched.
     spreads

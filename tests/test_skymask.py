@@ -3,7 +3,6 @@ from __future__ import annotations
 
 import numpy as np
 import pytest
-from skimage.transform import SimilarityTransform
 
 from survey_qa.pipeline import sequence, skymask
 
@@ -29,7 +28,8 @@ def test_glow_is_masked_where_its_light_passes_five_percent():
     yy, xx = cell_centres()
     glow = 0.3 * np.exp(-np.hypot(yy, xx) / 200.0)          # share of the sky, corner (0, 0)
     maps[4] = maps[4] * (1 + glow)
-    masks = skymask.field_masks(SHAPE, maps, list(range(8)), [None] * 8, [0.0] * 8, [None] * 8, 80.0)
+    masks = skymask.field_masks(SHAPE, maps, list(range(8)), [None] * 8, [0.0] * 8, [None] * 8,
+                                80.0)
     fine_y, fine_x = cell_centres(skymask.MASK_GRID)
     truth = 0.3 * np.exp(-np.hypot(fine_y, fine_x) / 200.0) > skymask.EXCESS_LIMIT
     got = masks[4]
@@ -46,7 +46,8 @@ def test_light_over_the_whole_detector_is_measured_against_the_frames_around_it(
     ratios = [m / skymask.field_template(maps) for m in maps]
     got = skymask.sky_levels(ratios, [0, 1, 2, 3, 4])
     assert got[2] == pytest.approx(1020.0, rel=1e-3)         # not its own, lit, 10th percentile
-    masks = skymask.field_masks(SHAPE, maps, [0, 1, 2, 3, 4], [None] * 5, [0.0] * 5, [None] * 5, 80.0)
+    masks = skymask.field_masks(SHAPE, maps, [0, 1, 2, 3, 4], [None] * 5, [0.0] * 5, [None] * 5,
+                                80.0)
     assert masks[2].mean() > 0.95
     assert not masks[1].any() and not masks[3].any()
 
@@ -56,7 +57,7 @@ def test_patchy_extinction_is_masked_from_the_stars():
     xy = rng.uniform(0, 1024, (600, 2))
     inside = np.hypot(xy[:, 0] - 700, xy[:, 1] - 300) < 200
     extinction = 0.3 + np.where(inside, 0.5, 0.0) + rng.normal(0, 0.02, 600)
-    stars = sequence.ExtinctionStars(xy, extinction, np.full(600, 0.02), np.zeros(600, bool))
+    stars = sequence.ExtinctionStars(xy, extinction, np.full(600, 0.02))
     ext = skymask.extinction_map(stars, SHAPE, 40.0)
     mask = skymask.frame_mask(SHAPE, None, ext, None)
     fine_y, fine_x = cell_centres(skymask.MASK_GRID)
@@ -78,38 +79,3 @@ def test_the_maps_trim_the_autoencoder_cells_they_see_and_keep_those_they_do_not
     assert mask[-16:, -16:].all()                            # a cell the maps cannot see
     quiet = skymask.frame_mask(SHAPE, None, None, None)
     assert not quiet.any()
-
-
-def test_lost_stars_carry_a_lower_limit_of_their_extinction():
-    rng = np.random.default_rng(3)
-    xy = rng.uniform(50, 974, (400, 2))
-    mag = rng.uniform(10.0, 16.0, 400)
-    mag_err = np.full(400, 0.01)
-    ref = sequence.FrameStars(xy=xy, mag=mag, mag_err=mag_err, n_stars=400, detected_xy=xy)
-    gone = np.hypot(xy[:, 0] - 300, xy[:, 1] - 300) < 150     # under a thick patch
-    kept = np.flatnonzero(~gone)
-    shift = SimilarityTransform(translation=(3.0, -2.0))     # frame -> reference
-    frame_xy = shift.inverse(xy[kept])
-    frame = sequence.FrameStars(xy=frame_xy, mag=mag[kept] + 0.2, mag_err=mag_err[kept],
-                                n_stars=len(kept), detected_xy=frame_xy)
-    lost, bound = sequence.lost_stars(ref, frame, (shift, kept, np.arange(len(kept))),
-                                      SHAPE, 2.0)
-    limit = np.percentile(mag[kept], sequence.LIMIT_QUANTILE)  # the frame's faint stars
-    expected = np.flatnonzero(gone & (limit - mag >= sequence.LOST_MIN_MAG))
-    assert len(expected) > 20
-    assert set(lost) == set(expected)
-    assert bound == pytest.approx(limit - mag[lost])
-
-
-def test_a_frame_that_lost_its_faint_stars_everywhere_loses_none():
-    rng = np.random.default_rng(4)
-    xy = rng.uniform(50, 974, (400, 2))
-    mag = rng.uniform(10.0, 16.0, 400)
-    ref = sequence.FrameStars(xy=xy, mag=mag, mag_err=np.full(400, 0.01), n_stars=400,
-                              detected_xy=xy)
-    kept = np.flatnonzero(mag < 12.0)                         # bad seeing: bright ones only
-    frame = sequence.FrameStars(xy=xy[kept], mag=mag[kept], mag_err=np.full(len(kept), 0.02),
-                                n_stars=len(kept), detected_xy=xy[kept])
-    lost, _ = sequence.lost_stars(ref, frame, (SimilarityTransform(), kept,
-                                               np.arange(len(kept))), SHAPE, 2.0)
-    assert len(lost) <= 0.05 * (400 - len(kept))
