@@ -38,6 +38,7 @@ With ``m[f, s]`` the magnitude of the flux per second of reference star ``s`` in
 - a star brighter than on the most transparent frames beyond its noise is left out of
   both (:func:`brightened`): cloud only dims, so that is light added to it (a cosmic
   ray, a satellite trail, a blend).
+
 What it does not see: stars that a thick patch removes from the frame carry no offset,
 so ``k`` and the transparency of a patchy frame are measured on the stars that survive
 (an underestimate where a patch is opaque; counting the reference stars a frame lost as
@@ -451,18 +452,6 @@ def magnitude_offsets(mags: np.ndarray, best_share: float, iterations: int = 3
     return offsets, reference
 
 
-def _kernel(xy: np.ndarray, shape: tuple[int, int], sigma_px: float, grid: int
-            ) -> np.ndarray:
-    """Gaussian kernel weights (grid * grid cells, N stars) from the stars to the cell
-    centres of a ``grid`` x ``grid`` map of the detector."""
-    ny, nx = shape
-    gy = (np.arange(grid) + 0.5) * ny / grid
-    gx = (np.arange(grid) + 0.5) * nx / grid
-    cy, cx = np.meshgrid(gy, gx, indexing="ij")
-    d2 = ((cx.reshape(-1, 1) - xy[None, :, 0]) ** 2 + (cy.reshape(-1, 1) - xy[None, :, 1]) ** 2)
-    return np.exp(-0.5 * d2 / sigma_px ** 2)
-
-
 def smooth_map(xy: np.ndarray, values: np.ndarray, weights: np.ndarray, shape: tuple[int, int],
                sigma_px: float, grid: int = 16, min_support: float = 1.0,
                with_error: bool = False) -> np.ndarray | tuple[np.ndarray, np.ndarray]:
@@ -491,7 +480,12 @@ def smooth_map(xy: np.ndarray, values: np.ndarray, weights: np.ndarray, shape: t
     numpy.ndarray, or (map, error)
         (grid, grid) map, cell centres evenly spaced over the detector.
     """
-    kernel = _kernel(xy, shape, sigma_px, grid)
+    ny, nx = shape
+    gy = (np.arange(grid) + 0.5) * ny / grid
+    gx = (np.arange(grid) + 0.5) * nx / grid
+    cy, cx = np.meshgrid(gy, gx, indexing="ij")
+    d2 = ((cx.reshape(-1, 1) - xy[None, :, 0]) ** 2 + (cy.reshape(-1, 1) - xy[None, :, 1]) ** 2)
+    kernel = np.exp(-0.5 * d2 / sigma_px ** 2)
     support = kernel.sum(axis=1)
     total = kernel @ weights
     with np.errstate(invalid="ignore", divide="ignore"):

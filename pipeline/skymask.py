@@ -16,8 +16,9 @@ both against the field's other frames:
   cells, far finer than the stars of a sparse field. Otherwise, with at least
   :data:`MIN_MAP_STARS` stars, the stars' extinctions are smoothed by a Gaussian kernel.
   The frame's clear level is subtracted.
-- **Added light** (:func:`excess_map`), on frames without patchy cloud (extinction spread
-  ``k`` under :data:`POOLED_SPREAD_MAG`: under cloud the sky changes for another reason).
+- **Added light** (:func:`excess_map`), on frames measured without patchy cloud
+  (extinction spread ``k`` under :data:`POOLED_SPREAD_MAG`: under cloud the sky changes
+  for another reason; a frame whose ``k`` is unknown gets no added-light map).
   Each frame's coarse sky map (the background stage's) is divided by the field's *sky
   template*, the per-cell median of its frames' maps normalised to their medians
   (:func:`field_template`): what the optics and a sky that stays do to every frame. What
@@ -82,11 +83,11 @@ EXTINCTION_FLOOR_MAG = 0.02
 differences between frames), and the least residual scatter it assumes."""
 
 CLIP_SIGMA = 3.0
+"""Stars this many residual scatters off the fitted line are left out of it."""
 
 POOLED_SPREAD_MAG = 0.1
 """Frames of a field whose extinction spread ``k`` reaches this share the field's slope of
-extinction on sky."""
-"""Stars this many residual scatters off the fitted line are left out of it."""
+extinction on sky; frames under it are measured for added light."""
 
 CLEAR_SHARE = 0.5
 """A cell is clear sky (it gives the frame's clean sky level) where its extinction is
@@ -295,8 +296,8 @@ def sky_slope(contrasts: list[np.ndarray], stars: list[sequence.ExtinctionStars]
 def sky_traced_extinction(contrast: np.ndarray, stars: sequence.ExtinctionStars,
                           slope: float, shape: tuple[int, int]) -> np.ndarray:
     """The extinction over a frame traced by its sky: ``a + slope x`` on the sky map's
-    cells, ``x`` the frame's :func:`sky_contrast` and ``a`` the weighted median of its
-    matched stars' ``extinction - slope x``."""
+    cells, ``x`` the frame's :func:`sky_contrast` and ``a`` the median of its matched
+    stars' ``extinction - slope x``."""
     use = np.isfinite(stars.extinction_mag) & np.isfinite(stars.sigma_mag)
     offset = stars.extinction_mag[use] - slope * at_stars(contrast, stars.xy[use], shape)
     return float(np.median(offset)) + slope * contrast
@@ -309,9 +310,8 @@ def extinction_map(stars: sequence.ExtinctionStars, shape: tuple[int, int], sigm
 
     Traced by the sky (:func:`sky_traced_extinction`, on the sky map's cells) when a
     ``slope`` and the frame's ``contrast`` are given; else the matched stars' extinctions
-    smoothed with weights
-    ``1 / (sigma^2 + floor^2)`` (:func:`survey_qa.pipeline.sequence.smooth_map`,
-    :data:`MAP_GRID` cells), a cell whose value is less than :data:`SIGNIFICANCE` times its
+    smoothed with weights ``1 / (sigma^2 + floor^2)``
+    (:func:`survey_qa.pipeline.sequence.smooth_map`, :data:`MAP_GRID` cells), a cell whose value is less than :data:`SIGNIFICANCE` times its
     error reading 0 (no evidence of extinction: a sparse field's map is noisy). The clear
     level, the map's :data:`CLEAR_QUANTILE`-th percentile, is subtracted. None without a
     star, or with fewer than :data:`MIN_MAP_STARS` and no slope.
@@ -335,8 +335,9 @@ def extinction_map(stars: sequence.ExtinctionStars, shape: tuple[int, int], sigm
     return fill_missing(smooth)
 
 
-def field_slopes(contrasts: list[np.ndarray | None], stars: list | None,
-                 spreads: list[float], shape: tuple[int, int]) -> list[float | None]:
+def field_slopes(contrasts: list[np.ndarray | None],
+                 stars: list[sequence.ExtinctionStars | None], spreads: list[float],
+                 shape: tuple[int, int]) -> list[float | None]:
     """The slope that traces each frame's extinction by its sky, or None (module notes).
 
     A frame's own slope (:func:`sky_slope`) where it is :data:`TRACE_SIGNIFICANCE` times its
