@@ -35,7 +35,7 @@ import pandas as pd
 from astropy.io import fits
 
 from survey_qa import paths
-from survey_qa.pipeline import aescore, outputs
+from survey_qa.pipeline import aescore, outputs, skymask, stack
 
 
 
@@ -59,13 +59,6 @@ def iou(pred: np.ndarray, truth: np.ndarray) -> float:
     return float(np.count_nonzero(pred & truth) / union) if union else 1.0
 
 
-def cells_to_pixels(cells: np.ndarray, shape: tuple[int, int]) -> np.ndarray:
-    """A mask of ``cells`` spread evenly over a detector of ``shape`` (nearest cell)."""
-    rows = (np.arange(shape[0]) * cells.shape[0]) // shape[0]
-    cols = (np.arange(shape[1]) * cells.shape[1]) // shape[1]
-    return cells[np.ix_(rows, cols)].astype(bool)
-
-
 def night_rows(night: str, a, block_px: int) -> list[dict]:
     """One row per detector: kind of damage, true class, IoU and masked shares."""
     rows = pd.read_parquet(paths.catalog_partition(a.out_root, "exposures", night))
@@ -85,8 +78,7 @@ def night_rows(night: str, a, block_px: int) -> list[dict]:
         ae = (aescore.upsample_mask(got[0][: -(-shape[0] // block_px), : -(-shape[1] // block_px)],
                                     block_px, shape) if got else np.zeros(shape, bool))
         cells = outputs.read_frames(store, "defect_mask", {0: frames[key]}).get(0)
-        grid = (min(cells.shape[0], shape[0]), min(cells.shape[1], shape[1]))
-        seq = cells_to_pixels(cells[: grid[0], : grid[1]], shape)
+        seq = stack.cells_to_pixels(skymask.detector_cells(cells, shape), shape)
         kind = t.background_kind if truth_mask.any() else "none"
         out.append({"night": night, "exposure": t.exposure, "kind": kind,
                     "true_class": t.quality_class,

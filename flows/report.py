@@ -281,8 +281,8 @@ def detector_panel(row: pd.Series, thumb: np.ndarray | None, arrays: ArrayStore,
         damaged = arrays.get("defect_mask", row["exposure"], row["detector"])
         mask = arrays.get("ae_mask", row["exposure"], row["detector"])
         if damaged is not None and np.isfinite(row.get("defect_mask_fraction", np.nan)):
-            gy, gx = skymask.mask_grid((ny, nx))
-            _overlay(ax, damaged[:gy, :gx], (nx / f, ny / f), thumb.shape)
+            _overlay(ax, skymask.detector_cells(damaged, (ny, nx)), (nx / f, ny / f),
+                     thumb.shape)
             ax.set_title("frame + damaged sky", fontsize=8)
         else:
             if mask is not None and block_px:

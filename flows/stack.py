@@ -268,8 +268,7 @@ def damaged_cells(out_root: str | Path, night: str, rows: pd.DataFrame
     keys = zip(rows["exposure"].astype(str), rows["detector"].astype(str))
     wanted = {i: index[key] for i, key in enumerate(keys) if made[i] and key in index}
     for i, cells in outputs.read_frames(store, "defect_mask", wanted).items():
-        gy, gx = skymask.mask_grid((int(rows.at[i, "ny"]), int(rows.at[i, "nx"])))
-        out[i] = np.asarray(cells)[:gy, :gx] > 0
+        out[i] = skymask.detector_cells(cells, (int(rows.at[i, "ny"]), int(rows.at[i, "nx"])))
     return out
 
 

@@ -311,8 +311,9 @@ def extinction_map(stars: sequence.ExtinctionStars, shape: tuple[int, int], sigm
     Traced by the sky (:func:`sky_traced_extinction`, on the sky map's cells) when a
     ``slope`` and the frame's ``contrast`` are given; else the matched stars' extinctions
     smoothed with weights ``1 / (sigma^2 + floor^2)``
-    (:func:`survey_qa.pipeline.sequence.smooth_map`, :data:`MAP_GRID` cells), a cell whose value is less than :data:`SIGNIFICANCE` times its
-    error reading 0 (no evidence of extinction: a sparse field's map is noisy). The clear
+    (:func:`survey_qa.pipeline.sequence.smooth_map`, :data:`MAP_GRID` cells), a cell whose
+    value is less than :data:`SIGNIFICANCE` times its error reading 0 (no evidence of
+    extinction: a sparse field's map is noisy). The clear
     level, the map's :data:`CLEAR_QUANTILE`-th percentile, is subtracted. None without a
     star, or with fewer than :data:`MIN_MAP_STARS` and no slope.
     """
@@ -347,9 +348,9 @@ def field_slopes(contrasts: list[np.ndarray | None],
     often too few to tell).
     """
     usable = [c is not None and st is not None for c, st in zip(contrasts, stars)]
-    cloudy = [f for f, ok in enumerate(usable) if ok and spreads[f] >= POOLED_SPREAD_MAG]
-    pooled, pooled_significance = sky_slope([contrasts[f] for f in cloudy],
-                                            [stars[f] for f in cloudy], shape)
+    cloudy = {f for f, ok in enumerate(usable) if ok and spreads[f] >= POOLED_SPREAD_MAG}
+    pooled, pooled_significance = sky_slope([contrasts[f] for f in sorted(cloudy)],
+                                            [stars[f] for f in sorted(cloudy)], shape)
     out = []
     for f, ok in enumerate(usable):
         slope = None
@@ -456,6 +457,13 @@ MASK_VARIABLES = {
 }
 """Array-store variable of a detector's mask (:func:`frame_mask`; a detector of fewer than
 :data:`MASK_GRID` pixels on a side fills the first cells)."""
+
+
+def detector_cells(stored: np.ndarray, shape: tuple[int, int]) -> np.ndarray:
+    """A detector's mask (bool, :func:`mask_grid`) from its stored ``defect_mask`` (a
+    detector of fewer than :data:`MASK_GRID` pixels on a side fills the first cells)."""
+    gy, gx = mask_grid(shape)
+    return np.asarray(stored)[:gy, :gx] > 0
 
 
 def mask_fraction(mask: np.ndarray) -> float:
